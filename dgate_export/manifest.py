@@ -28,6 +28,9 @@ CONFIDENCES = ("max-softmax", "margin", "entropy")
 DTYPES = ("float32", "float16", "int64")
 BATCH = "batch"  # symbolic dim: the rows this segment computes (dynamic, 1..max_batch)
 ROWS = "rows"  # symbolic dim of segment k>0's carries: the previous segment's batch (1..max_batch)
+# Segment k>0's input fed from segment k-1's output carry_i is named prev_carry_i: an ONNX graph cannot
+# have an input and an output of the same name (SSA), and segment k>0 outputs its own carry_i.
+CARRY_IN_PREFIX = "prev_"
 
 _REBUILD_HINT = (
     "The bundle was written by another version of dgate-export or edited by hand; "
@@ -75,6 +78,12 @@ class Segment:
     def carries(self) -> list[str]:
         """Names of the outputs the next segment takes (carry_0 first: the gate's features)."""
         return [t.name for t in self.outputs if t.name.startswith("carry_")]
+
+    @property
+    def carry_inputs(self) -> list[tuple[str, str]]:
+        """(input name, previous segment's output name) for each carry this segment takes."""
+        return [(t.name, t.name[len(CARRY_IN_PREFIX):]) for t in self.inputs
+                if t.name.startswith(CARRY_IN_PREFIX)]
 
     @property
     def input_names(self) -> list[str]:
@@ -550,9 +559,9 @@ def _check_chain(segments: list[Segment], input_spec: InputSpec, num_classes: in
                 raise _Bad(f"{at}.inputs must be exactly the bundle's input {want[0].to_dict()}")
             continue
         prev = segments[seg.index - 1]
-        want = [TensorSpec(t.name, [ROWS, *t.shape[1:]], t.dtype) for t in prev.outputs
+        want = [TensorSpec(CARRY_IN_PREFIX + t.name, [ROWS, *t.shape[1:]], t.dtype) for t in prev.outputs
                 if t.name.startswith("carry_")]
         want.append(TensorSpec("index", [BATCH], "int64"))
         if seg.inputs != want:
-            raise _Bad(f"{at}.inputs must be the previous segment's carries (leading dim {ROWS!r}) and "
+            raise _Bad(f"{at}.inputs must be the previous segment's carries renamed prev_carry_i (leading dim {ROWS!r}) and "
                        f"'index' int64 [{BATCH!r}]: expected {[t.to_dict() for t in want]}")

@@ -56,11 +56,11 @@ def _sample(tmp: Path, dtype: str = "float32") -> dict:
                 [_t("carry_0", ["batch", 4, 8, 8], d), _t("logits", ["batch", 3], d),
                  _t("confidence", ["batch"], d)],
                 {"exit": "layer1", "threshold": 0.9, "head": "linear", "head_flops": 24}),
-            seg(1, [_t("carry_0", ["rows", 4, 8, 8], d), _t("index", ["batch"], "int64")],
+            seg(1, [_t("prev_carry_0", ["rows", 4, 8, 8], d), _t("index", ["batch"], "int64")],
                 [_t("carry_0", ["batch", 8, 4, 4], d), _t("carry_1", ["batch", 4, 8, 8], d),
                  _t("logits", ["batch", 3], d), _t("confidence", ["batch"], d)],
                 {"exit": "layer2", "threshold": 0.8, "head": "linear", "head_flops": 48}),
-            seg(2, [_t("carry_0", ["rows", 8, 4, 4], d), _t("carry_1", ["rows", 4, 8, 8], d),
+            seg(2, [_t("prev_carry_0", ["rows", 8, 4, 4], d), _t("prev_carry_1", ["rows", 4, 8, 8], d),
                     _t("index", ["batch"], "int64")],
                 [_t("logits", ["batch", 3], d)], None),
         ],
@@ -89,7 +89,9 @@ def test_round_trip(tmp_path):
     assert loaded.thresholds == [0.9, 0.8]
     assert loaded.num_gates == 2
     assert loaded.segments[1].carries == ["carry_0", "carry_1"]
-    assert loaded.segments[2].input_names == ["carry_0", "carry_1", "index"]
+    assert loaded.segments[2].input_names == ["prev_carry_0", "prev_carry_1", "index"]
+    assert loaded.segments[2].carry_inputs == [("prev_carry_0", "carry_0"), ("prev_carry_1", "carry_1")]
+    assert loaded.segments[0].carry_inputs == []
     assert loaded.path("segment0.onnx") == tmp_path.resolve() / "segment0.onnx"
     assert not (tmp_path / "manifest.json.tmp").exists()
     # load_manifest also accepts the manifest file itself
@@ -139,6 +141,8 @@ def _mutations():
         ("threshold string", setk(["segments", 0, "gate", "threshold"], "0.9"), "threshold"),
         ("carry not chained", setk(["segments", 1, "inputs", 0, "shape"], ["rows", 5, 8, 8]),
          "previous segment's carries"),
+        ("carry input named like the output", setk(["segments", 1, "inputs", 0, "name"], "carry_0"),
+         "prev_carry"),
         ("index dtype", setk(["segments", 1, "inputs", 1, "dtype"], "float32"), "previous segment's carries"),
         ("logits width", setk(["segments", 0, "outputs", 1, "shape"], ["batch", 4]), "logits"),
         ("no confidence", delk(["segments", 0, "outputs", 2]), "outputs must be"),
