@@ -1,0 +1,95 @@
+"""model.pt: round trip with weights_only loading; bad files refused without running anything."""
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from dgate_export import checkpoint, zoo
+from dgate_export.errors import UserError
+from dgate_export.gated import GatedModel
+
+
+def small_model(**kw):
+    kwargs = {"num_classes": 10, "width": 4}
+    backbone = zoo.build_backbone("resnet20", kwargs)
+    return GatedModel(backbone, ["layer1", "layer2.0"], arch={"name": "resnet20", "kwargs": kwargs},
+                      num_classes=10, input_shape=(1, 28, 28), thresholds=[0.9, 0.8],
+                      class_names=[f"c{i}" for i in range(10)], **kw)
+
+
+def test_round_trip(tmp_path):
+    model = small_model(head="mlp", head_kwargs={"hidden": 8}, confidence="margin",
+                        normalization={"scale": 1 / 255, "mean": [0.5], "std": [0.25]})
+    with torch.no_grad():  # make the heads non-trivial so equality means something
+        for p in model.heads.parameters():
+            p.normal_()
+    path = checkpoint.save(model, tmp_path / "model.pt")
+    loaded = checkpoint.load(path)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        for a, b in zip(model(x), loaded(x)):
+            assert torch.equal(a, b)
+    assert loaded.thresholds == [0.9, 0.8] and loaded.confidence == "margin"
+    assert loaded.head_spec == {"name": "mlp", "kwargs": {"hidden": 8}}
+    assert loaded.class_names == model.class_names and loaded.normalization == model.normalization
+    assert loaded.flops == model.flops and loaded.flops["baseline"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temp file left
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_pickle_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = _RunsCode()
+    evil.marker = marker
+    path = tmp_path / "evil.pt"
+    torch.save({"format": checkpoint.FORMAT, "payload": evil}, path)
+    with pytest.raises(UserError, match="refused"):
+        checkpoint.load(path)
+    assert not marker.exists()
+    # the same with a raw pickle rather than torch's zip container
+    raw = tmp_path / "evil.pkl"
+    raw.write_bytes(pickle.dumps(evil))
+    with pytest.raises(UserError):
+        checkpoint.load(raw)
+    assert not marker.exists()
+
+
+def test_truncated_and_foreign_files(tmp_path):
+    path = checkpoint.save(small_model(), tmp_path / "model.pt")
+    data = path.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated|corrupt"):
+        checkpoint.load(tmp_path / "cut.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        checkpoint.load(tmp_path / "text.pt")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "state.pt")
+    with pytest.raises(UserError, match="not a gated checkpoint"):
+        checkpoint.load(tmp_path / "state.pt")
+    with pytest.raises(UserError, match="no such file"):
+        checkpoint.load(tmp_path / "missing.pt")
+
+
+def test_unknown_architecture_names_the_fix(tmp_path):
+    path = checkpoint.save(small_model(), tmp_path / "model.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["arch"]["name"] = "my_private_net"
+    torch.save(payload, tmp_path / "custom.pt")
+    with pytest.raises(UserError, match="--import"):
+        checkpoint.load(tmp_path / "custom.pt")
+
+
+def test_user_registered_architecture(tmp_path):
+    zoo.register_arch("tiny_test_net", lambda **kw: zoo.CifarResNet(depth=8, width=4, **kw),
+                      default_exits=("layer1",))
+    backbone = zoo.build_backbone("tiny_test_net", {"num_classes": 10})
+    model = GatedModel(backbone, ["layer1"], arch={"name": "tiny_test_net", "kwargs": {"num_classes": 10}},
+                       num_classes=10, input_shape=(1, 28, 28))
+    loaded = checkpoint.load(checkpoint.save(model, tmp_path / "m.pt"))
+    assert loaded.arch["name"] == "tiny_test_net"

@@ -1,0 +1,137 @@
+"""The gated model: splitting, every exit, the reference early-exit pass, FLOPs."""
+
+import pytest
+import torch
+from torch import nn
+
+from dgate_export.errors import UserError
+from dgate_export.gated import GatedModel
+from dgate_export.split import split_backbone
+from dgate_export.zoo import arch_info, build_backbone
+
+
+def gate(name, shape, exits=None, **kw):
+    kwargs = {"num_classes": 10}
+    backbone = build_backbone(name, kwargs)
+    exits = list(exits or arch_info(name).default_exits)
+    return GatedModel(backbone, exits, arch={"name": name, "kwargs": kwargs}, num_classes=10,
+                      input_shape=shape, **kw)
+
+
+TORCHVISION = [("torchvision/resnet18", (3, 32, 32)), ("torchvision/densenet121", (3, 32, 32))]
+ZOO = [("resnet20", (1, 28, 28)), ("densenet_bc", (1, 28, 28))]
+
+
+@pytest.mark.parametrize("name,shape", TORCHVISION + ZOO)
+def test_segments_reproduce_backbone_and_reference_pass(name, shape):
+    model = gate(name, shape)
+    assert model.num_gates == 3 and len(model.segments) == 4
+    x = torch.randn(6, *shape)
+    with torch.no_grad():
+        ref = model.backbone(x)
+        exits = model(x)
+        assert len(exits) == 4
+        assert (exits[-1] - ref).abs().max().item() < 1e-5
+        never = model.early_exit(x, thresholds=[1.5] * 3)
+        assert (never.logits - ref).abs().max().item() < 1e-5
+        assert never.exits.tolist() == [3] * 6
+        always = model.early_exit(x, thresholds=[0.0] * 3)
+        assert always.exits.tolist() == [0] * 6
+        assert torch.equal(always.logits, exits[0])
+
+
+def test_early_exit_compacts_and_keeps_rows():
+    model = gate("resnet20", (1, 28, 28))
+    x = torch.randn(32, 1, 28, 28)
+    with torch.no_grad():
+        every = model(x)
+        from dgate_export.gates import confidence_torch
+        conf0 = confidence_torch("max-softmax", every[0])
+        threshold = conf0.median().item()
+        out = model.early_exit(x, thresholds=[threshold, 1.5, 1.5])
+    leave = conf0 >= threshold
+    assert 0 < leave.sum() < 32
+    assert torch.equal(out.exits == 0, leave)
+    assert torch.allclose(out.logits[leave], every[0][leave])
+    # rows that went on were computed on a smaller batch, yet match the full-batch logits
+    assert torch.allclose(out.logits[~leave], every[-1][~leave], atol=1e-5)
+    assert torch.allclose(out.confidence[leave], conf0[leave])
+
+
+class Skip(nn.Module):
+    """stem -> a -> b, output uses b + stem: the stem's output crosses the cut after `a`."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.a = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        s = self.stem(x)
+        y = self.b(self.a(s)) + s
+        return self.fc(y.mean((2, 3)))
+
+
+def test_skip_connection_is_carried_not_recomputed():
+    model = Skip().eval()
+    segments = split_backbone(model, ["a"], torch.zeros(2, 1, 8, 8))
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        carries = segments[0](x)
+        assert len(carries) == 2  # the gate's features, then the skip
+        assert torch.equal(carries[0], model.a(model.stem(x)))
+        assert torch.equal(carries[1], model.stem(x))
+        assert torch.allclose(segments[1](*carries)[0], model(x), atol=1e-6)
+    # the second segment holds no copy of the stem: nothing is recomputed
+    names = {n for n, _ in segments[1].named_modules()}
+    assert "stem" not in names and "b" in names
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.left = nn.Conv2d(1, 4, 3, padding=1)
+        self.right = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = torch.cat([self.left(x), self.right(x)], 1)
+        return self.fc(y.mean((2, 3)))
+
+
+class Dynamic(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.sum() > 0:  # data-dependent control flow: not traceable
+            y = y * 2
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("model,exits,match", [
+    (Skip(), ["nope"], "not a module"),
+    (Skip(), ["a", "a.0"], "lies inside"),
+    (Skip(), ["stem", "stem"], "twice"),
+    (Skip(), ["b", "a"], "execution order"),
+    (Branchy(), ["left"], "inside a branch"),
+    (Dynamic(), ["conv"], "cannot be traced"),
+])
+def test_bad_cuts_are_clear_errors(model, exits, match):
+    with pytest.raises(UserError, match=match):
+        split_backbone(model.eval(), exits, torch.zeros(2, 1, 8, 8))
+
+
+def test_flops_add_up():
+    model = gate("resnet20", (1, 28, 28))
+    flops = model.count_flops()
+    assert sum(flops["segments"]) == flops["baseline"]
+    assert all(h == 2 * c * 10 for h, c in zip(flops["heads"], (16, 32, 32)))
+    costs = model.exit_costs()
+    assert costs == sorted(costs) and costs[-1] == flops["baseline"] + sum(flops["heads"])
+    assert model.expected_cost([1, 0, 0, 0]) == costs[0]
