@@ -9,8 +9,8 @@ chosen by the file: a user architecture must be registered by a module the user 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
