@@ -546,8 +546,9 @@ def _check_chain(segments: list[Segment], input_spec: InputSpec, num_classes: in
         if carries != [f"carry_{i}" for i in range(len(carries))]:
             raise _Bad(f"{at}.outputs: carries must be named carry_0, carry_1, ... in order")
         _check_logits(outs["logits"], f"{at}", num_classes, float_dtype)
-        if not last and (outs["confidence"].shape != [BATCH] or outs["confidence"].dtype != float_dtype):
-            raise _Bad(f"{at} output 'confidence' must be {float_dtype} [{BATCH!r}]")
+        # confidence is float32 in every bundle: fp16 cannot resolve thresholds near 1 (spacing 0.0005).
+        if not last and (outs["confidence"].shape != [BATCH] or outs["confidence"].dtype != "float32"):
+            raise _Bad(f"{at} output 'confidence' must be float32 [{BATCH!r}] (also in fp16 bundles)")
         for name in carries:
             t = outs[name]
             if t.shape[0] != BATCH or t.dtype != float_dtype:
