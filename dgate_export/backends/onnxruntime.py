@@ -1,0 +1,227 @@
+"""ONNX Runtime backend: the segment's ONNX graph is the artifact; `Runner` wraps an InferenceSession.
+
+Runner options (all optional; `GatedRuntime.load(..., **options)` passes them through):
+
+| option | default | why |
+| --- | --- | --- |
+| `providers` | `["cpu"]` | execution providers in priority order: `cpu`, `cuda`, `tensorrt` or ORT names (`CUDAExecutionProvider`). A provider that is not installed is an error, never a silent CPU fallback. |
+| `provider_options` | `{}` | per-provider options, e.g. `{"cuda": {"device_id": 1}}`. |
+| `intra_op_num_threads` | 1 at batch-1-sized work, see `DEFAULT_THREADS` | threads per session. |
+| `inter_op_num_threads` | 1 | only used by the parallel execution mode. |
+| `execution_mode` | `"sequential"` | `"parallel"` runs independent branches at once; CNN segments are chains. |
+| `allow_spinning` | `False` | idle pool threads busy-wait for the next job. A gated run alternates K+1 sessions, and each session's spinning threads steal the cores the next session needs. |
+| `graph_optimization_level` | `"all"` | `disable`, `basic`, `extended`, `layout`, `all`. |
+
+Measured on the 2-core development machine: benchmarks/runtime_speedup.py and docs/runtime.md record
+the figures behind these defaults.
+
+On CPU, `run` calls `InferenceSession.run` with numpy feeds and returns numpy outputs (measured here:
+cheaper per call than I/O binding, and numpy is already host memory). With a CUDA or TensorRT
+provider, `run` uses I/O binding: outputs not named in `host` stay on the device as `OrtValue`s that
+another Runner takes as feeds, so carries between segments never cross the bus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+INSTALL_HINT = (
+    "Install ONNX Runtime: `pip install onnxruntime` (CPU), or `pip install onnxruntime-gpu` on an NVIDIA "
+    "host for the CUDA and TensorRT execution providers (install one of the two, not both)."
+)
+
+# Short names users may give in options["providers"].
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+_DEVICE_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+               "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"}
+_MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
+_KNOWN_OPTIONS = {"providers", "provider_options", "intra_op_num_threads", "inter_op_num_threads",
+                  "execution_mode", "allow_spinning", "graph_optimization_level",
+                  # build options every backend receives; meaningless to an ORT session
+                  "precision", "max_batch", "opt_batch"}
+
+# One thread per session by default: a chain of small sessions pays for waking a pool on every call,
+# and on a 2-core machine a second thread gains little on the few-channel convolutions of 28x28 nets.
+DEFAULT_THREADS = 1
+
+
+def available() -> tuple[bool, str]:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as err:
+        return False, f"onnxruntime does not import here ({err}). {INSTALL_HINT}"
+    return True, ""
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise UserError(f"The onnxruntime backend needs the onnxruntime package ({err}).", INSTALL_HINT) from err
+    return onnxruntime
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build(onnx_path: Path, out_dir: Path, options: dict) -> dict:
+    """The ONNX graph is what ONNX Runtime runs: check that it loads, and name it as the engine.
+
+    An offline-optimized copy (SessionOptions.optimized_model_filepath) was measured and does not pay:
+    it only saves graph optimization at session creation, and an ORT_ENABLE_ALL copy is tied to the
+    CPU it was made on. See docs/runtime.md.
+    """
+    onnx_path = Path(onnx_path)
+    if onnx_path.parent.resolve() != Path(out_dir).resolve():
+        raise ValueError(f"{onnx_path} must already be inside {out_dir}")
+    # Loading once proves the graph is valid for this ORT version, so a bad graph fails the build
+    # rather than the first run.
+    ort = _ort()
+    session_options = ort.SessionOptions()
+    session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    try:
+        ort.InferenceSession(str(onnx_path), session_options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # ORT raises its own pybind exception types
+        raise UserError(f"ONNX Runtime cannot load {onnx_path.name}: {err}",
+                        "The exported graph uses something this onnxruntime does not support; "
+                        "upgrade onnxruntime or report the model.") from err
+    return {"file": onnx_path.name, "sha256": _sha256(onnx_path)}
+
+
+def finish_build(out_dir: Path, options: dict) -> dict:
+    ort = _ort()
+    return {"onnxruntime": ort.__version__}
+
+
+def _providers(options: dict, ort: Any) -> tuple[list[Any], bool]:
+    """Resolve options["providers"] into ORT's providers list; True when outputs can live on a GPU."""
+    asked = options.get("providers") or ["cpu"]
+    if isinstance(asked, str):
+        asked = [asked]
+    per_provider = options.get("provider_options") or {}
+    installed = set(ort.get_available_providers())
+    resolved: list[Any] = []
+    for name in asked:
+        full = PROVIDER_ALIASES.get(str(name).lower(), name)
+        if full not in installed:
+            raise UserError(
+                f"The ONNX Runtime execution provider {full} is not available here "
+                f"(installed: {', '.join(sorted(installed))}).",
+                "For cuda/tensorrt install onnxruntime-gpu instead of onnxruntime (and a matching CUDA / "
+                "TensorRT); or leave `providers` out to run on the CPU.",
+            )
+        extra = per_provider.get(name) or per_provider.get(full)
+        resolved.append((full, dict(extra)) if extra else full)
+    names = [p[0] if isinstance(p, tuple) else p for p in resolved]
+    if "CPUExecutionProvider" not in names:
+        # ORT places nodes a GPU provider cannot run on the CPU provider; listing it keeps that explicit.
+        resolved.append("CPUExecutionProvider")
+    return resolved, any(n in _DEVICE_PROVIDERS for n in names)
+
+
+def session_options(options: dict, ort: Any) -> Any:
+    unknown = set(options) - _KNOWN_OPTIONS
+    if unknown:
+        raise UserError(f"Unknown onnxruntime option(s): {', '.join(sorted(unknown))}.",
+                        f"Known options: {', '.join(sorted(_KNOWN_OPTIONS - {'precision', 'max_batch', 'opt_batch'}))}.")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(options.get("intra_op_num_threads", DEFAULT_THREADS))
+    so.inter_op_num_threads = int(options.get("inter_op_num_threads", 1))
+    mode = options.get("execution_mode", "sequential")
+    level = options.get("graph_optimization_level", "all")
+    if mode not in _MODES:
+        raise UserError(f"execution_mode {mode!r} is not one of {', '.join(_MODES)}.")
+    if level not in _OPT_LEVELS:
+        raise UserError(f"graph_optimization_level {level!r} is not one of {', '.join(_OPT_LEVELS)}.")
+    so.execution_mode = getattr(ort.ExecutionMode, _MODES[mode])
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[level])
+    so.add_session_config_entry("session.intra_op.allow_spinning",
+                                "1" if options.get("allow_spinning", False) else "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning",
+                                "1" if options.get("allow_spinning", False) else "0")
+    so.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+    return so
+
+
+class Runner:
+    """One segment's InferenceSession. `run` is safe from several threads at once (ORT sessions are)."""
+
+    def __init__(self, path: Path, options: dict | None = None):
+        options = dict(options or {})
+        ort = self._ort = _ort()
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"The ONNX Runtime engine {path} does not exist.",
+                            "Rebuild the bundle with `dgate-export build`.")
+        providers, self._on_device = _providers(options, ort)
+        try:
+            self._session = ort.InferenceSession(os.fspath(path), session_options(options, ort),
+                                                 providers=providers)
+        except UserError:
+            raise
+        except Exception as err:
+            raise UserError(f"ONNX Runtime cannot load {path}: {err}",
+                            "Rebuild the bundle with this onnxruntime version.") from err
+        self.input_names: list[str] = [i.name for i in self._session.get_inputs()]
+        self.output_names: list[str] = [o.name for o in self._session.get_outputs()]
+        self.providers: list[str] = self._session.get_providers()
+        self._device_id = 0
+        if self._on_device:
+            cuda = (options.get("provider_options") or {}).get("cuda") or {}
+            self._device_id = int(cuda.get("device_id", 0))
+        # I/O bindings hold per-call state, so each thread gets its own.
+        self._local = threading.local()
+
+    def run(self, feeds: dict[str, Any], host: Collection[str] | None = None) -> dict[str, Any]:
+        """Run the session; outputs named in `host` (all when None) come back as numpy arrays."""
+        if not self._on_device:
+            if any(isinstance(v, self._ort.OrtValue) for v in feeds.values()):
+                feeds = {k: v.numpy() if isinstance(v, self._ort.OrtValue) else v for k, v in feeds.items()}
+            return dict(zip(self.output_names, self._session.run(self.output_names, feeds)))
+        return self._run_bound(feeds, host)
+
+    def _run_bound(self, feeds: dict[str, Any], host: Collection[str] | None) -> dict[str, Any]:
+        binding = getattr(self._local, "binding", None)
+        if binding is None:
+            binding = self._local.binding = self._session.io_binding()
+        try:
+            for name, value in feeds.items():
+                if isinstance(value, self._ort.OrtValue):
+                    binding.bind_ortvalue_input(name, value)
+                else:
+                    binding.bind_cpu_input(name, value)
+            for name in self.output_names:
+                if host is None or name in host:
+                    binding.bind_output(name, "cpu")
+                else:
+                    binding.bind_output(name, "cuda", self._device_id)
+            binding.synchronize_inputs()
+            self._session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+            values = binding.get_outputs()
+            return {name: (v.numpy() if host is None or name in host else v)
+                    for name, v in zip(self.output_names, values)}
+        finally:
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+
+    def close(self) -> None:
+        self._session = None

@@ -1,0 +1,223 @@
+"""Run a bundle: per-sample early exit with batch compaction. numpy + the backend's library, no torch.
+
+    from dgate_export.runtime import GatedRuntime
+
+    rt = GatedRuntime.load("engines/NAME")          # verifies every file's sha256
+    res = rt.run(x)                                 # x: numpy [N, C, H, W], any N >= 1
+    res.predictions, res.exits, res.exit_counts
+
+The embedding contract (`RunResult`, arrays indexed by the input's row):
+    logits       float32 [N, classes]  the class scores of the exit each sample took
+    predictions  int64   [N]           argmax of logits
+    exits        int64   [N]           0..K-1: left at gate k; K: ran the full network
+    confidence   float32 [N]           the bundle's confidence measure at the exit taken
+    exit_counts  int64   [K+1]         how many samples took each exit
+
+The loop (docs/architecture.md "The runtime loop"), for each chunk of at most max_batch rows:
+
+    out = segment[0].run({"input": x})
+    rows = arange(n)                                 # original row of each live sample
+    for k in 0 .. K-1:
+        leave = out["confidence"] >= threshold[k]
+        logits[rows[leave]] = out["logits"][leave]; exits[rows[leave]] = k
+        keep = nonzero(~leave)                       # row numbers in this segment's batch
+        if keep is empty: stop                       # everyone left: later segments never run
+        rows = rows[keep]
+        out = segment[k+1].run({"prev_carry_i": out["carry_i"] for each carry, "index": keep})  # gathers
+    logits[rows] = out["logits"]; exits[rows] = K; confidence[rows] = measure(out["logits"])
+
+Input: float arrays are model input (float64 is converted with a warning); integer arrays are raw
+pixels, normalized with the manifest's input.normalization as x = (raw * scale - mean[c]) / std[c]
+(refused when the bundle has none). fp16 bundles get float16. Anything else is a UserError.
+
+Thread safety: `run` keeps no state between calls beyond the read-only runners and thresholds, and
+the backends' runners are thread-safe, so many threads may call `run` on one runtime.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import backends
+from .confidence import confidence as confidence_np
+from .errors import UserError
+from .manifest import Manifest, verify_bundle
+
+_HOST = frozenset({"logits", "confidence"})  # what the loop reads; carries may stay in backend memory
+
+
+@dataclass
+class RunResult:
+    logits: np.ndarray  # float32 [N, classes]
+    predictions: np.ndarray  # int64 [N]
+    exits: np.ndarray  # int64 [N], 0..K-1 gates, K the final classifier
+    confidence: np.ndarray  # float32 [N]
+    exit_counts: np.ndarray  # int64 [K+1]
+
+
+class GatedRuntime:
+    """The scheduler over one bundle's K+1 segment runners."""
+
+    def __init__(self, manifest: Manifest, runners: list[Any], thresholds: Sequence[float] | None = None):
+        self.manifest = manifest
+        self.num_gates = manifest.num_gates
+        self.num_classes = manifest.num_classes
+        self.class_names = manifest.class_names
+        self.max_batch = manifest.max_batch
+        self.input_shape = tuple(int(d) for d in manifest.input.shape[1:])  # (C, H, W)
+        self._runners = runners
+        self._float = np.dtype(manifest.input.dtype)
+        self._measure = manifest.confidence
+        self.thresholds = self._check_thresholds(manifest.thresholds if thresholds is None else thresholds)
+        # Feeds of segment k>0: its input prev_carry_i takes segment k-1's output carry_i.
+        self._links = [seg.carry_inputs for seg in manifest.segments]
+        self._input_name = manifest.input.name
+        self._rows = np.arange(self.max_batch, dtype=np.int64)  # shared by all calls: sliced, never written
+        self._rows.flags.writeable = False
+        norm = manifest.input.normalization
+        self._norm = None
+        if norm is not None:
+            c = self.input_shape[0]
+            mean = np.asarray(norm["mean"], dtype=np.float32)
+            std = np.asarray(norm["std"], dtype=np.float32)
+            if mean.size not in (1, c):
+                raise UserError(f"input.normalization has {mean.size} means for {c} channels.", "Rebuild the bundle.")
+            shape = (1, -1, 1, 1)
+            self._norm = (np.float32(norm["scale"]), np.broadcast_to(mean.reshape(shape), (1, c, 1, 1)),
+                          np.broadcast_to(std.reshape(shape), (1, c, 1, 1)))
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, bundle: str | Path, backend: str | None = None, thresholds: Sequence[float] | None = None,
+             **options: Any) -> GatedRuntime:
+        """Verify the bundle's files and start one runner per segment. `options` go to the backend's Runner."""
+        manifest = verify_bundle(bundle)  # refuses unknown formats, missing files, changed sha256
+        name = backend or manifest.backend
+        backends.get_backend(name, check=False)  # an unknown name is reported as such
+        files = [cls._artifact(manifest, seg.engine["file"], seg.file, name) for seg in manifest.segments]
+        module = backends.get_backend(name)  # refuses a backend whose library is missing here
+        runner_options = {"precision": manifest.precision, "max_batch": manifest.max_batch, **options}
+        runners = [module.Runner(manifest.path(f), runner_options) for f in files]
+        return cls(manifest, runners, thresholds)
+
+    @staticmethod
+    def _artifact(manifest: Manifest, engine_file: str, onnx_file: str, backend: str) -> str:
+        if backend == manifest.backend:
+            return engine_file
+        if backend == "onnxruntime":
+            return onnx_file  # every bundle carries its ONNX graphs, which ONNX Runtime runs directly
+        raise UserError(f"The bundle was built for {manifest.backend}, so it has no {backend} engines.",
+                        f"Build it for {backend}: `dgate-export build MODEL --backend {backend}`.")
+
+    def close(self) -> None:
+        for runner in self._runners:
+            if hasattr(runner, "close"):
+                runner.close()
+
+    # ------------------------------------------------------------------------------------------ running
+
+    def run(self, x: np.ndarray, thresholds: Sequence[float] | None = None) -> RunResult:
+        """Classify x [N, C, H, W]; per-call `thresholds` override the runtime's for this call only."""
+        thr = self.thresholds if thresholds is None else self._check_thresholds(thresholds)
+        x = self._prepare(x)
+        n = x.shape[0]
+        logits = np.empty((n, self.num_classes), dtype=np.float32)
+        exits = np.empty(n, dtype=np.int64)
+        conf = np.empty(n, dtype=np.float32)
+        for start in range(0, n, self.max_batch):
+            stop = min(start + self.max_batch, n)
+            self._run_chunk(x[start:stop], thr, logits[start:stop], exits[start:stop], conf[start:stop])
+        return RunResult(logits=logits, predictions=logits.argmax(axis=1), exits=exits, confidence=conf,
+                         exit_counts=np.bincount(exits, minlength=self.num_gates + 1))
+
+    def _run_chunk(self, x: np.ndarray, thr: tuple[float, ...], logits: np.ndarray, exits: np.ndarray,
+                   conf: np.ndarray) -> None:
+        # logits / exits / conf are this chunk's views of the result arrays.
+        out = self._runners[0].run({self._input_name: x}, host=_HOST)
+        rows = self._rows[: len(x)]
+        for k in range(self.num_gates):
+            c = out["confidence"].astype(np.float32, copy=False)
+            leave = c >= thr[k]  # float32 comparison, as the torch reference does
+            if leave.any():
+                left = rows[leave]
+                logits[left] = out["logits"][leave]
+                exits[left] = k
+                conf[left] = c[leave]
+                keep = np.flatnonzero(~leave)
+                if keep.size == 0:
+                    return
+                rows = rows[keep]
+            else:
+                keep = self._rows[: len(rows)]
+            feeds = {dst: out[src] for dst, src in self._links[k + 1]}
+            feeds["index"] = keep
+            out = self._runners[k + 1].run(feeds, host=_HOST)
+        final = out["logits"]
+        logits[rows] = final
+        exits[rows] = self.num_gates
+        conf[rows] = confidence_np(self._measure, final)
+
+    # ----------------------------------------------------------------------------------------- checking
+
+    def _check_thresholds(self, thresholds: Sequence[float]) -> tuple[float, ...]:
+        try:
+            values = tuple(float(t) for t in thresholds)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"Thresholds must be a list of numbers, got {thresholds!r}.",
+                            f"Give {self.num_gates} numbers, one per gate.") from err
+        if len(values) != self.num_gates:
+            raise UserError(f"{len(values)} thresholds given for a bundle with {self.num_gates} gates.",
+                            f"Give {self.num_gates} numbers, one per gate (a value above 1 disables a gate).")
+        if not all(np.isfinite(values)):
+            raise UserError(f"Thresholds must be finite numbers, got {values}.",
+                            "Use a value above 1 to disable a gate.")
+        # Compare as float32 like the graphs' confidence (and the torch reference) do.
+        return tuple(np.float32(v) for v in values)  # type: ignore[misc]
+
+    def _prepare(self, x: Any) -> np.ndarray:
+        """Validate x and return it as contiguous model input in the bundle's float dtype."""
+        c, h, w = self.input_shape
+        expected = f"[N, {c}, {h}, {w}]"
+        if not isinstance(x, np.ndarray):
+            raise UserError(f"The runtime takes a numpy array {expected}, got {type(x).__name__}.",
+                            "Convert it first, e.g. np.asarray(x, dtype=np.float32).")
+        if x.ndim != 4:
+            hint = " Add the batch axis: x[None]." if x.shape == (c, h, w) else ""
+            raise UserError(f"Input must have 4 dimensions {expected}, got shape {x.shape}.",
+                            f"Pass a batch of images in NCHW layout.{hint}")
+        if x.shape[0] == 0:
+            raise UserError("The input batch is empty (N = 0).", "Pass at least one sample.")
+        if x.shape[1] != c:
+            raise UserError(f"Input has {x.shape[1]} channels, the model takes {c} (shape {x.shape}, "
+                            f"expected {expected}).", "Check the layout (NCHW, not NHWC) and the color mode.")
+        if x.shape[2:] != (h, w):
+            raise UserError(f"Input images are {x.shape[2]}x{x.shape[3]}, the model takes {h}x{w} "
+                            f"(shape {x.shape}).", f"Resize the images to {h}x{w}.")
+        kind = x.dtype.kind
+        if kind in "iu":
+            if self._norm is None:
+                raise UserError(f"Input has integer dtype {x.dtype}, but this bundle records no "
+                                "input.normalization to turn raw pixels into model input.",
+                                "Normalize the images yourself and pass float32.")
+            scale, mean, std = self._norm
+            x = (x.astype(np.float32) * scale - mean) / std
+        elif kind == "f":
+            if x.dtype == np.float64:
+                warnings.warn("Input is float64; converting it to the model's float type.", stacklevel=3)
+        else:
+            raise UserError(f"Input dtype {x.dtype} is not supported.",
+                            "Pass float32 model input, or integer raw pixels when the bundle has a normalization.")
+        x = np.ascontiguousarray(x, dtype=self._float)
+        if not np.isfinite(x).all():
+            bad = int(x.size - np.isfinite(x).sum())
+            raise UserError(f"Input holds {bad} non-finite value(s) (NaN or inf)"
+                            f"{' after conversion to float16' if self._float == np.float16 else ''}.",
+                            "Clean the input; the model cannot classify NaN or inf.")
+        return x

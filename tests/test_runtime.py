@@ -1,0 +1,225 @@
+"""GatedRuntime on a tiny hand-exported bundle: the loop against a torch reference, inputs, thread safety.
+
+The same checks on bundles made by the build pipeline (zoo and torchvision models) are in
+test_runtime_parity.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import warnings
+
+import numpy as np
+import pytest
+from tiny_bundle import SHAPE, make_tiny_bundle
+
+from dgate_export.errors import UserError
+from dgate_export.runtime import GatedRuntime, RunResult
+
+NORM = {"scale": 1 / 255, "mean": [0.5], "std": [0.25]}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_bundle(tmp_path_factory.mktemp("tiny"), max_batch=16, normalization=NORM)
+
+
+@pytest.fixture(scope="module")
+def rt(tiny):
+    return GatedRuntime.load(tiny[0])
+
+
+def _x(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, *SHAPE)).astype(np.float32)
+
+
+def _between(conf: np.ndarray, q: float) -> float:
+    """A threshold near quantile q of conf, midway in the widest nearby gap (no near-ties across backends)."""
+    s = np.sort(conf)
+    i = int(np.clip(round(q * (len(s) - 1)), 1, len(s) - 2))
+    lo, hi = max(i - len(s) // 8, 0), min(i + len(s) // 8, len(s) - 1)
+    j = lo + int(np.argmax(np.diff(s[lo:hi + 1])))
+    return float((s[j] + s[j + 1]) / 2)
+
+
+def _check(res: RunResult, ref, x: np.ndarray, thresholds) -> None:
+    logits, exits, conf = ref.early_exit(x, thresholds)
+    np.testing.assert_array_equal(res.exits, exits)
+    np.testing.assert_allclose(res.logits, logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(res.confidence, conf, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(res.predictions, logits.argmax(axis=1))
+    np.testing.assert_array_equal(res.exit_counts, np.bincount(exits, minlength=3))
+    assert res.logits.dtype == np.float32 and res.exits.dtype == np.int64 and res.confidence.dtype == np.float32
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])  # 64 > max_batch 16: split into chunks
+@pytest.mark.parametrize("plan", ["none", "some", "all0", "all1"])
+def test_loop_matches_torch_reference(tiny, rt, n, plan):
+    _, ref = tiny
+    x = _x(n, seed=n)
+    c0, c1 = ref.all_exits(_x(512, seed=99))  # thresholds from a larger sample: mid-gap, no ties
+    thresholds = {"none": (2.0, 2.0), "some": (_between(c0, 0.6), _between(c1, 0.4)),
+                  "all0": (0.0, 2.0), "all1": (2.0, 0.0)}[plan]
+    res = rt.run(x, thresholds=thresholds)
+    _check(res, ref, x, thresholds)
+    want = {"none": [0, 0, n], "all0": [n, 0, 0], "all1": [0, n, 0]}.get(plan)
+    if want:
+        assert res.exit_counts.tolist() == want
+
+
+def test_some_thresholds_use_every_exit(tiny, rt):
+    _, ref = tiny
+    c0, c1 = ref.all_exits(_x(512, seed=99))
+    thresholds = (_between(c0, 0.6), _between(c1, 0.4))
+    res = rt.run(_x(64, seed=3), thresholds=thresholds)
+    assert (res.exit_counts > 0).all(), res.exit_counts  # the test data really exercises all three exits
+
+
+def test_thresholds_at_load_and_per_call(tiny):
+    bundle, _ = tiny
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert GatedRuntime.load(bundle).thresholds == tuple(
+        np.float32(s["gate"]["threshold"]) for s in manifest["segments"][:-1])
+    rt = GatedRuntime.load(bundle, thresholds=[0.0, 0.0])
+    assert rt.run(_x(5)).exit_counts.tolist() == [5, 0, 0]
+    assert rt.run(_x(5), thresholds=[2, 2]).exit_counts.tolist() == [0, 0, 5]
+    assert rt.thresholds == (0.0, 0.0)  # a per-call override does not stick
+    for bad, match in [([0.5], "1 thresholds given"), ([0.5, float("nan")], "finite"), (["a", 1], "numbers")]:
+        with pytest.raises(UserError, match=match):
+            rt.run(_x(2), thresholds=bad)
+        with pytest.raises(UserError, match=match):
+            GatedRuntime.load(bundle, thresholds=bad)
+
+
+def test_result_rows_follow_input_rows(rt):
+    x = _x(9, seed=5)
+    full = rt.run(x, thresholds=[0.45, 0.45])
+    perm = np.random.default_rng(1).permutation(9)
+    shuffled = rt.run(x[perm], thresholds=[0.45, 0.45])
+    np.testing.assert_array_equal(shuffled.exits, full.exits[perm])
+    np.testing.assert_allclose(shuffled.logits, full.logits[perm], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("x, match", [
+    (np.zeros((1, 8, 8), np.float32), "4 dimensions.*x\\[None\\]"),
+    (np.zeros((2, 3, 8, 8), np.float32), "3 channels"),
+    (np.zeros((2, 1, 9, 8), np.float32), "9x8.*8x8"),
+    (np.zeros((0, 1, 8, 8), np.float32), "empty"),
+    (np.zeros((2, 1, 8, 8), bool), "dtype bool"),
+    (np.full((2, 1, 8, 8), np.nan, np.float32), "128 non-finite"),
+    ([[[[0.0] * 8] * 8]], "numpy array"),
+])
+def test_bad_input_is_a_user_error(rt, x, match):
+    with pytest.raises(UserError, match=match):
+        rt.run(x)
+
+
+def test_float64_is_converted_with_a_warning(rt):
+    x = _x(4)
+    with pytest.warns(UserWarning, match="float64"):
+        res = rt.run(x.astype(np.float64))
+    np.testing.assert_array_equal(res.logits, rt.run(x).logits)
+
+
+def test_integer_pixels_are_normalized(tiny, rt):
+    raw = np.random.default_rng(2).integers(0, 256, (6, *SHAPE), dtype=np.uint8)
+    as_float = ((raw.astype(np.float32) / 255 - 0.5) / 0.25).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = rt.run(raw)
+    want = rt.run(as_float)
+    np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got.exits, want.exits)
+
+
+def test_integer_pixels_without_normalization_are_refused(tmp_path):
+    bundle, _ = make_tiny_bundle(tmp_path / "plain")
+    with pytest.raises(UserError, match="no input.normalization"):
+        GatedRuntime.load(bundle).run(np.zeros((1, *SHAPE), np.uint8))
+
+
+def test_damaged_bundles_are_refused(tmp_path):
+    bundle, _ = make_tiny_bundle(tmp_path / "b")
+    data = bytearray((bundle / "segment1.onnx").read_bytes())
+    data[-1] ^= 1
+    (bundle / "segment1.onnx").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="segment1.onnx \\(mismatch\\)"):
+        GatedRuntime.load(bundle)
+    (bundle / "segment1.onnx").unlink()
+    with pytest.raises(UserError, match="segment1.onnx \\(missing\\)"):
+        GatedRuntime.load(bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["format"] = "dgate-bundle/2"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="not supported"):
+        GatedRuntime.load(bundle)
+    with pytest.raises(UserError, match="not a bundle directory"):
+        GatedRuntime.load(tmp_path / "nowhere")
+
+
+def test_backend_override(tiny):
+    bundle, _ = tiny
+    with pytest.raises(UserError, match="Unknown backend"):
+        GatedRuntime.load(bundle, backend="nope")
+    with pytest.raises(UserError, match="tensorrt"):  # no TensorRT here, or no engines in this bundle
+        GatedRuntime.load(bundle, backend="tensorrt")
+    assert GatedRuntime.load(bundle, backend="onnxruntime", intra_op_num_threads=2).run(_x(3)).logits.shape == (3, 3)
+    with pytest.raises(UserError, match="Unknown onnxruntime option"):
+        GatedRuntime.load(bundle, threads=2)
+
+
+def test_fp16_bundle(tmp_path):
+    bundle, ref = make_tiny_bundle(tmp_path / "h", precision="fp16", max_batch=8)
+    rt = GatedRuntime.load(bundle)
+    x = _x(64, seed=4)
+    c0, c1 = ref.all_exits(x)
+    thresholds = (_between(c0, 0.5), _between(c1, 0.5))
+    res = rt.run(x, thresholds=thresholds)  # float32 in, cast to float16 for the graphs
+    logits, exits, _ = ref.early_exit(x, thresholds)
+    # fp16 moves confidences (by ~2e-5 here): compare exits only where the reference is not near a tie.
+    clear = (np.abs(c0 - thresholds[0]) > 1e-3) & (np.abs(c1 - thresholds[1]) > 1e-3)
+    assert clear.sum() >= 40
+    np.testing.assert_array_equal(res.exits[clear], exits[clear])
+    same = res.exits == exits
+    np.testing.assert_allclose(res.logits[same], logits[same], atol=1e-2)
+    assert res.logits.dtype == np.float32
+
+
+def test_many_threads_get_their_own_results(rt):
+    jobs = [(_x(1 + (i * 7) % 40, seed=i), (0.4 + 0.01 * (i % 9), 0.42 + 0.005 * (i % 5))) for i in range(12)]
+    want = [rt.run(x, thresholds=t) for x, t in jobs]
+    errors: list[str] = []
+
+    def work(t: int) -> None:
+        for j in range(30):
+            i = (t * 5 + j) % len(jobs)
+            res = rt.run(jobs[i][0], thresholds=jobs[i][1])
+            if not (np.array_equal(res.exits, want[i].exits) and np.array_equal(res.logits, want[i].logits)):
+                errors.append(f"thread {t} job {i}")
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert len({tuple(w.exit_counts) for w in want}) > 1  # the jobs really differ
+
+
+def test_runtime_imports_no_torch(tiny):
+    code = (
+        "import sys, numpy as np\n"
+        "from dgate_export.runtime import GatedRuntime\n"
+        f"rt = GatedRuntime.load({str(tiny[0])!r})\n"
+        "res = rt.run(np.zeros((2, 1, 8, 8), np.float32))\n"
+        "assert res.logits.shape == (2, 3)\n"
+        "bad = [m for m in ('torch', 'torchvision', 'onnx', 'tensorrt') if m in sys.modules]\n"
+        "print('heavy:', bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "heavy: []" in out.stdout
