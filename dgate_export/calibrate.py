@@ -1,0 +1,406 @@
+"""Choose the gates' thresholds on the validation split (numpy only).
+
+Input: the logits of every exit (K gates, then the backbone's own classifier) on the validation split,
+the labels, the confidence measure and the cost of leaving at each exit (cumulative FLOPs per sample:
+segments 0..k plus heads 0..k). A sample leaves at the first gate k whose confidence is >= threshold k.
+
+Two modes:
+- `max_drop`: keep accuracy >= (un-gated accuracy - max_drop), spend as few FLOPs as possible;
+- `budget`: spend at most budget × the un-gated model's FLOPs, be as accurate as possible.
+
+Method (two steps, both exact on the validation samples):
+1. Grid: per gate, G candidate thresholds = G-1 quantiles of that gate's confidences (observed values,
+   so each candidate moves at least one sample) plus "disabled" (above 1). Every sample falls in one
+   cell of the K-dimensional histogram of candidate ranks; prefix sums over that histogram give the
+   accuracy and cost of *all* G^K threshold combinations at once, in O(N·K + G^K) time and memory.
+   G is chosen so that G^K stays near one million (K=3: G=100; K=4: G=31), so the search takes well
+   under a second for K=3 and 5000 samples. The accuracy-vs-cost Pareto front comes from this grid.
+2. Refine: coordinate descent on the best grid point. For one gate at a time (others fixed), every
+   distinct confidence value of that gate is a candidate; one sort and two cumulative sums evaluate
+   them all (O(N log N) per step). Rounds repeat until no step improves (at most 20 rounds).
+Counts are integers, so "within max_drop" is decided without rounding surprises.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .confidence import check_confidence_name, confidence
+from .errors import UserError
+
+# A threshold above every confidence (all confidences are <= 1): the gate never lets a sample leave.
+# The same value GatedModel uses for gates that have not been calibrated.
+DISABLED = 1.01
+_GRID_CELLS = 1_000_000      # target size of the exhaustive grid (G^K)
+_MAX_CANDIDATES = 1000       # cap on G for K = 1, 2
+_MAX_ROUNDS = 20
+
+
+@dataclass
+class Evaluation:
+    """How a set of thresholds does on one data split."""
+
+    thresholds: list[float]
+    accuracy: float              # gated (early-exit) accuracy
+    accuracy_ungated: float      # the backbone's own classifier on every sample
+    exit_fractions: list[float]  # K+1 fractions of samples leaving at each exit
+    exit_accuracy: list[float | None]  # accuracy of the samples that left at each exit (None: nobody)
+    expected_flops: float        # per sample, gate heads included
+    baseline_flops: float        # the un-gated backbone, per sample
+    samples: int
+
+    @property
+    def accuracy_drop(self) -> float:
+        return self.accuracy_ungated - self.accuracy
+
+    @property
+    def flops_reduction(self) -> float:
+        """1 - expected / baseline: the fraction of the un-gated model's FLOPs saved."""
+        return 1.0 - self.expected_flops / self.baseline_flops
+
+    @property
+    def ideal_speedup(self) -> float:
+        return self.baseline_flops / self.expected_flops
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.update(accuracy_drop=self.accuracy_drop, flops_reduction=self.flops_reduction,
+                   ideal_speedup=self.ideal_speedup)
+        return out
+
+
+@dataclass
+class Calibration:
+    """Chosen thresholds, their figures on the validation split, and the accuracy-vs-cost front."""
+
+    mode: str                    # "max_drop" or "budget"
+    target: float                # the max_drop or the budget asked for
+    confidence: str
+    thresholds: list[float]
+    validation: Evaluation
+    curve: list[dict] = field(default_factory=list)  # Pareto front: thresholds, accuracy, flops, relative_flops
+    method: str = ""
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "target": self.target, "confidence": self.confidence,
+                "thresholds": self.thresholds, "validation": self.validation.to_dict(),
+                "method": self.method, "curve": self.curve}
+
+
+def exit_costs(flops: dict) -> list[float]:
+    """Cumulative FLOPs per sample of leaving at exit k, from GatedModel.flops."""
+    costs, total = [], 0.0
+    num_gates = len(flops["heads"])
+    for k in range(num_gates + 1):
+        total += flops["segments"][k] + (flops["heads"][k] if k < num_gates else 0)
+        costs.append(float(total))
+    return costs
+
+
+def _prepare(exit_logits, labels, confidence_name: str, costs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(conf [K, N] float32, correct [K+1, N] bool, costs [K+1]) with the inputs checked."""
+    check_confidence_name(confidence_name)
+    labels = np.asarray(labels)
+    if len(exit_logits) < 2:
+        raise UserError("Calibration needs at least one gate (exit logits of K >= 1 gates plus the backbone).",
+                        "Attach gates with --exits.")
+    if len(costs) != len(exit_logits):
+        raise ValueError(f"{len(costs)} exit costs for {len(exit_logits)} exits")
+    n = labels.shape[0]
+    if n == 0:
+        raise UserError("The calibration split is empty.", "Use a validation split with samples in it.")
+    for k, logits in enumerate(exit_logits):
+        if logits.ndim != 2 or logits.shape[0] != n:
+            raise ValueError(f"exit {k}: logits of shape {logits.shape} for {n} labels")
+    conf = np.stack([confidence(confidence_name, lg) for lg in exit_logits[:-1]])
+    correct = np.stack([np.argmax(lg, axis=1) == labels for lg in exit_logits])
+    return conf, correct, np.asarray(costs, dtype=np.float64)
+
+
+def _exits_of(conf: np.ndarray, thresholds) -> np.ndarray:
+    """Exit index [N] of every sample: the first gate whose confidence passes, else K."""
+    num_gates, n = conf.shape
+    exits = np.full(n, num_gates, dtype=np.int64)
+    for k in range(num_gates - 1, -1, -1):
+        exits[conf[k] >= thresholds[k]] = k
+    return exits
+
+
+def _evaluate(conf, correct, costs, baseline: float, thresholds) -> Evaluation:
+    num_exits, n = correct.shape
+    exits = _exits_of(conf, thresholds)
+    counts = np.bincount(exits, minlength=num_exits)
+    right = np.bincount(exits, weights=correct[exits, np.arange(n)], minlength=num_exits)
+    return Evaluation(
+        thresholds=[float(t) for t in thresholds],
+        accuracy=float(right.sum() / n),
+        accuracy_ungated=float(correct[-1].mean()),
+        exit_fractions=[float(c / n) for c in counts],
+        exit_accuracy=[float(r / c) if c else None for r, c in zip(right, counts)],
+        expected_flops=float((counts * costs).sum() / n),
+        baseline_flops=float(baseline),
+        samples=int(n),
+    )
+
+
+def evaluate(exit_logits, labels, *, confidence: str, thresholds, costs, baseline_flops: float) -> Evaluation:
+    """Figures of `thresholds` on a split (exit logits of every exit and the labels)."""
+    conf, correct, cost = _prepare(exit_logits, labels, confidence, costs)
+    if len(thresholds) != conf.shape[0]:
+        raise UserError(f"{len(thresholds)} thresholds given for {conf.shape[0]} gates.")
+    return _evaluate(conf, correct, cost, baseline_flops, thresholds)
+
+
+# --- step 1: the exhaustive grid -------------------------------------------------------------------
+
+
+def _candidates(conf_k: np.ndarray, g: int) -> np.ndarray:
+    """Up to g ascending thresholds: g-1 observed quantiles of conf_k, then DISABLED."""
+    qs = np.quantile(conf_k, np.linspace(0.0, 1.0, max(g - 1, 1)), method="inverted_cdf")
+    return np.append(np.unique(qs.astype(np.float32)), np.float32(DISABLED))
+
+
+def _grid(conf, correct, costs) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Candidates per gate, correct count and total cost of every combination (arrays of shape G_0..G_K-1)."""
+    num_gates = conf.shape[0]
+    g = int(min(_MAX_CANDIDATES, max(2, math.floor(_GRID_CELLS ** (1.0 / num_gates)))))
+    cands = [_candidates(conf[k], g) for k in range(num_gates)]
+    sizes = [len(c) for c in cands]
+    # rank[k][i] = how many candidates of gate k are <= conf[k, i]; sample i leaves at gate k under
+    # candidate j exactly when rank > j.
+    ranks = [np.searchsorted(cands[k], conf[k], side="right") for k in range(num_gates)]
+
+    right = np.zeros(sizes, dtype=np.int64)
+    cost = np.zeros(sizes, dtype=np.float64)
+    for k in range(num_gates + 1):
+        dims = min(k + 1, num_gates)
+        shape = [s + 1 for s in sizes[:dims]]
+        flat = np.ravel_multi_index(tuple(ranks[d] for d in range(dims)), shape)
+        hist_all = np.bincount(flat, minlength=int(np.prod(shape))).reshape(shape)
+        hist_ok = np.bincount(flat, weights=correct[k], minlength=int(np.prod(shape))).reshape(shape)
+        hist_ok = np.rint(hist_ok).astype(np.int64)
+        # Prefix sums over the earlier gates' ranks (rank <= j: the sample did not leave there) ...
+        for d in range(min(k, num_gates)):
+            hist_all = np.cumsum(hist_all, axis=d)
+            hist_ok = np.cumsum(hist_ok, axis=d)
+        index = tuple(slice(0, sizes[d]) for d in range(dims))
+        if k < num_gates:
+            # ... and a suffix over this gate's rank (rank > j: the sample leaves here).
+            leave_all = hist_all.sum(axis=k, keepdims=True) - np.cumsum(hist_all, axis=k)
+            leave_ok = hist_ok.sum(axis=k, keepdims=True) - np.cumsum(hist_ok, axis=k)
+            leave_all, leave_ok = leave_all[index], leave_ok[index]
+        else:
+            leave_all, leave_ok = hist_all[index], hist_ok[index]
+        expand = (Ellipsis,) + (None,) * (num_gates - dims)
+        right = right + leave_ok[expand]
+        cost = cost + leave_all[expand] * costs[k]
+    return cands, right, cost
+
+
+def _pareto(right: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """Flat indices of the Pareto-optimal combinations, by increasing cost."""
+    r, c = right.ravel(), cost.ravel()
+    order = np.lexsort((-r, c))
+    best = np.maximum.accumulate(r[order])
+    keep = np.ones(order.size, dtype=bool)
+    keep[1:] = r[order][1:] > best[:-1]
+    return order[keep]
+
+
+# --- step 2: coordinate descent ----------------------------------------------------------------------
+
+
+def _better(mode: str, limit: float, a: tuple[int, float], b: tuple[int, float]) -> bool:
+    """Is (right, cost) `a` strictly better than `b` under the mode's constraint? Both are feasible."""
+    if mode == "max_drop":
+        return a[1] < b[1] - 1e-9 or (abs(a[1] - b[1]) <= 1e-9 and a[0] > b[0])
+    return a[0] > b[0] or (a[0] == b[0] and a[1] < b[1] - 1e-9)
+
+
+def _feasible(mode: str, limit: float, right, cost):
+    return right >= limit if mode == "max_drop" else cost <= limit * (1 + 1e-12)
+
+
+def _refine(conf, correct, costs, thresholds: list[float], mode: str, limit: float) -> list[float]:
+    num_gates, n = conf.shape
+    idx = np.arange(n)
+    t = list(thresholds)
+    exits = _exits_of(conf, t)
+    current = (int(correct[exits, idx].sum()), float(costs[exits].sum()))
+    for _ in range(_MAX_ROUNDS):
+        improved = False
+        for k in range(num_gates):
+            # Samples that reach gate k, and where they go when gate k lets them pass.
+            trial = t.copy()
+            trial[k] = DISABLED
+            through = _exits_of(conf, trial)
+            reach = through >= k
+            before_ok = int(correct[through[~reach], idx[~reach]].sum())
+            before_cost = float(costs[through[~reach]].sum())
+            c_k = conf[k, reach]
+            pass_ok = correct[through[reach], idx[reach]].astype(np.int64)
+            pass_cost = costs[through[reach]]
+            leave_ok = correct[k, reach].astype(np.int64)
+            order = np.argsort(c_k, kind="stable")
+            c_sorted = c_k[order]
+            # Candidate j = the j-th smallest confidence: samples order[j:] leave, order[:j] pass on.
+            pass_ok_cum = np.concatenate([[0], np.cumsum(pass_ok[order])])
+            pass_cost_cum = np.concatenate([[0.0], np.cumsum(pass_cost[order])])
+            leave_ok_suf = np.concatenate([np.cumsum(leave_ok[order][::-1])[::-1], [0]])
+            m = c_sorted.size
+            leave_cost_suf = costs[k] * (m - np.arange(m + 1))
+            # Ties: a threshold equal to a value lets all equal values leave, so only the first of a
+            # run of equal values is a valid split point; j = m is "disabled".
+            valid = np.ones(m + 1, dtype=bool)
+            valid[1:m] = c_sorted[1:] != c_sorted[:-1]
+            right = before_ok + pass_ok_cum + leave_ok_suf
+            cost = before_cost + pass_cost_cum + leave_cost_suf
+            ok = valid & _feasible(mode, limit, right, cost)
+            if not ok.any():
+                continue
+            js = np.nonzero(ok)[0]
+            if mode == "max_drop":
+                j = js[np.lexsort((-right[js], cost[js]))[0]]
+            else:
+                j = js[np.lexsort((cost[js], -right[js]))[0]]
+            cand = (int(right[j]), float(cost[j]))
+            if _better(mode, limit, cand, current):
+                t[k] = float(c_sorted[j]) if j < m else DISABLED
+                current = cand
+                improved = True
+        if not improved:
+            break
+    return t
+
+
+# --- the entry point ---------------------------------------------------------------------------------
+
+
+def calibrate(exit_logits, labels, *, confidence: str = "max-softmax", costs, baseline_flops: float,
+              max_drop: float | None = None, budget: float | None = None, refine: bool = True) -> Calibration:
+    """Thresholds for `max_drop` or `budget` (exactly one) on the validation split; see the module doc."""
+    if (max_drop is None) == (budget is None):
+        raise UserError("Give exactly one calibration target: max_drop or budget.",
+                        "Use --max-drop 0.01 (accuracy) or --budget 0.5 (FLOPs), not both.")
+    if max_drop is not None and not 0.0 <= max_drop < 1.0:
+        raise UserError(f"max_drop {max_drop} is not an accuracy drop in [0, 1).",
+                        "Give the drop as a fraction: 0.01 is one point of accuracy.")
+    if budget is not None and not budget > 0.0:
+        raise UserError(f"budget {budget} must be positive.",
+                        "Give the budget as a fraction of the un-gated model's FLOPs, e.g. 0.5.")
+    conf, correct, cost_k = _prepare(exit_logits, labels, confidence, costs)
+    num_gates, n = conf.shape
+    baseline = float(baseline_flops)
+    full_right = int(correct[-1].sum())
+
+    cands, right, cost = _grid(conf, correct, cost_k)
+    if max_drop is not None:
+        mode, target = "max_drop", float(max_drop)
+        # Integer sample counts: at least this many must stay correct.
+        limit = float(math.ceil(full_right - max_drop * n - 1e-9))
+        feasible = right >= limit
+    else:
+        mode, target = "budget", float(budget)  # type: ignore[arg-type]
+        limit = budget * baseline * n  # type: ignore[operator]
+        feasible = cost <= limit * (1 + 1e-12)
+        if not feasible.any():
+            cheapest = float(cost.min() / n)
+            raise UserError(
+                f"No thresholds meet a budget of {budget:.3g} × the un-gated FLOPs on the validation split: "
+                f"the cheapest gated run (every sample leaving at the first gate) costs {cheapest:.4g} FLOPs "
+                f"per sample, {cheapest / baseline:.3f} of the un-gated {baseline:.4g}.",
+                f"Raise the budget to at least {math.ceil(cheapest / baseline * 1000) / 1000:.3f}, "
+                "or put the first gate earlier.")
+    if not feasible.any():
+        # Only possible when even disabling every gate misses the target (max_drop >= 0 always fits).
+        best = float(right.max() / n)
+        raise UserError(f"No thresholds keep accuracy within {max_drop} of the un-gated "
+                        f"{full_right / n:.4f}; the best gated accuracy is {best:.4f}.",
+                        "Allow a larger --max-drop.")
+    flat_right, flat_cost = right.ravel(), cost.ravel()
+    ids = np.nonzero(feasible.ravel())[0]
+    if mode == "max_drop":
+        best_id = ids[np.lexsort((-flat_right[ids], flat_cost[ids]))[0]]
+    else:
+        best_id = ids[np.lexsort((flat_cost[ids], -flat_right[ids]))[0]]
+    combo = np.unravel_index(best_id, right.shape)
+    thresholds = [float(cands[k][combo[k]]) for k in range(num_gates)]
+    if refine:
+        thresholds = _refine(conf, correct, cost_k, thresholds, mode, limit)
+
+    validation = _evaluate(conf, correct, cost_k, baseline, thresholds)
+    curve = []
+    for fid in _pareto(right, cost):
+        c = np.unravel_index(fid, right.shape)
+        curve.append({"thresholds": [float(cands[k][c[k]]) for k in range(num_gates)],
+                      "accuracy": float(flat_right[fid] / n), "flops": float(flat_cost[fid] / n),
+                      "relative_flops": float(flat_cost[fid] / n / baseline)})
+    grid = "×".join(str(len(c)) for c in cands)
+    method = (f"exhaustive grid of {grid} confidence-quantile thresholds on {n} validation samples"
+              + (", refined by coordinate descent over every distinct confidence value" if refine else ""))
+    return Calibration(mode, target, confidence, thresholds, validation, curve, method)
+
+
+# --- the curve on disk ------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_curve(result: Calibration, json_path: str | os.PathLike, png_path: str | os.PathLike | None = None,
+               *, test: Evaluation | None = None) -> None:
+    """Write the calibration (with its accuracy-vs-cost front) as JSON and, optionally, a PNG plot."""
+    payload = result.to_dict()
+    if test is not None:
+        payload["test"] = test.to_dict()
+
+    def write_json(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=1)
+            f.write("\n")
+
+    _atomic_write(Path(json_path), write_json)
+    if png_path is None:
+        return
+    # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    val = result.validation
+    fig = Figure(figsize=(6.4, 4.4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs = [p["relative_flops"] for p in result.curve]
+    ys = [100 * p["accuracy"] for p in result.curve]
+    ax.step(xs, ys, where="post", color="tab:blue", label="gated, validation (Pareto front)")
+    ax.axhline(100 * val.accuracy_ungated, color="gray", ls="--", lw=1, label="un-gated, validation")
+    ax.plot([val.expected_flops / val.baseline_flops], [100 * val.accuracy], "o", color="tab:red",
+            label=f"chosen ({result.mode}={result.target:g}), validation")
+    if test is not None:
+        ax.plot([test.expected_flops / test.baseline_flops], [100 * test.accuracy], "s", color="tab:green",
+                label="chosen, test")
+    ax.set_xlabel("expected FLOPs / un-gated FLOPs")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"Accuracy vs cost ({result.confidence})")
+    lo = min(ys + [100 * val.accuracy]) if ys else 100 * val.accuracy
+    ax.set_ylim(max(lo - 1, 100 * val.accuracy_ungated - 15), 100 * val.accuracy_ungated + 2)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    _atomic_write(Path(png_path), lambda tmp: fig.savefig(tmp, format="png"))

@@ -1,0 +1,162 @@
+"""calibrate.py: the grid is exact, targets are met, infeasible targets say what is achievable."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from dgate_export import calibrate as cal
+from dgate_export.calibrate import DISABLED, calibrate, evaluate, exit_costs, save_curve
+from dgate_export.errors import UserError
+
+COSTS = [10.0, 25.0, 40.0, 70.0]   # cumulative FLOPs of leaving at exits 0..3
+BASELINE = 65.0                    # the un-gated backbone (no heads)
+
+
+def synthetic(n=2000, classes=10, gates=3, seed=0):
+    """Exit logits whose accuracy and confidence grow with depth, like a real gated network's."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    difficulty = rng.random(n)
+    logits = []
+    for k in range(gates + 1):
+        lg = rng.normal(size=(n, classes))
+        good = difficulty < 0.5 + 0.15 * k
+        lg[np.arange(n), y] += np.where(good, 2.5 + k, 0.0)
+        logits.append(lg.astype(np.float32))
+    return logits, y
+
+
+def brute_force(logits, y, thresholds):
+    """Direct simulation of the early-exit rule, sample by sample."""
+    conf = [cal.confidence("max-softmax", lg) for lg in logits[:-1]]
+    right, cost = 0, 0.0
+    for i in range(len(y)):
+        k = next((g for g in range(len(conf)) if conf[g][i] >= thresholds[g]), len(conf))
+        right += int(np.argmax(logits[k][i]) == y[i])
+        cost += COSTS[k]
+    return right / len(y), cost / len(y)
+
+
+def test_grid_matches_brute_force(monkeypatch):
+    logits, y = synthetic(n=300)
+    monkeypatch.setattr(cal, "_GRID_CELLS", 300)  # 6 candidates per gate: every combination checked
+    conf, correct, costs = cal._prepare(logits, y, "max-softmax", COSTS)
+    cands, right, cost = cal._grid(conf, correct, costs)
+    assert all(c[-1] == np.float32(DISABLED) for c in cands)
+    for combo in itertools.product(*(range(len(c)) for c in cands)):
+        t = [float(cands[k][combo[k]]) for k in range(3)]
+        acc, flops = brute_force(logits, y, t)
+        assert right[combo] == round(acc * len(y))
+        assert cost[combo] / len(y) == pytest.approx(flops)
+
+
+@pytest.mark.parametrize("max_drop", [0.0, 0.01, 0.05])
+def test_max_drop_is_met_and_saves_flops(max_drop):
+    logits, y = synthetic()
+    result = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, max_drop=max_drop)
+    val = result.validation
+    acc, flops = brute_force(logits, y, result.thresholds)
+    assert val.accuracy == pytest.approx(acc) and val.expected_flops == pytest.approx(flops)
+    assert val.accuracy >= val.accuracy_ungated - max_drop - 1e-12
+    assert val.flops_reduction > 0.2  # easy samples leave early
+    assert sum(val.exit_fractions) == pytest.approx(1.0)
+    assert len(result.thresholds) == 3 and result.mode == "max_drop"
+
+
+def test_looser_drop_costs_less():
+    logits, y = synthetic()
+    costs = [calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, max_drop=d).validation.expected_flops
+             for d in (0.0, 0.02, 0.1)]
+    assert costs[0] >= costs[1] >= costs[2] and costs[0] > costs[2]
+
+
+def test_refinement_never_hurts():
+    logits, y = synthetic()
+    coarse = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, max_drop=0.01, refine=False)
+    fine = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, max_drop=0.01)
+    assert fine.validation.expected_flops <= coarse.validation.expected_flops
+    assert fine.validation.accuracy >= fine.validation.accuracy_ungated - 0.01
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5, 0.8])
+def test_budget_is_met_and_more_budget_is_more_accurate(budget):
+    logits, y = synthetic()
+    result = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, budget=budget)
+    assert result.validation.expected_flops <= budget * BASELINE + 1e-9
+    tighter = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, budget=budget - 0.1)
+    assert tighter.validation.accuracy <= result.validation.accuracy
+
+
+def test_pareto_curve_is_monotone_and_contains_the_extremes():
+    logits, y = synthetic()
+    result = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, max_drop=0.01)
+    flops = [p["flops"] for p in result.curve]
+    accs = [p["accuracy"] for p in result.curve]
+    assert flops == sorted(flops) and accs == sorted(accs)
+    assert flops[0] == pytest.approx(COSTS[0])       # everyone leaves at gate 0
+    best_acc, _ = brute_force(logits, y, result.curve[-1]["thresholds"])
+    assert accs[-1] == pytest.approx(best_acc)
+    # No curve point is dominated by the chosen point's figures on both axes.
+    assert result.validation.accuracy <= accs[-1] + 1e-12
+
+
+def test_infeasible_budget_reports_the_cheapest():
+    logits, y = synthetic()
+    with pytest.raises(UserError, match=r"0\.154"):   # cheapest = COSTS[0] / BASELINE = 10 / 65
+        calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, budget=0.1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({}, "exactly one"),
+    ({"max_drop": 0.01, "budget": 0.5}, "exactly one"),
+    ({"max_drop": -0.1}, "max_drop"),
+    ({"budget": 0.0}, "positive"),
+    ({"max_drop": 0.01, "confidence": "nope"}, "Unknown confidence"),
+])
+def test_bad_targets_are_user_errors(kwargs, message):
+    logits, y = synthetic(n=50)
+    with pytest.raises(UserError, match=message):
+        calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["margin", "entropy"])
+def test_other_confidences(name):
+    logits, y = synthetic()
+    result = calibrate(logits, y, confidence=name, costs=COSTS, baseline_flops=BASELINE, max_drop=0.01)
+    ev = evaluate(logits, y, confidence=name, thresholds=result.thresholds, costs=COSTS,
+                  baseline_flops=BASELINE)
+    assert ev.accuracy == pytest.approx(result.validation.accuracy)
+    assert ev.accuracy >= ev.accuracy_ungated - 0.01 and ev.flops_reduction > 0
+
+
+def test_single_gate_and_many_gates():
+    logits, y = synthetic(gates=1)
+    one = calibrate(logits, y, costs=[10.0, 70.0], baseline_flops=65.0, max_drop=0.01)
+    assert len(one.thresholds) == 1
+    logits, y = synthetic(gates=5, n=1000)
+    costs = [10.0 * (k + 1) for k in range(6)]
+    five = calibrate(logits, y, costs=costs, baseline_flops=55.0, max_drop=0.01)
+    assert len(five.thresholds) == 5
+    assert five.validation.accuracy >= five.validation.accuracy_ungated - 0.01
+
+
+def test_exit_costs_from_flops():
+    flops = {"segments": [10, 14, 15, 30], "heads": [1, 2, 3], "baseline": 69}
+    assert exit_costs(flops) == [11.0, 27.0, 45.0, 75.0]
+
+
+def test_save_curve_writes_json_and_png(tmp_path):
+    logits, y = synthetic()
+    result = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, max_drop=0.01)
+    test = evaluate(logits, y, confidence="max-softmax", thresholds=result.thresholds, costs=COSTS,
+                    baseline_flops=BASELINE)
+    save_curve(result, tmp_path / "m.curve.json", tmp_path / "m.curve.png", test=test)
+    data = json.loads((tmp_path / "m.curve.json").read_text())
+    assert data["thresholds"] == result.thresholds and data["mode"] == "max_drop"
+    assert len(data["curve"]) == len(result.curve) and "flops_reduction" in data["test"]
+    assert (tmp_path / "m.curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.curve.json", "m.curve.png"]  # no temp files
