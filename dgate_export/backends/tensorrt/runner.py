@@ -141,11 +141,14 @@ def _device_memory_size(engine: trt.ICudaEngine) -> int:
     return int(engine.device_memory_size)
 
 
+_DEVICE_MEMORY = "device_memory"
+
+
 def _set_device_memory(context: trt.IExecutionContext, ptr: int, size: int) -> None:
     if hasattr(context, "set_device_memory"):  # 10.1+ and 11
         context.set_device_memory(ptr, size)
-    else:  # 10.0: the property setter
-        context.device_memory = ptr  # type: ignore[attr-defined]  # 10.0 only, absent from newer stubs
+    else:  # 10.0: the property setter, absent from the 10.13 stubs (hence setattr)
+        setattr(context, _DEVICE_MEMORY, ptr)
 
 
 @dataclass(frozen=True)
