@@ -1,0 +1,519 @@
+"""`dgate-export build`: a gated checkpoint -> a validated bundle directory, in named steps.
+
+    1 load      read model.pt safely (checkpoint.load: weights only, never code)
+    2 split     the loaded GatedModel's segments; FLOPs per segment and head
+    3 export    one ONNX graph per segment (export.py) and the un-gated baseline
+    4 check     onnx.checker (full check, with shape inference) on every graph
+    5 parity    the chained graphs in ONNX Runtime vs the torch reference early-exit pass
+    6 engines   the backend's artifact per graph (get_backend(name).build, finish_build)
+    7 manifest  manifest.json, then every hash verified
+    8 rename    the temporary directory (next to the output) becomes the output
+
+Everything is written into a temporary directory next to the output and renamed into place at the
+end, so a failure at any step leaves nothing behind. An existing output is replaced (with `force`)
+only after the new bundle is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+from .manifest import (
+    MANIFEST_FILE,
+    PRECISIONS,
+    Baseline,
+    Gate,
+    InputSpec,
+    Manifest,
+    Segment,
+    TensorSpec,
+    sha256_file,
+    verify_bundle,
+    write_manifest,
+)
+
+STEPS = ("load", "split", "export", "check", "parity", "engines", "manifest", "rename")
+PROBE_SIZE = 64  # rows of the parity probe batch (capped by max_batch)
+PROBE_SEED = 0
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Parity tolerance: |onnx - torch| <= rel * max(1, max |torch logits|) per exit, and a confidence
+    within `confidence` of a threshold makes a different exit decision acceptable (borderline)."""
+
+    rel: float
+    confidence: float
+
+
+TOLERANCES = {"fp32": Tolerance(rel=1e-4, confidence=1e-4), "fp16": Tolerance(rel=2e-2, confidence=1e-2)}
+
+
+class _Steps:
+    """Numbered progress lines with timings; a UserError inside a step names the step."""
+
+    def __init__(self, progress: Callable[[str], Any]):
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+
+    def run(self, name: str, fn: Callable[[], Any], detail: Callable[[Any], str] | None = None) -> Any:
+        number = STEPS.index(name) + 1
+        start = time.perf_counter()
+        try:
+            result = fn()
+        except UserError as err:
+            prefix = f"Build failed at step {number}/{len(STEPS)} ({name})"
+            message = err.message.removeprefix(f"Step {name}: ")
+            raise UserError(f"{prefix}: {message}", err.hint) from err
+        seconds = time.perf_counter() - start
+        self.timings[name] = seconds
+        text = detail(result) if detail else ""
+        self.progress(f"[{number}/{len(STEPS)}] {name:<8} {seconds:6.2f} s  {text}".rstrip())
+        return result
+
+
+def build_bundle(
+    model_path: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    backend: str = "onnxruntime",
+    precision: str = "fp32",
+    max_batch: int = 256,
+    opset: int | None = None,
+    force: bool = False,
+    backend_options: dict | None = None,
+    progress: Callable[[str], Any] | None = print,
+    exporter: str = "dynamo",
+) -> Path:
+    """Build the bundle for gated checkpoint `model_path`; return its directory (default engines/<stem>)."""
+    from .backends import get_backend
+    from .export import EXPORTERS
+
+    model_path = Path(model_path)
+    out = Path(out_dir) if out_dir is not None else Path("engines") / model_path.stem
+    # Everything the user can get wrong is refused before any work.
+    if precision not in PRECISIONS:
+        raise UserError(f"Unknown precision {precision!r}.", f"Choose one of: {', '.join(PRECISIONS)}.")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise UserError(f"max batch must be a positive integer, got {max_batch!r}.")
+    if opset is not None and opset < 18 and exporter == "dynamo":
+        raise UserError(f"opset {opset} is too old for the dynamo exporter (it needs 18 or newer).",
+                        "Leave --opset out, or choose 18 or newer.")
+    if exporter not in EXPORTERS:
+        raise UserError(f"Unknown exporter {exporter!r}.", f"Choose one of: {', '.join(EXPORTERS)}.")
+    backend_module = get_backend(backend)  # refuses a backend whose libraries are missing here
+    _check_destination(out, force)
+    if not model_path.is_file():
+        raise UserError(f"{model_path}: no such file.",
+                        "Give the path of a gated model written by `dgate-export gate`.")
+
+    steps = _Steps(progress or (lambda _line: None))
+    created_parents = _make_parents(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _chmod_like_mkdir(tmp)
+        manifest = _build_into(tmp, steps, model_path=model_path, name=out.name, backend=backend,
+                               backend_module=backend_module, precision=precision, max_batch=max_batch,
+                               opset=opset, backend_options=dict(backend_options or {}), exporter=exporter)
+        steps.run("rename", lambda: _move_into_place(tmp, out, force), lambda _r: str(out))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created_parents:  # parents made for this build, innermost first, if still empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        raise
+    total = sum(steps.timings.values())
+    steps.progress(f"built {out} ({manifest.num_gates} gates, {backend}, {precision}) in {total:.1f} s")
+    return out
+
+
+def _check_destination(out: Path, force: bool) -> None:
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise UserError(f"The output {out} exists and is not a directory.", "Choose another -o path.")
+        if not force:
+            raise UserError(f"The output directory {out} already exists.",
+                            "Pass --force to replace it (only after the new build succeeded), or choose "
+                            "another -o path.")
+        # --force replaces bundles only: never delete a directory that merely happens to be in the way.
+        if any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
+            raise UserError(f"{out} is not empty and is not a bundle (it has no {MANIFEST_FILE}); "
+                            "--force only replaces bundles.", "Choose another -o path.")
+
+
+def _chmod_like_mkdir(path: Path) -> None:
+    """mkdtemp makes 0700 directories; the bundle should get the permissions a plain mkdir gives."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+
+
+def _make_parents(parent: Path) -> list[Path]:
+    missing = []
+    p = parent
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return missing  # innermost first
+
+
+def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if not force:  # appeared while we were building
+        raise UserError(f"The output directory {out} appeared during the build.", "Pass --force or choose another -o.")
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, old / "bundle")
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old / "bundle", out)  # put the previous bundle back
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class _Built:
+    graphs: list[Any] = field(default_factory=list)  # export.ExportedGraph per segment
+    baseline: Any = None
+
+
+def _build_into(tmp: Path, steps: _Steps, *, model_path: Path, name: str, backend: str, backend_module: Any,
+                precision: str, max_batch: int, opset: int | None, backend_options: dict,
+                exporter: str) -> Manifest:
+    import torch
+
+    from . import checkpoint
+    from .export import export_baseline, export_segment
+
+    model = steps.run("load", lambda: checkpoint.load(model_path),
+                      lambda m: f"{model_path} ({m.arch['name']}, {m.num_gates} gates, {m.num_classes} classes)")
+
+    def split():
+        flops = model.flops or model.count_flops()
+        if precision == "fp16":
+            model.half()
+        return flops
+
+    flops = steps.run("split", split, lambda f: f"{len(model.segments)} segments at {model.exits}; FLOPs per "
+                      f"segment {f['segments']}, heads {f['heads']}")
+
+    built = _Built()
+
+    def export():
+        for k in range(len(model.segments)):
+            graph = export_segment(model, k, tmp / f"segment{k}.onnx", max_batch=max_batch, opset=opset,
+                                   exporter=exporter)
+            steps.progress(f"        segment{k}.onnx  {graph.seconds:5.2f} s  "
+                           f"in {_names(graph.inputs)} out {_names(graph.outputs)}")
+            built.graphs.append(graph)
+        built.baseline = export_baseline(model, tmp / "baseline.onnx", max_batch=max_batch, opset=opset,
+                                         exporter=exporter)
+        steps.progress(f"        baseline.onnx  {built.baseline.seconds:5.2f} s")
+
+    steps.run("export", export, lambda _r: f"{len(model.segments) + 1} graphs, {exporter} exporter, "
+              f"opset {built.graphs[0].opset}")
+    paths = [g.path for g in built.graphs] + [built.baseline.path]
+    steps.run("check", lambda: _check_graphs(paths), lambda _r: "onnx.checker passed (full check)")
+    with torch.no_grad():
+        report = steps.run("parity", lambda: check_parity(model, [g.path for g in built.graphs],
+                                                          built.baseline.path, precision=precision,
+                                                          max_batch=max_batch, progress=steps.progress),
+                           lambda r: r.summary())
+
+    options = {"precision": precision, "max_batch": max_batch, "opt_batch": max_batch, **backend_options}
+
+    def engines():
+        entries = []
+        for path in paths:
+            try:
+                entries.append(backend_module.build(path, tmp, options))
+            except UserError as err:
+                raise UserError(f"{path.name}: {err.message}", err.hint) from err
+        info = backend_module.finish_build(tmp, options) if hasattr(backend_module, "finish_build") else {}
+        return entries, info
+
+    engine_entries, backend_info = steps.run("engines", engines, lambda r: f"{backend}: "
+                                             f"{', '.join(e['file'] for e in r[0])}")
+
+    def manifest_step() -> Manifest:
+        manifest = _manifest(model, built, engine_entries, backend_info, name=name, backend=backend,
+                             precision=precision, max_batch=max_batch, flops=flops, model_path=model_path,
+                             exporter=exporter, parity=report)
+        write_manifest(tmp, manifest)
+        return verify_bundle(tmp)  # the bundle as a runtime will read it
+
+    return steps.run("manifest", manifest_step, lambda m: f"{MANIFEST_FILE}, {len(m.segments) + 1} graphs hashed")
+
+
+def _names(specs: list[dict]) -> str:
+    return "[" + ", ".join(s["name"] for s in specs) + "]"
+
+
+def _check_graphs(paths: list[Path]) -> None:
+    import onnx
+
+    for path in paths:
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except Exception as err:  # ValidationError, InferenceError
+            raise UserError(
+                f"Step check: {path.name} fails the ONNX checker: {str(err).strip().splitlines()[0]}",
+                "The exporter produced an invalid graph: try the other `--exporter` or another `--opset`, "
+                "and report the model.",
+            ) from err
+
+
+# --------------------------------------------------------------------------------------------- parity
+
+
+@dataclass
+class ParityPass:
+    name: str  # "model thresholds" / "probe thresholds"
+    thresholds: list[float]
+    exit_counts: list[int]
+    mismatched: int  # different exits, not borderline
+    borderline: int  # different exits, confidence within tolerance of the threshold
+    max_logit_error: float  # relative to max(1, max |torch logits|), rows with the same exit
+
+
+@dataclass
+class ParityReport:
+    probe_rows: int
+    tolerance: Tolerance
+    exit_logit_errors: list[float]  # every exit, every row (nothing leaves): relative logit error
+    exit_confidence_errors: list[float]  # every gate, every row: absolute confidence error
+    baseline_error: float
+    passes: list[ParityPass]
+
+    def summary(self) -> str:
+        worst = max(self.exit_logit_errors + [self.baseline_error] + [p.max_logit_error for p in self.passes])
+        return (f"{self.probe_rows} probe rows; worst logit error {worst:.2e} (tolerance {self.tolerance.rel:g} "
+                f"relative); exit decisions identical"
+                + (f" except {sum(p.borderline for p in self.passes)} borderline" if
+                   any(p.borderline for p in self.passes) else ""))
+
+    def to_dict(self) -> dict:
+        return {
+            "probe_rows": self.probe_rows, "tolerance": self.tolerance.rel,
+            "exit_logit_errors": self.exit_logit_errors, "exit_confidence_errors": self.exit_confidence_errors,
+            "baseline_error": self.baseline_error,
+            "passes": [{"name": p.name, "thresholds": p.thresholds, "exit_counts": p.exit_counts,
+                        "borderline": p.borderline, "max_logit_error": p.max_logit_error} for p in self.passes],
+        }
+
+
+def probe_thresholds(confidences: list[np.ndarray]) -> list[float]:
+    """Thresholds near the median confidence of the rows reaching each gate, placed in the middle of the
+    widest gap between neighbouring confidences in the middle half, so that every gate sees exits and
+    continuations and no row sits on a threshold (where rounding could flip its decision)."""
+    alive = np.arange(len(confidences[0]))
+    thresholds = []
+    for conf in confidences:
+        values = np.sort(conf[alive].astype(np.float64))
+        if len(values) < 2:
+            t = float(values[-1]) + 1.0 if len(values) else 2.0  # nobody to split: let everyone through
+        else:
+            m = len(values)
+            lo, hi = min(m // 4, m - 2), max(min((3 * m) // 4, m - 1), min(m // 4, m - 2) + 1)
+            gaps = values[lo + 1: hi + 1] - values[lo:hi]
+            j = lo + int(np.argmax(gaps))
+            t = float((values[j] + values[j + 1]) / 2)
+        thresholds.append(t)
+        alive = alive[conf[alive] < t]
+    return thresholds
+
+
+def check_parity(model, segment_paths: list[Path], baseline_path: Path, *, precision: str, max_batch: int,
+                 progress: Callable[[str], Any] = print) -> ParityReport:
+    """Run the chained graphs in ONNX Runtime and compare with the torch reference; raise on a mismatch."""
+    import onnxruntime as ort
+    import torch
+
+    from .gates import confidence_torch
+
+    tol = TOLERANCES[precision]
+    dtype = next(model.parameters()).dtype
+    rows = min(PROBE_SIZE, max_batch)
+    x = torch.randn(rows, *model.input_shape, generator=torch.Generator().manual_seed(PROBE_SEED)).to(dtype)
+    x_np = x.numpy()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in segment_paths]
+    num_gates = model.num_gates
+
+    def fail(what: str) -> UserError:
+        return UserError(
+            f"Step parity: {what}",
+            "The graphs do not compute what the torch model computes. Try the other `--exporter` or "
+            "another `--opset`; with --precision fp16, values may overflow float16 (try fp32); rerun with "
+            "--debug and report the model.",
+        )
+
+    # Nobody leaves: every exit's logits and confidence for every row, index = all rows.
+    ref_logits = model(x)
+    ref_conf = [confidence_torch(model.confidence, lg).numpy() for lg in ref_logits[:-1]]
+    outs = _run_chain(sessions, x_np, [np.inf] * num_gates)[3]
+    logit_errors, conf_errors = [], []
+    for k in range(num_gates + 1):
+        err = _rel_error(outs[k]["logits"], ref_logits[k])
+        logit_errors.append(err)
+        if err > tol.rel:
+            raise fail(f"segment {k}'s logits differ from torch by {err:.2e} (relative), more than {tol.rel:g}.")
+        if k < num_gates:
+            cerr = float(np.abs(outs[k]["confidence"] - ref_conf[k]).max())
+            conf_errors.append(cerr)
+            if cerr > tol.confidence:
+                raise fail(f"segment {k}'s confidence differs from torch by {cerr:.2e}, more than {tol.confidence:g}.")
+    baseline = ort.InferenceSession(str(baseline_path), options, providers=["CPUExecutionProvider"])
+    baseline_error = _rel_error(baseline.run(["logits"], {"input": x_np})[0], model.backbone(x))
+    if baseline_error > tol.rel:
+        raise fail(f"baseline.onnx's logits differ from torch by {baseline_error:.2e}, more than {tol.rel:g}.")
+    progress(f"        all rows through all {num_gates + 1} segments: logit error per exit "
+             f"{_fmt(logit_errors)}, confidence error per gate {_fmt(conf_errors)}, baseline {baseline_error:.1e}")
+
+    # Early exit with compaction, with the model's thresholds and with probe thresholds that split each gate.
+    passes = []
+    for name, thresholds in (("model thresholds", [float(t) for t in model.thresholds]),
+                             ("probe thresholds", probe_thresholds(ref_conf))):
+        ref = model.early_exit(x, thresholds)
+        logits, exits, _conf, _outs = _run_chain(sessions, x_np, thresholds)
+        ref_exits = ref.exits.numpy()
+        differ = np.nonzero(exits != ref_exits)[0]
+        borderline = 0
+        for i in differ:
+            gate = int(min(exits[i], ref_exits[i]))  # the first gate where the two paths disagree
+            if abs(float(ref_conf[gate][i]) - thresholds[gate]) > tol.confidence:
+                raise fail(f"with {name} {_fmt(thresholds)}, row {i} leaves at exit {exits[i]} in ONNX Runtime but "
+                           f"at exit {ref_exits[i]} in torch (confidence {float(ref_conf[gate][i]):.6f} at gate "
+                           f"{gate}, threshold {thresholds[gate]:.6f}).")
+            borderline += 1
+        same = exits == ref_exits
+        err = _rel_error(logits[same], ref.logits[torch.from_numpy(same)]) if same.any() else 0.0
+        if err > tol.rel:
+            raise fail(f"with {name}, the logits of the exits taken differ from torch by {err:.2e} (relative).")
+        counts = np.bincount(ref_exits, minlength=num_gates + 1).tolist()
+        passes.append(ParityPass(name, thresholds, counts, 0, borderline, err))
+        progress(f"        {name} {_fmt(thresholds)}: exits per segment {counts}, "
+                 f"decisions identical{f' but {borderline} borderline' if borderline else ''}, "
+                 f"logit error {err:.1e}")
+    return ParityReport(rows, tol, logit_errors, conf_errors, baseline_error, passes)
+
+
+def _run_chain(sessions, x: np.ndarray, thresholds: list[float]):
+    """The runtime loop over plain InferenceSessions: (logits, exits, confidence, every segment's outputs)."""
+    n = len(x)
+    num_gates = len(sessions) - 1
+    outputs_all = []
+    out = _run(sessions[0], {"input": x})
+    outputs_all.append(out)
+    logits = np.zeros((n, out["logits"].shape[1]), dtype=np.float32)
+    exits = np.full(n, num_gates, dtype=np.int64)
+    confidence = np.zeros(n, dtype=np.float32)
+    rows = np.arange(n)
+    for k in range(num_gates):
+        leave = out["confidence"] >= thresholds[k]
+        logits[rows[leave]] = out["logits"][leave]
+        exits[rows[leave]] = k
+        confidence[rows[leave]] = out["confidence"][leave]
+        keep = np.nonzero(~leave)[0].astype(np.int64)
+        if keep.size == 0:
+            return logits, exits, confidence, outputs_all
+        rows = rows[keep]
+        feeds = {f"prev_{name}": value for name, value in out.items() if name.startswith("carry_")}
+        feeds["index"] = keep
+        out = _run(sessions[k + 1], feeds)
+        outputs_all.append(out)
+    logits[rows] = out["logits"]
+    return logits, exits, confidence, outputs_all
+
+
+def _run(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def _rel_error(got: np.ndarray, ref) -> float:
+    ref_np = ref.float().numpy() if hasattr(ref, "float") else np.asarray(ref, dtype=np.float32)
+    if ref_np.size == 0:
+        return 0.0
+    scale = max(1.0, float(np.abs(ref_np).max()))
+    return float(np.abs(got.astype(np.float32) - ref_np).max() / scale)
+
+
+def _fmt(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}" for v in values) + "]"
+
+
+# ------------------------------------------------------------------------------------------- manifest
+
+
+def _tensors(specs: list[dict]) -> list[TensorSpec]:
+    return [TensorSpec(s["name"], list(s["shape"]), s["dtype"]) for s in specs]
+
+
+def _manifest(model, built: _Built, engines: list[dict], backend_info: dict, *, name: str, backend: str,
+              precision: str, max_batch: int, flops: dict, model_path: Path, exporter: str,
+              parity: ParityReport) -> Manifest:
+    segments = []
+    for k, graph in enumerate(built.graphs):
+        gate = None
+        if k < model.num_gates:
+            gate = Gate(exit=model.exits[k], threshold=float(model.thresholds[k]), head=model.head_spec["name"],
+                        head_flops=int(flops["heads"][k]))
+        segments.append(Segment(index=k, file=graph.path.name, sha256=sha256_file(graph.path), engine=engines[k],
+                                inputs=_tensors(graph.inputs), outputs=_tensors(graph.outputs),
+                                flops=int(flops["segments"][k]), gate=gate))
+    b = built.baseline
+    baseline = Baseline(file=b.path.name, sha256=sha256_file(b.path), engine=engines[-1], inputs=_tensors(b.inputs),
+                        outputs=_tensors(b.outputs), flops=int(flops["baseline"]))
+    first = built.graphs[0].inputs[0]
+    return Manifest(
+        name=name,
+        created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        backend=backend,
+        precision=precision,
+        max_batch=max_batch,
+        opset=built.graphs[0].opset,
+        input=InputSpec(name="input", shape=list(first["shape"]), dtype=first["dtype"], layout="NCHW",
+                        normalization=model.normalization),
+        num_classes=model.num_classes,
+        class_names=model.class_names,
+        confidence=model.confidence,
+        segments=segments,
+        baseline=baseline,
+        source={"checkpoint": model_path.name, "sha256": sha256_file(model_path), "arch": model.arch["name"],
+                "exits": list(model.exits), "parity": parity.to_dict()},
+        tools=_tool_versions(exporter),
+        backend_info=backend_info,
+    )
+
+
+def _tool_versions(exporter: str) -> dict[str, str]:
+    from importlib import metadata
+
+    from . import __version__
+
+    tools = {"dgate_export": __version__, "exporter": exporter}
+    for package in ("torch", "onnx", "onnxscript", "onnxruntime"):
+        try:
+            tools[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return tools

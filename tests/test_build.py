@@ -1,0 +1,280 @@
+"""build.py and the `build` / `inspect` commands: real checkpoints built into real bundles, checked by the
+ONNX checker and the parity step, then run by the runtime; every failure leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from export_models import gated, save
+
+from dgate_export import checkpoint
+from dgate_export.backends import get_backend
+from dgate_export.build import build_bundle, probe_thresholds
+from dgate_export.cli import main
+from dgate_export.errors import UserError
+from dgate_export.manifest import load_manifest, verify_bundle
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+def _listing(path):
+    return sorted(p.name for p in path.iterdir())
+
+
+def _check_bundle(out, model, precision="fp32", max_batch=256):
+    """The manifest agrees with the model, the hashes hold, and the runtime reproduces the torch reference."""
+    from dgate_export.runtime import GatedRuntime
+
+    manifest = verify_bundle(out)
+    k = model.num_gates
+    assert _listing(out) == sorted(["manifest.json", "baseline.onnx"] + [f"segment{i}.onnx" for i in range(k + 1)])
+    assert manifest.precision == precision and manifest.max_batch == max_batch
+    assert manifest.thresholds == pytest.approx(model.thresholds)
+    assert [s.gate.exit for s in manifest.segments[:-1]] == model.exits
+    assert manifest.num_classes == model.num_classes
+    assert manifest.input.shape == ["batch", *model.input_shape]
+    flops = model.flops
+    assert [s.flops for s in manifest.segments] == flops["segments"]
+    assert [s.gate.head_flops for s in manifest.segments[:-1]] == flops["heads"]
+    assert manifest.baseline.flops == flops["baseline"]
+    parity = manifest.source["parity"]
+    probe = parity["passes"][1]
+    assert all(c > 0 for c in probe["exit_counts"][:k]), probe  # every gate saw exits …
+    assert sum(probe["exit_counts"][1:]) > 0  # … and continuations
+
+    # The runtime on the bundle vs the torch reference, with thresholds that split the batch.
+    x = torch.randn(40, *model.input_shape, generator=torch.Generator().manual_seed(3))
+    reference = model.half() if precision == "fp16" else model
+    xr = x.to(next(reference.parameters()).dtype)
+    with torch.no_grad():
+        conf = [torch.softmax(lg.float(), 1).amax(1).numpy() for lg in reference(xr)[:-1]]
+        thresholds = probe_thresholds(conf)
+        ref = reference.early_exit(xr, thresholds)
+    runtime = GatedRuntime.load(out, thresholds=thresholds)
+    result = runtime.run(xr.numpy())
+    assert np.array_equal(result.exits, ref.exits.numpy())
+    tol = 2e-2 if precision == "fp16" else 1e-4
+    scale = max(1.0, float(ref.logits.float().abs().max()))
+    assert np.abs(result.logits - ref.logits.float().numpy()).max() <= tol * scale
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def skip_ckpt(tmp_path_factory):
+    model = gated(thresholds=[0.6, 0.5])
+    path = save(model, tmp_path_factory.mktemp("ckpt") / "skip.pt")
+    return path, model
+
+
+def test_build_skip_model(tmp_path, skip_ckpt):
+    path, _ = skip_ckpt
+    lines = []
+    out = build_bundle(path, tmp_path / "bundles" / "skip", max_batch=32, progress=lines.append)
+    assert out == tmp_path / "bundles" / "skip"
+    assert _listing(tmp_path / "bundles") == ["skip"]  # no temporary directory left beside it
+    manifest = _check_bundle(out, checkpoint.load(path), max_batch=32)
+    # two tensors cross each cut
+    assert manifest.segments[0].carries == ["carry_0", "carry_1"]
+    assert manifest.segments[1].input_names == ["prev_carry_0", "prev_carry_1", "index"]
+    assert manifest.segments[1].inputs[0].shape == ["rows", 4, 8, 8]
+    assert manifest.tools["exporter"] == "dynamo" and manifest.backend_info["onnxruntime"]
+    assert manifest.source["checkpoint"] == "skip.pt"
+    assert [line.split()[1] for line in lines if line.startswith("[")] == [
+        "load", "split", "export", "check", "parity", "engines", "manifest", "rename"]
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~_umask()
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_fp16_skip_model(tmp_path, skip_ckpt):
+    path, _ = skip_ckpt
+    out = build_bundle(path, tmp_path / "skip16", precision="fp16", max_batch=32, progress=_quiet)
+    manifest = _check_bundle(out, checkpoint.load(path), precision="fp16", max_batch=32)
+    assert manifest.input.dtype == "float16"
+    assert manifest.segments[0].outputs[-1].dtype == "float32"  # confidence
+
+
+def test_torchscript_exporter(tmp_path, skip_ckpt):
+    path, _ = skip_ckpt
+    out = build_bundle(path, tmp_path / "ts", exporter="torchscript", max_batch=32, progress=_quiet)
+    manifest = _check_bundle(out, checkpoint.load(path), max_batch=32)
+    assert manifest.tools["exporter"] == "torchscript"
+
+
+def test_default_output_and_force(tmp_path, skip_ckpt, monkeypatch):
+    path, _ = skip_ckpt
+    monkeypatch.chdir(tmp_path)
+    out = build_bundle(path, exporter="torchscript", max_batch=8, progress=_quiet).resolve()
+    assert out.resolve() == tmp_path / "engines" / "skip"
+    before = (out / "manifest.json").read_text()
+
+    with pytest.raises(UserError, match="already exists") as info:
+        build_bundle(path, exporter="torchscript", max_batch=8, progress=_quiet)
+    assert "--force" in str(info.value)
+    assert (out / "manifest.json").read_text() == before
+
+    # --force with a build that fails keeps the old bundle
+    with pytest.raises(UserError):
+        build_bundle(path, opset=1, force=True, exporter="torchscript", max_batch=8, progress=_quiet)
+    assert (out / "manifest.json").read_text() == before
+    assert _listing(tmp_path / "engines") == ["skip"]
+
+    build_bundle(path, force=True, exporter="torchscript", max_batch=16, progress=_quiet)
+    assert load_manifest(out).max_batch == 16
+    assert _listing(tmp_path / "engines") == ["skip"]
+
+
+def test_force_never_replaces_a_directory_that_is_not_a_bundle(tmp_path, skip_ckpt):
+    path, _ = skip_ckpt
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not a bundle"):
+        build_bundle(path, other, force=True, progress=_quiet)
+    assert _listing(other) == ["notes.txt"]
+
+
+def _bad_file_cases(tmp_path, good):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(os.urandom(4096))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    return [corrupt, truncated, empty, tmp_path / "missing.pt"]
+
+
+def test_bad_checkpoints_leave_nothing(tmp_path, skip_ckpt):
+    good, _ = skip_ckpt
+    work = tmp_path / "work"
+    work.mkdir()
+    for bad in _bad_file_cases(tmp_path, good):
+        with pytest.raises(UserError) as info:
+            build_bundle(bad, work / "out", progress=_quiet)
+        assert bad.name in str(info.value)
+        assert _listing(work) == []
+    # a parent directory the build had to create is removed again
+    with pytest.raises(UserError):
+        build_bundle(tmp_path / "truncated.pt", work / "new" / "deeper" / "out", progress=_quiet)
+    assert _listing(work) == []
+
+
+def test_unknown_and_missing_backends_are_refused_before_any_work(tmp_path, skip_ckpt):
+    path, _ = skip_ckpt
+    with pytest.raises(UserError, match="Unknown backend 'tensorflow'"):
+        build_bundle(path, tmp_path / "out", backend="tensorflow", progress=_quiet)
+    trt_ok, _ = get_backend("tensorrt", check=False).available()
+    if not trt_ok:
+        lines = []
+        with pytest.raises(UserError, match="tensorrt backend cannot be used"):
+            build_bundle(path, tmp_path / "out", backend="tensorrt", progress=lines.append)
+        assert lines == []  # refused before step 1
+    assert _listing(tmp_path) == []
+
+
+def test_bad_options_are_refused(tmp_path, skip_ckpt):
+    path, _ = skip_ckpt
+    for kwargs, phrase in [({"precision": "int8"}, "precision"), ({"max_batch": 0}, "max batch"),
+                           ({"exporter": "tf"}, "exporter"), ({"opset": 13}, "opset 13")]:
+        with pytest.raises(UserError, match=phrase):
+            build_bundle(path, tmp_path / "out", progress=_quiet, **kwargs)
+    assert _listing(tmp_path) == []
+
+
+def test_failure_midway_leaves_nothing(tmp_path):
+    path = save(gated("test_svdnet"), tmp_path / "svd.pt")
+    out_parent = tmp_path / "engines"
+    out_parent.mkdir()
+    lines = []
+    with pytest.raises(UserError) as info:
+        build_bundle(path, out_parent / "svd", progress=lines.append)
+    message = str(info.value)
+    assert "step 3/8 (export)" in message and "segment 2 (after exit 'block2')" in message
+    assert "--exporter" in message  # what to try
+    assert any("segment1.onnx" in line for line in lines)  # it really failed midway
+    assert _listing(out_parent) == []
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_build_and_inspect(tmp_path, skip_ckpt):
+    path, _ = skip_ckpt
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    result = runner.invoke(main, ["build", str(path), "-o", str(out), "--max-batch", "8", "--exporter",
+                                  "torchscript"])
+    assert result.exit_code == 0, result.output
+    assert "[5/8] parity" in result.output and "built" in result.output
+
+    result = runner.invoke(main, ["inspect", str(out)])
+    assert result.exit_code == 0, result.output
+    for text in ("segments", "block1", "block2", "prev_carry_1", "onnxruntime", "fp32", "all 4 artifacts match"):
+        assert text in result.output, text
+
+    again = runner.invoke(main, ["build", str(path), "-o", str(out)])
+    assert again.exit_code == 2 and "already exists" in again.output
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    with open(damaged / "segment1.onnx", "ab") as f:
+        f.write(b"\0")
+    result = runner.invoke(main, ["inspect", str(damaged)])
+    assert result.exit_code == 2
+    assert "segment1.onnx (mismatch)" in result.output
+    assert "segments" in result.output  # the table is still shown
+
+    result = runner.invoke(main, ["inspect", str(path)])  # a checkpoint file goes to checkpoint.describe
+    assert result.exit_code == 0, result.output
+    assert "test_skipnet" in result.output
+
+    result = runner.invoke(main, ["inspect", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "no such file or directory" in result.output
+
+    result = runner.invoke(main, ["build", str(path), "-o", str(tmp_path / "x"), "--backend", "nope"])
+    assert result.exit_code == 2 and "Unknown backend" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_manifest_json_is_plain(tmp_path, skip_ckpt):
+    """What a C++ reader sees: plain JSON, thresholds as numbers, no NaN."""
+    path, _ = skip_ckpt
+    out = build_bundle(path, tmp_path / "b", exporter="torchscript", max_batch=4, progress=_quiet)
+    data = json.loads((out / "manifest.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert data["format"] == "dgate-bundle/1"
+    assert [s["gate"]["threshold"] for s in data["segments"][:-1]] == [0.6, 0.5]
+
+
+# ------------------------------------------------------------------------------------- real networks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_zoo_resnet(tmp_path, precision):
+    """The demo model: a small zoo ResNet with 3 gates on 1x28x28."""
+    model = gated("resnet20", kwargs={"width": 8}, input_shape=(1, 28, 28), num_classes=10)
+    path = save(model, tmp_path / "resnet20.pt")
+    out = build_bundle(path, tmp_path / "resnet20", precision=precision, progress=_quiet)
+    _check_bundle(out, checkpoint.load(path), precision=precision)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["torchvision/resnet18", "torchvision/densenet121"])
+def test_torchvision(tmp_path, arch):
+    model = gated(arch, input_shape=(3, 32, 32), num_classes=10)
+    assert model.num_gates == 3
+    path = save(model, tmp_path / "tv.pt")
+    out = build_bundle(path, tmp_path / "tv", max_batch=64, progress=_quiet)
+    _check_bundle(out, checkpoint.load(path), max_batch=64)
