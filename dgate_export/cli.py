@@ -23,7 +23,7 @@ class _Group(click.Group):
         except UserError as err:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            message = textwrap.fill(str(err), width=100)
+            message = textwrap.fill(str(err), width=100, break_on_hyphens=False, break_long_words=False)
             click.echo(f"error: {message}", err=True)
             sys.exit(2)
 
@@ -57,6 +57,84 @@ def main(ctx: click.Context, debug: bool, imports: tuple[str, ...]) -> None:
                 f"--import {name}: the module could not be imported ({err}).",
                 "Check the module name and that its folder is on PYTHONPATH.",
             ) from err
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise UserError(f"{what} must be comma-separated integers, got {text!r}.") from err
+
+
+def _float_list(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise UserError(f"{what} must be comma-separated numbers, got {text!r}.") from err
+
+
+@main.command()
+@click.option("--engine", "bundle", required=True, type=click.Path(), help="Bundle directory (engines/NAME).")
+@click.option("--data", default=None, help="Labelled data: fashion-mnist or npz:PATH (its test split is used).")
+@click.option("--data-dir", default=None, type=click.Path(), help="Folder of the Fashion-MNIST IDX files.")
+@click.option("--repeat-channels", is_flag=True, help="Repeat 1-channel data to the model's channel count.")
+@click.option("--random", "random_n", type=int, default=None, help="Time on N random inputs instead (no accuracy).")
+@click.option("--limit", type=int, default=None, help="Use only the first N samples of the data.")
+@click.option("--batch-sizes", default="1,32,256", show_default=True, help="Comma-separated batch sizes to time.")
+@click.option("--warmup-ms", default=200.0, show_default=True, help="Warm-up before timing each batch size.")
+@click.option("--min-iterations", default=10, show_default=True, help="Timed iterations per batch size, at least.")
+@click.option("--min-seconds", default=3.0, show_default=True, help="Timed seconds per batch size, at least.")
+@click.option("--thresholds", default=None, help="Override the bundle's thresholds: a,b,c (one per gate).")
+@click.option("--backend", default=None, help="Run on another backend than the bundle's (e.g. onnxruntime).")
+@click.option("--sweep", is_flag=True, help="Also sweep one threshold at every gate: accuracy, FLOPs, speed-up.")
+@click.option("--json", "json_path", default=None, type=click.Path(), help="Write the full figures as JSON.")
+@click.option("--plot", "plot_path", default=None, type=click.Path(), help="Write accuracy-vs-cost and speed-up plots (PNG).")
+def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes, warmup_ms, min_iterations,
+          min_seconds, thresholds, backend, sweep, json_path, plot_path):
+    """Measure a bundle against its un-gated baseline on the same backend.
+
+    Reports accuracy (gated vs baseline, per exit), exit fractions, expected FLOPs and the ideal
+    speed-up, and per batch size the latency (mean, median, p90, p95, p99, min, max), throughput,
+    measured speed-up and efficiency (measured / ideal), timing gated and baseline interleaved.
+    """
+    import numpy as np
+
+    from . import bench as bench_mod
+    from .manifest import load_manifest
+
+    manifest = load_manifest(bundle)  # a clear error before any data is read
+    chw = tuple(int(d) for d in manifest.input.shape[1:])
+    if (data is None) == (random_n is None):
+        raise UserError("Give exactly one of --data DATA (accuracy and speed) or --random N (speed only).")
+    if data is not None:
+        from .data import check_input_shape, load_dataset
+
+        channels = chw[0] if repeat_channels else None
+        ds = load_dataset(data, "test", data_dir=data_dir, channels=channels)
+        x, y = ds.x, ds.y
+        if limit:
+            x, y = x[:limit], y[:limit]
+        check_input_shape(x, chw, where=f"data set {data!r}")
+        info = {"spec": data, "split": "test", "samples": len(x), "labelled": True,
+                "description": f"{data} test split ({len(x)} samples)"}
+    else:
+        if random_n < 1:
+            raise UserError("--random needs a positive number of samples.")
+        x = np.random.default_rng(0).standard_normal((random_n, *chw), dtype=np.float32)
+        y = None
+        info = {"spec": "random", "split": None, "samples": random_n, "labelled": False,
+                "description": f"{random_n} random inputs (speed only)"}
+    options = bench_mod.BenchOptions(
+        batch_sizes=_int_list(batch_sizes, "--batch-sizes"), warmup_ms=warmup_ms, min_iterations=min_iterations,
+        min_seconds=min_seconds, thresholds=_float_list(thresholds, "--thresholds") if thresholds else None,
+        sweep=sweep)
+    report = bench_mod.run_bench(bundle, x, y, options, data_info=info, backend=backend)
+    bench_mod.check_report(report)
+    bench_mod.print_report(report)
+    if json_path:
+        click.echo(f"wrote {bench_mod.write_json(report, json_path)}")
+    if plot_path:
+        click.echo(f"wrote {bench_mod.plot_report(report, plot_path)}")
 
 
 @main.command()
@@ -102,3 +180,230 @@ def inspect_cmd(path):
     else:
         raise UserError(f"{path}: no such file or directory.",
                         "Give a bundle directory (engines/NAME) or a gated checkpoint (model.pt).")
+
+
+# --- gate and calibrate ------------------------------------------------------------------------------
+
+_CONFIDENCES = ("max-softmax", "margin", "entropy")  # = confidence.CONFIDENCES (kept literal: fast --help)
+
+
+class _GateCommand(click.Command):
+    """`gate --help` ends with the architecture zoo (imports torch only when help is shown)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from .zoo import list_archs
+
+        rows = [(a.name, a.description + (f"; exits {', '.join(a.default_exits)}" if a.default_exits else ""))
+                for a in list_archs()]
+        rows.append(("torchvision/NAME", "any torchvision classifier, random init (train it or give --weights)"))
+        with formatter.section("Architectures (--arch)"):
+            formatter.write_dl(rows)
+
+
+def _target(max_drop: float | None, budget: float | None) -> tuple[float | None, float | None]:
+    if max_drop is not None and budget is not None:
+        raise UserError("Give --max-drop or --budget, not both.",
+                        "--max-drop keeps accuracy; --budget caps the expected FLOPs.")
+    if max_drop is None and budget is None:
+        return 0.01, None
+    return max_drop, budget
+
+
+def _load_splits(data: str, data_dir, channels: int | None, val_size: int, seed: int) -> dict:
+    from .data import SPLITS, load_dataset
+
+    return {s: load_dataset(data, s, data_dir=data_dir, channels=channels, val_size=val_size, seed=seed)
+            for s in SPLITS}
+
+
+def _calibrate_and_report(model, splits: dict, *, confidence: str, max_drop, budget, progress: bool):
+    """Choose thresholds on the validation split, apply them to `model`, report validation and test."""
+    from .calibrate import calibrate as choose_thresholds
+    from .calibrate import evaluate, print_report
+    from .train import collect_exit_logits
+
+    flops = model.flops or model.count_flops()
+    costs = model.exit_costs()
+    val_logits, val_y = collect_exit_logits(model, splits["val"], progress=progress)
+    result = choose_thresholds(val_logits, val_y, confidence=confidence, costs=costs,
+                               baseline_flops=flops["baseline"], max_drop=max_drop, budget=budget)
+    model.thresholds = list(result.thresholds)
+    model.confidence = confidence
+    test_logits, test_y = collect_exit_logits(model, splits["test"], progress=progress)
+    test = evaluate(test_logits, test_y, confidence=confidence, thresholds=result.thresholds, costs=costs,
+                    baseline_flops=flops["baseline"])
+    print_report(result, test, model.exits)
+    if not splits["test"].separate_test:
+        click.echo(f"note: {splits['test'].spec} has no separate test arrays (x_test, y_test): the test "
+                   "figures include rows used for training and calibration.")
+    click.echo(f"calibration: {result.method}")
+    return result, test
+
+
+def _save_gated(model, output: str, result, test) -> None:
+    from pathlib import Path
+
+    from . import checkpoint
+    from .calibrate import save_curve
+
+    path = checkpoint.save(model, output)
+    curve_json, curve_png = Path(path).with_suffix(".curve.json"), Path(path).with_suffix(".curve.png")
+    save_curve(result, curve_json, curve_png, test=test)
+    click.echo(f"wrote {path}, {curve_json}, {curve_png}")
+
+
+def _input_channels(backbone) -> int | None:
+    """Channels the backbone takes: those of its first convolution (None when it has none)."""
+    from torch import nn
+
+    for module in backbone.modules():
+        if isinstance(module, nn.Conv2d | nn.Conv1d | nn.Conv3d):
+            return int(module.in_channels)
+    return None
+
+
+def _load_weights(backbone, weights: str) -> None:
+    import pickle
+    from pathlib import Path
+
+    import torch
+
+    if not Path(weights).is_file():
+        raise UserError(f"--weights {weights}: no such file.", "Give a state_dict saved with torch.save.")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"--weights {weights} holds Python objects beyond tensors; it was not loaded "
+                        "(loading could run code).",
+                        "Save the weights with torch.save(model.state_dict(), path).") from err
+    except Exception as err:
+        raise UserError(f"--weights {weights} is not a readable torch file ({err}).",
+                        "Save the weights with torch.save(model.state_dict(), path).") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"--weights {weights} is not a state_dict (a dict of tensors).",
+                        "Save the weights with torch.save(model.state_dict(), path).")
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"--weights {weights} do not fit the architecture: {first}",
+                        "Check --arch and --arch-kwargs (width, depth, num_classes) against the weights.") from err
+
+
+@main.command(cls=_GateCommand)
+@click.option("--arch", required=True, help="Architecture name (see the list below).")
+@click.option("--arch-kwargs", default=None, metavar="JSON", help='Constructor arguments, e.g. \'{"width": 8}\'.')
+@click.option("--weights", default=None, type=click.Path(), help="Backbone state_dict (.pth); without it the "
+              "backbone is trained on DATA first.")
+@click.option("--exits", default=None, help="Comma-separated module names to gate after (default: the zoo's).")
+@click.option("--data", required=True, help="fashion-mnist or npz:PATH.")
+@click.option("--data-dir", default=None, type=click.Path(), help="Folder of the Fashion-MNIST IDX files.")
+@click.option("--repeat-channels", is_flag=True, help="Repeat 1-channel data to the model's channel count.")
+@click.option("--val-size", default=5000, show_default=True, help="Validation rows held out of training.")
+@click.option("--epochs", default=10, show_default=True, help="Gate training epochs (on cached features).")
+@click.option("--backbone-epochs", default=2, show_default=True, help="Backbone epochs when there are no --weights.")
+@click.option("--batch-size", default=128, show_default=True, help="Backbone training batch size.")
+@click.option("--head", default="linear", show_default=True, type=click.Choice(["linear", "mlp"]))
+@click.option("--confidence", default="max-softmax", show_default=True, type=click.Choice(_CONFIDENCES))
+@click.option("--loss", default="ce", show_default=True, type=click.Choice(["ce", "hinge"]),
+              help="Gate loss: cross-entropy or multi-class hinge.")
+@click.option("--max-drop", type=float, default=None, help="Allowed accuracy drop on validation (default 0.01).")
+@click.option("--budget", type=float, default=None, help="Expected FLOPs as a fraction of the un-gated model.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the validation split and of training.")
+@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Gated model to write (model.pt).")
+def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val_size, epochs, backbone_epochs,
+         batch_size, head, confidence, loss, max_drop, budget, seed, progress, output):
+    """Attach d-gates to a backbone, train them, calibrate their thresholds, save model.pt.
+
+    The backbone stays frozen while the gates train. Thresholds are chosen on the validation split
+    (never the test split) and the result is reported on the test split. The accuracy-vs-cost curve
+    is written next to the output (model.curve.json, model.curve.png).
+    """
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from .data import check_input_shape
+    from .gated import GatedModel
+    from .train import train_backbone, train_gates
+    from .zoo import arch_info, build_backbone
+
+    max_drop, budget = _target(max_drop, budget)
+    if Path(output).is_dir():
+        raise UserError(f"-o {output} is a directory.", "Give the file to write, e.g. -o runs/model.pt.")
+    try:
+        kwargs = json.loads(arch_kwargs) if arch_kwargs else {}
+    except json.JSONDecodeError as err:
+        raise UserError(f"--arch-kwargs is not valid JSON ({err}).", 'Write it like \'{"width": 8}\'.') from err
+    if not isinstance(kwargs, dict):
+        raise UserError("--arch-kwargs must be a JSON object.", 'Write it like \'{"width": 8}\'.')
+    info = arch_info(arch)
+    exit_names = [e.strip() for e in exits.split(",") if e.strip()] if exits else list(info.default_exits)
+    if not exit_names:
+        raise UserError(f"Architecture {arch!r} has no default exits.",
+                        "Name the modules to gate after with --exits a,b,c.")
+
+    torch.manual_seed(seed)
+    backbone = build_backbone(arch, kwargs)
+    channels = _input_channels(backbone)
+    splits = _load_splits(data, data_dir, channels if repeat_channels else None, val_size, seed)
+    train = splits["train"]
+    if channels is not None:
+        for ds in splits.values():
+            check_input_shape(ds.x, (channels, *ds.x.shape[2:]), where=f"data set {data!r} ({ds.split})")
+    num_classes = max(ds.num_classes for ds in splits.values())
+
+    if weights:
+        _load_weights(backbone, weights)
+        click.echo(f"backbone: {arch} with weights from {weights}")
+    else:
+        click.echo(f"No --weights: training the backbone {arch} on {data} ({len(train)} images) for "
+                   f"{backbone_epochs} epoch(s) first.")
+        train_backbone(backbone, train, epochs=backbone_epochs, batch_size=batch_size, seed=seed,
+                       progress=progress)
+
+    model = GatedModel.attach(backbone, exit_names, arch={"name": arch, "kwargs": kwargs}, num_classes=num_classes,
+                              input_shape=tuple(train.x.shape[1:]), head=head, confidence=confidence,
+                              class_names=train.class_names, normalization=train.normalization)
+    model.count_flops()
+    gate_acc = train_gates(model, train, epochs=epochs, loss=loss, seed=seed, progress=progress)
+    click.echo("gate training accuracy: " + ", ".join(f"{e} {a:.2%}" for e, a in zip(exit_names, gate_acc)))
+    result, test = _calibrate_and_report(model, splits, confidence=confidence, max_drop=max_drop, budget=budget,
+                                         progress=progress)
+    _save_gated(model, output, result, test)
+
+
+@main.command("calibrate")
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("--data", required=True, help="fashion-mnist or npz:PATH (the same data the gates were trained on).")
+@click.option("--data-dir", default=None, type=click.Path(), help="Folder of the Fashion-MNIST IDX files.")
+@click.option("--repeat-channels", is_flag=True, help="Repeat 1-channel data to the model's channel count.")
+@click.option("--val-size", default=5000, show_default=True, help="Validation rows (use gate's value).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the validation split (use gate's value).")
+@click.option("--max-drop", type=float, default=None, help="Allowed accuracy drop on validation (default 0.01).")
+@click.option("--budget", type=float, default=None, help="Expected FLOPs as a fraction of the un-gated model.")
+@click.option("--confidence", default=None, type=click.Choice(_CONFIDENCES),
+              help="Switch the confidence measure (default: the model's).")
+@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@click.option("-o", "--output", default=None, type=click.Path(), help="Write here instead of overwriting MODEL.")
+def calibrate_cmd(model_path, data, data_dir, repeat_channels, val_size, seed, max_drop, budget, confidence,
+                  progress, output):
+    """Choose new thresholds for a gated model (accuracy drop or FLOPs budget) without retraining.
+
+    The validation split must be the one `gate` held out (same --data, --val-size and --seed), so that
+    thresholds are never chosen on rows the gates were trained on.
+    """
+    from . import checkpoint
+    from .data import check_input_shape
+
+    max_drop, budget = _target(max_drop, budget)
+    model = checkpoint.load(model_path)
+    channels = model.input_shape[0] if repeat_channels else None
+    splits = _load_splits(data, data_dir, channels, val_size, seed)
+    for ds in splits.values():
+        check_input_shape(ds.x, model.input_shape, where=f"data set {data!r} ({ds.split})")
+    result, test = _calibrate_and_report(model, splits, confidence=confidence or model.confidence,
+                                         max_drop=max_drop, budget=budget, progress=progress)
+    _save_gated(model, output or model_path, result, test)

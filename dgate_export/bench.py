@@ -1,0 +1,361 @@
+"""Measure a bundle against its un-gated baseline on the same backend (no torch).
+
+Accuracy and exits come from one pass over the data. Speed is measured per batch size with the gated
+runtime and the baseline interleaved call by call (the order alternating each iteration), so drift of
+the machine hits both alike. The ideal speed-up of the timed batches is computed from the exits those
+very batches took, so efficiency = measured / ideal compares like with like.
+
+The JSON written by `--json` follows `docs/bench.md` (schema "dgate-bench/1").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__, backends
+from .errors import UserError
+from .runtime import GatedRuntime
+
+SCHEMA = "dgate-bench/1"
+LATENCY_KEYS = ("mean", "median", "p90", "p95", "p99", "min", "max")  # trtexec's names
+SWEEP_THRESHOLDS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.01)
+
+
+@dataclass
+class BenchOptions:
+    batch_sizes: Sequence[int] = (1, 32, 256)
+    warmup_ms: float = 200.0
+    min_iterations: int = 10
+    min_seconds: float = 3.0
+    thresholds: Sequence[float] | None = None
+    sweep: bool = False
+    sweep_seconds: float = 1.0  # timing per sweep point (at the largest batch size)
+
+
+def open_baseline(rt: GatedRuntime, backend: str | None = None, **options: Any):
+    """A runner for the bundle's un-gated baseline on the runtime's backend."""
+    manifest = rt.manifest
+    name = backend or manifest.backend
+    base = manifest.baseline
+    artifact = base.engine["file"] if name == manifest.backend else base.file
+    runner_options = {"precision": manifest.precision, "max_batch": manifest.max_batch, **options}
+    return backends.get_backend(name).Runner(manifest.path(artifact), runner_options)
+
+
+def exit_costs(rt: GatedRuntime) -> list[float]:
+    """FLOPs per sample of leaving at exit k: segments 0..k plus heads 0..k (from the manifest)."""
+    costs, total = [], 0.0
+    for seg in rt.manifest.segments:
+        if seg.flops is None:
+            raise UserError("This bundle records no FLOPs per segment.", "Rebuild it with `dgate-export build`.")
+        total += seg.flops + ((seg.gate.head_flops or 0) if seg.gate else 0)
+        costs.append(total)
+    return costs
+
+
+def latency_stats(seconds: Sequence[float]) -> dict[str, float]:
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    pct = np.percentile(ms, [50, 90, 95, 99])
+    return {"mean": float(ms.mean()), "median": float(pct[0]), "p90": float(pct[1]), "p95": float(pct[2]),
+            "p99": float(pct[3]), "min": float(ms.min()), "max": float(ms.max())}
+
+
+def _baseline_logits(baseline, x: np.ndarray, max_batch: int) -> np.ndarray:
+    return np.concatenate([baseline.run({"input": x[i:i + max_batch]})["logits"]
+                           for i in range(0, len(x), max_batch)]).astype(np.float32)
+
+
+def quality(rt: GatedRuntime, baseline, x: np.ndarray, y: np.ndarray | None, costs: list[float],
+            baseline_flops: float, thresholds: Sequence[float] | None = None,
+            baseline_pred: np.ndarray | None = None) -> dict[str, Any]:
+    """Accuracy (when labels are given), exit fractions and expected FLOPs of one pass over x."""
+    res = rt.run(x, thresholds=thresholds)
+    counts = res.exit_counts.astype(int)
+    fractions = counts / counts.sum()
+    expected = float(np.dot(fractions, costs))
+    out: dict[str, Any] = {
+        "thresholds": [float(t) for t in (thresholds if thresholds is not None else rt.thresholds)],
+        "exits": {"counts": counts.tolist(), "fractions": fractions.tolist()},
+        "flops": {"baseline": baseline_flops, "expected": expected, "reduction": 1.0 - expected / baseline_flops,
+                  "ideal_speedup": baseline_flops / expected, "exit_costs": costs},
+        "accuracy": None,
+    }
+    if y is not None:
+        if baseline_pred is None:
+            baseline_pred = _baseline_logits(baseline, x, rt.max_batch).argmax(axis=1)
+        correct = res.predictions == y
+        per_exit = [float(correct[res.exits == k].mean()) if counts[k] else None for k in range(len(counts))]
+        gated, base = float(correct.mean()), float((baseline_pred == y).mean())
+        out["accuracy"] = {"gated": gated, "baseline": base, "drop_points": 100.0 * (base - gated),
+                           "per_exit": per_exit}
+    return out
+
+
+def time_batches(rt: GatedRuntime, baseline, x: np.ndarray, batch_size: int, costs: list[float],
+                 baseline_flops: float, *, warmup_ms: float, min_iterations: int, min_seconds: float,
+                 thresholds: Sequence[float] | None = None,
+                 tick: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Interleaved timing of gated and baseline runs on consecutive batches of x."""
+    n_batches = max(1, len(x) // batch_size)
+    batches = [x[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
+    if len(batches[0]) < batch_size:  # fewer samples than one batch: tile them
+        reps = -(-batch_size // len(x))
+        batches = [np.concatenate([x] * reps)[:batch_size]]
+    feeds = [{"input": b} for b in batches]
+    gated_t: list[float] = []
+    base_t: list[float] = []
+    counts = np.zeros(len(costs), dtype=np.int64)
+
+    def one(i: int, record: bool) -> None:
+        b = i % len(batches)
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        for which in order:
+            t0 = time.perf_counter()
+            if which == 0:
+                res = rt.run(batches[b], thresholds=thresholds)
+            else:
+                baseline.run(feeds[b])
+            dt = time.perf_counter() - t0
+            if record:
+                (gated_t if which == 0 else base_t).append(dt)
+                if which == 0:
+                    counts[:] += res.exit_counts
+
+    start = time.perf_counter()
+    i = 0
+    while (time.perf_counter() - start) * 1e3 < warmup_ms or i < 2:
+        one(i, record=False)
+        i += 1
+    start = time.perf_counter()
+    while len(gated_t) < min_iterations or time.perf_counter() - start < min_seconds:
+        one(i, record=True)
+        i += 1
+        if tick:
+            tick()
+    fractions = counts / counts.sum()
+    ideal = baseline_flops / float(np.dot(fractions, costs))
+    gated, base = latency_stats(gated_t), latency_stats(base_t)
+    speedup = base["mean"] / gated["mean"]
+    return {
+        "batch_size": batch_size,
+        "iterations": len(gated_t),
+        "gated": {"latency_ms": gated, "throughput": batch_size / (gated["mean"] / 1e3)},
+        "baseline": {"latency_ms": base, "throughput": batch_size / (base["mean"] / 1e3)},
+        "speedup": speedup,
+        "ideal_speedup": ideal,
+        "efficiency": speedup / ideal,
+        "exit_fractions": fractions.tolist(),
+    }
+
+
+def run_bench(bundle: str | Path, x: np.ndarray, y: np.ndarray | None, options: BenchOptions, *,
+              data_info: dict[str, Any], backend: str | None = None, command: str | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    """The whole report as a dict (see docs/bench.md)."""
+    from tqdm import tqdm
+
+    rt = GatedRuntime.load(bundle, backend=backend, thresholds=options.thresholds)
+    baseline = open_baseline(rt, backend)
+    manifest = rt.manifest
+    too_big = [b for b in options.batch_sizes if b > manifest.max_batch]
+    if too_big or any(b < 1 for b in options.batch_sizes):
+        raise UserError(f"Batch sizes {list(options.batch_sizes)} include values outside 1..{manifest.max_batch}, "
+                        "the range this bundle was built for.",
+                        f"Use batch sizes up to {manifest.max_batch}, or rebuild with a larger --max-batch.")
+    costs = exit_costs(rt)
+    base_flops = float(manifest.baseline.flops or costs[-1])
+    baseline_pred = None
+    if y is not None:
+        baseline_pred = _baseline_logits(baseline, x, rt.max_batch).argmax(axis=1)
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command or " ".join(sys.argv),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "python": platform.python_version()},
+        "bundle": {"path": str(bundle), "name": manifest.name, "backend": backend or manifest.backend,
+                   "precision": manifest.precision, "max_batch": manifest.max_batch, "num_gates": rt.num_gates,
+                   "confidence": manifest.confidence},
+        "versions": _versions(backend or manifest.backend),
+        "data": data_info,
+        **quality(rt, baseline, x, y, costs, base_flops, baseline_pred=baseline_pred),
+        "speed": [],
+        "sweep": None,
+    }
+    total = len(options.batch_sizes) + (len(SWEEP_THRESHOLDS) if options.sweep else 0)
+    with tqdm(total=total, desc="timing", unit="setting", disable=not progress, leave=False) as bar:
+        for b in options.batch_sizes:
+            bar.set_postfix_str(f"batch {b}")
+            report["speed"].append(time_batches(
+                rt, baseline, x, b, costs, base_flops, warmup_ms=options.warmup_ms,
+                min_iterations=options.min_iterations, min_seconds=options.min_seconds))
+            bar.update()
+        if options.sweep:
+            report["sweep"] = []
+            b = max(options.batch_sizes)
+            for t in SWEEP_THRESHOLDS:
+                bar.set_postfix_str(f"sweep t={t}")
+                thr = [t] * rt.num_gates
+                point = quality(rt, baseline, x, y, costs, base_flops, thresholds=thr, baseline_pred=baseline_pred)
+                timing = time_batches(rt, baseline, x, b, costs, base_flops, warmup_ms=options.warmup_ms / 4,
+                                      min_iterations=3, min_seconds=options.sweep_seconds, thresholds=thr)
+                point["speed"] = {k: timing[k] for k in ("batch_size", "speedup", "ideal_speedup", "efficiency")}
+                report["sweep"].append(point)
+                bar.update()
+    rt.close()
+    return report
+
+
+def _versions(backend: str) -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"dgate_export": __version__, "numpy": np.__version__}
+    for dist in {"onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "tensorrt": ("tensorrt",)}.get(backend, ()):
+        try:
+            out[backend] = metadata.version(dist)
+            break
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def check_report(report: dict[str, Any]) -> None:
+    """Assert the figures agree with each other (used by tests and after writing JSON)."""
+    assert report["schema"] == SCHEMA
+    fr = report["exits"]["fractions"]
+    assert abs(sum(fr) - 1.0) < 1e-9
+    flops = report["flops"]
+    assert abs(flops["ideal_speedup"] - flops["baseline"] / flops["expected"]) < 1e-9 * flops["ideal_speedup"]
+    if report["accuracy"] is not None:
+        acc = report["accuracy"]
+        assert 0.0 <= acc["gated"] <= 1.0 and 0.0 <= acc["baseline"] <= 1.0
+        assert abs(acc["drop_points"] - 100.0 * (acc["baseline"] - acc["gated"])) < 1e-9
+    for s in report["speed"]:
+        assert abs(s["efficiency"] - s["speedup"] / s["ideal_speedup"]) < 1e-9
+        assert abs(s["speedup"] - s["baseline"]["latency_ms"]["mean"] / s["gated"]["latency_ms"]["mean"]) < 1e-9
+        for side in ("gated", "baseline"):
+            lat = s[side]["latency_ms"]
+            assert set(lat) == set(LATENCY_KEYS)
+            assert lat["min"] <= lat["median"] <= lat["p90"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+
+
+def write_json(report: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    b = report["bundle"]
+    console.print(f"[bold]{b['name']}[/] ({b['backend']}, {b['precision']}, {b['num_gates']} gates, "
+                  f"{b['confidence']}) on {report['data']['description']}")
+    console.print(f"thresholds {[round(t, 4) for t in report['thresholds']]}")
+    acc, flops = report["accuracy"], report["flops"]
+    summary = Table(show_header=False)
+    summary.add_column("what")
+    summary.add_column("value", justify="right")
+    if acc:
+        summary.add_row("accuracy gated / baseline", f"{acc['gated']:.2%} / {acc['baseline']:.2%}")
+        summary.add_row("accuracy drop", f"{acc['drop_points']:.2f} points")
+    summary.add_row("FLOPs per sample gated / baseline",
+                    f"{flops['expected'] / 1e6:,.2f} M / {flops['baseline'] / 1e6:,.2f} M")
+    summary.add_row("FLOPs reduction", f"{flops['reduction']:.1%}")
+    summary.add_row("ideal speed-up (FLOPs)", f"{flops['ideal_speedup']:.2f}x")
+    console.print(summary)
+    exits = Table(title="exits")
+    for col in ("exit", "fraction", "accuracy", "cost (FLOPs)"):
+        exits.add_column(col, justify="right")
+    for k, frac in enumerate(report["exits"]["fractions"]):
+        name = f"gate {k}" if k < b["num_gates"] else "final"
+        a = acc["per_exit"][k] if acc else None
+        exits.add_row(name, f"{frac:.1%}", "-" if a is None else f"{a:.2%}", f"{flops['exit_costs'][k] / 1e6:,.2f} M")
+    console.print(exits)
+    speed = Table(title="speed (latency per batch in ms; interleaved gated/baseline)")
+    for col in ("batch", "iters", "gated mean", "p50", "p99", "baseline mean", "p50 ", "p99 ",
+                "gated samples/s", "baseline samples/s", "speed-up", "ideal", "efficiency"):
+        speed.add_column(col, justify="right")
+    for s in report["speed"]:
+        g, base = s["gated"]["latency_ms"], s["baseline"]["latency_ms"]
+        speed.add_row(str(s["batch_size"]), str(s["iterations"]), f"{g['mean']:.3f}", f"{g['median']:.3f}",
+                      f"{g['p99']:.3f}", f"{base['mean']:.3f}", f"{base['median']:.3f}", f"{base['p99']:.3f}",
+                      f"{s['gated']['throughput']:,.0f}", f"{s['baseline']['throughput']:,.0f}",
+                      f"{s['speedup']:.2f}x", f"{s['ideal_speedup']:.2f}x", f"{s['efficiency']:.0%}")
+    console.print(speed)
+    if report["sweep"]:
+        sweep = Table(title=f"threshold sweep (same threshold at every gate; timing at batch "
+                            f"{report['sweep'][0]['speed']['batch_size']})")
+        for col in ("threshold", "accuracy", "FLOPs reduction", "ideal", "measured", "exit fractions"):
+            sweep.add_column(col, justify="right")
+        for p in report["sweep"]:
+            a = p["accuracy"]
+            sweep.add_row(f"{p['thresholds'][0]:g}", "-" if a is None else f"{a['gated']:.2%}",
+                          f"{p['flops']['reduction']:.1%}", f"{p['flops']['ideal_speedup']:.2f}x",
+                          f"{p['speed']['speedup']:.2f}x", " ".join(f"{f:.2f}" for f in p["exits"]["fractions"]))
+        console.print(sweep)
+
+
+def plot_report(report: dict[str, Any], path: str | Path) -> Path:
+    """Accuracy vs cost (the sweep, with the bundle's own thresholds marked) and speed-up per batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax = axes[0]
+    own = report
+    if report["sweep"]:
+        pts = report["sweep"]
+        cost = [1 - p["flops"]["reduction"] for p in pts]
+        if pts[0]["accuracy"]:
+            ax.plot(cost, [100 * p["accuracy"]["gated"] for p in pts], "o-", label="same threshold at every gate")
+            ax.set_ylabel("accuracy (%)")
+        else:
+            ax.plot(cost, [p["speed"]["speedup"] for p in pts], "o-", label="measured speed-up")
+            ax.set_ylabel("measured speed-up")
+    if own["accuracy"]:
+        ax.plot([1 - own["flops"]["reduction"]], [100 * own["accuracy"]["gated"]], "r*", ms=14,
+                label="bundle's thresholds")
+        ax.axhline(100 * own["accuracy"]["baseline"], color="gray", ls="--", label="un-gated")
+        ax.set_ylabel("accuracy (%)")
+    ax.set_xlabel("expected FLOPs / un-gated FLOPs")
+    ax.set_title("accuracy vs cost")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    sizes = [str(s["batch_size"]) for s in report["speed"]]
+    pos = np.arange(len(sizes))
+    ax.bar(pos - 0.2, [s["speedup"] for s in report["speed"]], 0.4, label="measured")
+    ax.bar(pos + 0.2, [s["ideal_speedup"] for s in report["speed"]], 0.4, label="ideal (FLOPs)")
+    ax.set_xticks(pos, sizes)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("speed-up over un-gated")
+    ax.set_title(f"{report['bundle']['name']} on {report['bundle']['backend']}")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".tmp-" + path.name)
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
