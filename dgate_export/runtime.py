@@ -36,6 +36,7 @@ the backends' runners are thread-safe, so many threads may call `run` on one run
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -137,7 +138,7 @@ class GatedRuntime:
         return RunResult(logits=logits, predictions=logits.argmax(axis=1), exits=exits, confidence=conf,
                          exit_counts=np.bincount(exits, minlength=self.num_gates + 1))
 
-    def _run_chunk(self, x: np.ndarray, thr: tuple[float, ...], logits: np.ndarray, exits: np.ndarray,
+    def _run_chunk(self, x: np.ndarray, thr: tuple[np.float32, ...], logits: np.ndarray, exits: np.ndarray,
                    conf: np.ndarray) -> None:
         # logits / exits / conf are this chunk's views of the result arrays.
         out = self._runners[0].run({self._input_name: x}, host=_HOST)
@@ -166,7 +167,7 @@ class GatedRuntime:
 
     # ----------------------------------------------------------------------------------------- checking
 
-    def _check_thresholds(self, thresholds: Sequence[float]) -> tuple[float, ...]:
+    def _check_thresholds(self, thresholds: Sequence[float]) -> tuple[np.float32, ...]:
         try:
             values = tuple(float(t) for t in thresholds)
         except (TypeError, ValueError) as err:
@@ -175,11 +176,11 @@ class GatedRuntime:
         if len(values) != self.num_gates:
             raise UserError(f"{len(values)} thresholds given for a bundle with {self.num_gates} gates.",
                             f"Give {self.num_gates} numbers, one per gate (a value above 1 disables a gate).")
-        if not all(np.isfinite(values)):
+        if not all(map(math.isfinite, values)):
             raise UserError(f"Thresholds must be finite numbers, got {values}.",
                             "Use a value above 1 to disable a gate.")
         # Compare as float32 like the graphs' confidence (and the torch reference) do.
-        return tuple(np.float32(v) for v in values)  # type: ignore[misc]
+        return tuple(map(np.float32, values))
 
     def _prepare(self, x: Any) -> np.ndarray:
         """Validate x and return it as contiguous model input in the bundle's float dtype."""
@@ -215,7 +216,9 @@ class GatedRuntime:
             raise UserError(f"Input dtype {x.dtype} is not supported.",
                             "Pass float32 model input, or integer raw pixels when the bundle has a normalization.")
         x = np.ascontiguousarray(x, dtype=self._float)
-        if not np.isfinite(x).all():
+        # One reduction instead of a boolean array: NaN and inf make the sum non-finite (so can an
+        # overflow of huge finite values, which the exact check then clears).
+        if not np.isfinite(x.sum()) and not np.isfinite(x).all():
             bad = int(x.size - np.isfinite(x).sum())
             raise UserError(f"Input holds {bad} non-finite value(s) (NaN or inf)"
                             f"{' after conversion to float16' if self._float == np.float16 else ''}.",

@@ -6,19 +6,22 @@ Runner options (all optional; `GatedRuntime.load(..., **options)` passes them th
 | --- | --- | --- |
 | `providers` | `["cpu"]` | execution providers in priority order: `cpu`, `cuda`, `tensorrt` or ORT names (`CUDAExecutionProvider`). A provider that is not installed is an error, never a silent CPU fallback. |
 | `provider_options` | `{}` | per-provider options, e.g. `{"cuda": {"device_id": 1}}`. |
-| `intra_op_num_threads` | 1 at batch-1-sized work, see `DEFAULT_THREADS` | threads per session. |
+| `intra_op_num_threads` | 1 | threads per session; see below. |
 | `inter_op_num_threads` | 1 | only used by the parallel execution mode. |
 | `execution_mode` | `"sequential"` | `"parallel"` runs independent branches at once; CNN segments are chains. |
 | `allow_spinning` | `False` | idle pool threads busy-wait for the next job. A gated run alternates K+1 sessions, and each session's spinning threads steal the cores the next session needs. |
 | `graph_optimization_level` | `"all"` | `disable`, `basic`, `extended`, `layout`, `all`. |
 
-Measured on the 2-core development machine: benchmarks/runtime_speedup.py and docs/runtime.md record
-the figures behind these defaults.
+Measured on the 2-core development machine (shared, so figures are medians of interleaved rounds):
+a ResNet-20 chain of 4 sessions at batch 1 ran 2.0 ms with 1 thread, 2.7 ms with 2 threads and
+11.9 ms with 2 spinning threads; one thread is the default because a second one only pays for large
+batches on an idle machine (pass `intra_op_num_threads=os.cpu_count()` for throughput work).
 
-On CPU, `run` calls `InferenceSession.run` with numpy feeds and returns numpy outputs (measured here:
-cheaper per call than I/O binding, and numpy is already host memory). With a CUDA or TensorRT
-provider, `run` uses I/O binding: outputs not named in `host` stay on the device as `OrtValue`s that
-another Runner takes as feeds, so carries between segments never cross the bus.
+On CPU, `run` feeds numpy arrays to the session and returns numpy outputs. Per call on a small
+segment here (thread CPU time): `InferenceSession.run` 20 us, its underlying binding 13 us (used),
+I/O binding rebound per call 30 us (it only wins when the bindings never change), `run_with_ort_values`
+76 us. With a CUDA or TensorRT provider, `run` uses I/O binding: outputs not named in `host` stay on
+the device as `OrtValue`s that another Runner takes as feeds, so carries never cross the bus.
 """
 
 from __future__ import annotations
@@ -53,8 +56,8 @@ _KNOWN_OPTIONS = {"providers", "provider_options", "intra_op_num_threads", "inte
                   # build options every backend receives; meaningless to an ORT session
                   "precision", "max_batch", "opt_batch"}
 
-# One thread per session by default: a chain of small sessions pays for waking a pool on every call,
-# and on a 2-core machine a second thread gains little on the few-channel convolutions of 28x28 nets.
+# One thread per session by default: a chain of small sessions pays for waking a pool on every
+# operator of every call; see the module docstring.
 DEFAULT_THREADS = 1
 
 
@@ -86,8 +89,9 @@ def build(onnx_path: Path, out_dir: Path, options: dict) -> dict:
     """The ONNX graph is what ONNX Runtime runs: check that it loads, and name it as the engine.
 
     An offline-optimized copy (SessionOptions.optimized_model_filepath) was measured and does not pay:
-    it only saves graph optimization at session creation, and an ORT_ENABLE_ALL copy is tied to the
-    CPU it was made on. See docs/runtime.md.
+    it runs no faster and only saves graph optimization at session creation (torchvision ResNet-18:
+    0.27-0.39 s -> 0.08 s with an ORT_ENABLE_ALL copy, which is tied to the CPU it was made on;
+    -> 0.20 s with a portable ORT_ENABLE_EXTENDED copy).
     """
     onnx_path = Path(onnx_path)
     if onnx_path.parent.resolve() != Path(out_dir).resolve():
@@ -180,6 +184,11 @@ class Runner:
         except Exception as err:
             raise UserError(f"ONNX Runtime cannot load {path}: {err}",
                             "Rebuild the bundle with this onnxruntime version.") from err
+        # ORT's InferenceSession.run retries a failed GPU run on the CPU with a print: a silent fallback.
+        self._session.disable_fallback()
+        # InferenceSession.run re-validates the feed names on every call (7 of 20 us per call on a small
+        # segment here); ours come from the graph, so call ORT's binding directly where it exists.
+        self._run_direct = getattr(self._session, "_sess", None)
         self.input_names: list[str] = [i.name for i in self._session.get_inputs()]
         self.output_names: list[str] = [o.name for o in self._session.get_outputs()]
         self.providers: list[str] = self._session.get_providers()
@@ -195,6 +204,8 @@ class Runner:
         if not self._on_device:
             if any(isinstance(v, self._ort.OrtValue) for v in feeds.values()):
                 feeds = {k: v.numpy() if isinstance(v, self._ort.OrtValue) else v for k, v in feeds.items()}
+            if self._run_direct is not None:
+                return dict(zip(self.output_names, self._run_direct.run(self.output_names, feeds, None)))
             return dict(zip(self.output_names, self._session.run(self.output_names, feeds)))
         return self._run_bound(feeds, host)
 
