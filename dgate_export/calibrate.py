@@ -404,3 +404,50 @@ def save_curve(result: Calibration, json_path: str | os.PathLike, png_path: str 
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     _atomic_write(Path(png_path), lambda tmp: fig.savefig(tmp, format="png"))
+
+
+# --- the report on the terminal ---------------------------------------------------------------------
+
+
+def print_report(result: Calibration, test: Evaluation | None, exits: list[str], *, console=None) -> None:
+    """Rich tables: un-gated vs gated (validation and test), then every exit's share and accuracy."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    val = result.validation
+    target = (f"accuracy drop <= {result.target:g}" if result.mode == "max_drop"
+              else f"expected FLOPs <= {result.target:g} x un-gated")
+    summary = Table(title=f"Gating ({result.confidence}; thresholds for {target} on validation)")
+    for col in ("split", "un-gated", "gated", "drop", "FLOPs gated / un-gated", "saved", "ideal"):
+        summary.add_column(col, justify="left" if col == "split" else "right")
+    for name, ev in (("val", val), ("test", test)):
+        if ev is None:
+            continue
+        summary.add_row(name, f"{ev.accuracy_ungated:.2%}", f"{ev.accuracy:.2%}", f"{ev.accuracy_drop:+.2%}",
+                        f"{_si(ev.expected_flops)} / {_si(ev.baseline_flops)}", f"{ev.flops_reduction:.1%}",
+                        f"{ev.ideal_speedup:.2f}x")
+    console.print(summary)
+
+    per_exit = Table(title="Exits (share of samples leaving there; accuracy of those samples)")
+    for col in ("exit", "after", "threshold", "val share", "test share", "test acc"):
+        per_exit.add_column(col, justify="left" if col == "after" else "right")
+    names = list(exits) + ["backbone output"]
+    for k, name in enumerate(names):
+        gate = k < len(result.thresholds)
+        acc = test.exit_accuracy[k] if test is not None else None
+        per_exit.add_row(
+            str(k), name,
+            ("disabled" if result.thresholds[k] >= DISABLED else f"{result.thresholds[k]:.4f}") if gate else "-",
+            f"{val.exit_fractions[k]:.1%}",
+            f"{test.exit_fractions[k]:.1%}" if test is not None else "-",
+            f"{acc:.2%}" if acc is not None else "-",
+        )
+    console.print(per_exit)
+
+
+def _si(flops: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if flops >= scale:
+            return f"{flops / scale:.3g}{unit}"
+    return f"{flops:.0f}"

@@ -347,6 +347,8 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
 
     torch.manual_seed(seed)
     backbone = build_backbone(arch, kwargs)
+    if weights:
+        _load_weights(backbone, weights)
     channels = _input_channels(backbone)
     splits = _load_splits(data, data_dir, channels if repeat_channels else None, val_size, seed)
     train = splits["train"]
@@ -354,9 +356,13 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
         for ds in splits.values():
             check_input_shape(ds.x, (channels, *ds.x.shape[2:]), where=f"data set {data!r} ({ds.split})")
     num_classes = max(ds.num_classes for ds in splits.values())
+    gate_options = {"arch": {"name": arch, "kwargs": kwargs}, "num_classes": num_classes,
+                        "input_shape": tuple(train.x.shape[1:]), "head": head, "confidence": confidence,
+                        "class_names": train.class_names, "normalization": train.normalization}
+    # Check the exits (names, order, branches) and the output size before minutes of training.
+    GatedModel.attach(backbone, exit_names, **gate_options)
 
     if weights:
-        _load_weights(backbone, weights)
         click.echo(f"backbone: {arch} with weights from {weights}")
     else:
         click.echo(f"No --weights: training the backbone {arch} on {data} ({len(train)} images) for "
@@ -364,9 +370,8 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
         train_backbone(backbone, train, epochs=backbone_epochs, batch_size=batch_size, seed=seed,
                        progress=progress)
 
-    model = GatedModel.attach(backbone, exit_names, arch={"name": arch, "kwargs": kwargs}, num_classes=num_classes,
-                              input_shape=tuple(train.x.shape[1:]), head=head, confidence=confidence,
-                              class_names=train.class_names, normalization=train.normalization)
+    torch.manual_seed(seed)
+    model = GatedModel.attach(backbone, exit_names, **gate_options)
     model.count_flops()
     gate_acc = train_gates(model, train, epochs=epochs, loss=loss, seed=seed, progress=progress)
     click.echo("gate training accuracy: " + ", ".join(f"{e} {a:.2%}" for e, a in zip(exit_names, gate_acc)))

@@ -1,0 +1,147 @@
+"""Training: a backbone from scratch, and d-gate heads on a frozen backbone.
+
+Gate training follows the d-gate recipe: the backbone is frozen, so the pooled features at every gate
+are computed once (one forward pass over the training set) and each head's `classify` is then trained
+on those cached vectors, which takes seconds. `collect_exit_logits` gives every exit's logits for
+calibration and evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import Dataset
+from .errors import UserError
+
+LOSSES = ("ce", "hinge")
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator | None):
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    for start in range(0, n, batch_size):
+        yield torch.from_numpy(order[start:start + batch_size])
+
+
+def train_backbone(backbone: nn.Module, train_data: Dataset, *, epochs: int, batch_size: int = 128,
+                   lr: float = 0.1, weight_decay: float = 5e-4, seed: int = 0, progress: bool = True) -> nn.Module:
+    """Train `backbone` with SGD (Nesterov momentum) and a one-cycle learning-rate schedule.
+
+    One-cycle reaches good accuracy in one or two epochs, which is what a CPU demo can afford.
+    No augmentation: the point is a reasonable backbone quickly, not the best one.
+    Returns the module in eval mode.
+    """
+    if epochs < 1:
+        raise UserError(f"Backbone epochs must be >= 1 (got {epochs}).", "Pass --backbone-epochs 1 or more.")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(train_data.x)
+    y = torch.from_numpy(train_data.y)
+    steps = math.ceil(len(train_data) / batch_size)
+    optimizer = torch.optim.SGD(backbone.parameters(), lr=lr, momentum=0.9, nesterov=True,
+                                weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps,
+                                                   pct_start=0.25)
+    loss_fn = nn.CrossEntropyLoss()
+    backbone.train()
+    for epoch in range(epochs):
+        seen, right, total_loss = 0, 0, 0.0
+        bar = tqdm(_batches(len(train_data), batch_size, rng), total=steps, disable=not progress,
+                   desc=f"backbone epoch {epoch + 1}/{epochs}", unit="batch", leave=True)
+        for rows in bar:
+            xb, yb = x[rows], y[rows]
+            out = backbone(xb)
+            loss = loss_fn(out, yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            seen += len(rows)
+            right += int((out.argmax(1) == yb).sum())
+            total_loss += float(loss.detach()) * len(rows)
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{right / seen:.3f}", refresh=False)
+    return backbone.eval()
+
+
+@torch.no_grad()
+def cache_gate_features(gated, data: Dataset, *, batch_size: int = 256,
+                        progress: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Pooled features at every gate [N, C_k] and the backbone's logits [N, classes], in data order."""
+    gated.eval()
+    x = torch.from_numpy(data.x)
+    pooled: list[list[torch.Tensor]] = [[] for _ in range(gated.num_gates)]
+    final = []
+    steps = math.ceil(len(data) / batch_size)
+    for rows in tqdm(_batches(len(data), batch_size, None), total=steps, disable=not progress,
+                     desc="caching gate features", unit="batch"):
+        feats, logits = gated.gate_features(x[rows])
+        for k, f in enumerate(feats):
+            pooled[k].append(f)
+        final.append(logits)
+    return [torch.cat(p) for p in pooled], torch.cat(final)
+
+
+def train_gates(gated, train_data: Dataset, *, epochs: int = 10, loss: str = "ce", batch_size: int = 256,
+                lr: float = 1e-2, weight_decay: float = 1e-4, seed: int = 0, progress: bool = True,
+                feature_batch_size: int = 256) -> list[float]:
+    """Train every gate head's `classify` on cached pooled features; the backbone stays frozen.
+
+    `loss`: "ce" (cross-entropy) or "hinge" (multi-class hinge, torch.nn.MultiMarginLoss). Adam with a
+    cosine schedule over minibatches of the cached features. Returns each gate's training accuracy.
+    """
+    if loss not in LOSSES:
+        raise UserError(f"Unknown gate loss {loss!r}.", f"Choose one of: {', '.join(LOSSES)}.")
+    if epochs < 1:
+        raise UserError(f"Gate epochs must be >= 1 (got {epochs}).", "Pass --epochs 1 or more.")
+    # Frozen backbone: no gradients, BatchNorm statistics untouched (eval mode).
+    gated.eval()
+    for p in gated.parameters():
+        p.requires_grad_(False)
+    pooled, _ = cache_gate_features(gated, train_data, batch_size=feature_batch_size, progress=progress)
+    y = torch.from_numpy(train_data.y)
+    loss_fn: nn.Module = nn.CrossEntropyLoss() if loss == "ce" else nn.MultiMarginLoss()
+    steps = math.ceil(len(train_data) / batch_size)
+    accuracies = []
+    for k, head in enumerate(gated.heads):
+        torch.manual_seed(seed + k)
+        rng = np.random.default_rng(seed + k)
+        params = list(head.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps)
+        feats = pooled[k]
+        head.train()
+        for _ in tqdm(range(epochs), disable=not progress, desc=f"gate {k} ({gated.exits[k]})", unit="epoch"):
+            for rows in _batches(len(train_data), batch_size, rng):
+                out = head.classify(feats[rows])
+                batch_loss = loss_fn(out, y[rows])
+                optimizer.zero_grad(set_to_none=True)
+                batch_loss.backward()
+                optimizer.step()
+                schedule.step()
+        head.eval()
+        for p in params:
+            p.requires_grad_(False)
+        with torch.no_grad():
+            accuracies.append(float((head.classify(feats).argmax(1) == y).float().mean()))
+    return accuracies
+
+
+@torch.no_grad()
+def collect_exit_logits(gated, data: Dataset, batch_size: int = 256,
+                        progress: bool = True) -> tuple[list[np.ndarray], np.ndarray]:
+    """Every exit's logits on `data` (K gates, then the backbone's own classifier) and the labels."""
+    gated.eval()
+    x = torch.from_numpy(data.x)
+    parts: list[list[np.ndarray]] = [[] for _ in range(gated.num_gates + 1)]
+    steps = math.ceil(len(data) / batch_size)
+    for rows in tqdm(_batches(len(data), batch_size, None), total=steps, disable=not progress,
+                     desc=f"exit logits ({data.split or 'data'})", unit="batch"):
+        for k, logits in enumerate(gated(x[rows])):
+            parts[k].append(logits.float().numpy())
+    return [np.concatenate(p) for p in parts], data.y.copy()

@@ -1,0 +1,155 @@
+"""`dgate-export gate` and `dgate-export calibrate` end to end (tiny CNN on a Fashion-MNIST subset)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny_arch import NAME, TinyCNN
+
+from dgate_export import checkpoint
+from dgate_export.cli import main
+from dgate_export.data import DEFAULT_FMNIST_DIR, load_dataset
+
+pytestmark = pytest.mark.skipif(
+    not (DEFAULT_FMNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+)
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+    """A real Fashion-MNIST subset as an npz with its own train / val / test arrays."""
+    train = load_dataset("fashion-mnist", "train").subset(2500, seed=0)
+    val = load_dataset("fashion-mnist", "val").subset(800, seed=0)
+    test = load_dataset("fashion-mnist", "test").subset(800, seed=0)
+    path = tmp_path_factory.mktemp("data") / "fmnist_small.npz"
+    np.savez(path, x_train=train.x, y_train=train.y, x_val=val.x, y_val=val.y, x_test=test.x, y_test=test.y,
+             class_names=np.array(train.class_names))
+    return path
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def text(result) -> str:
+    """The output with line wrapping undone (error paragraphs are wrapped at 100 columns)."""
+    return " ".join(result.output.split())
+
+
+@pytest.fixture(scope="module")
+def gated(npz, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gate") / "model.pt"
+    result = run("gate", "--arch", NAME, "--data", f"npz:{npz}", "--backbone-epochs", 2, "--epochs", 5,
+                 "--max-drop", 0.01, "--no-progress", "-o", out)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_gate_writes_model_and_curve(gated):
+    out, output = gated
+    assert "No --weights: training the backbone" in output
+    assert "Gating" in output and "test" in output and "backbone output" in output
+    model = checkpoint.load(out)
+    curve = json.loads(out.with_suffix(".curve.json").read_text())
+    assert model.thresholds == pytest.approx(curve["thresholds"])
+    assert model.class_names[1] == "Trouser" and model.flops is not None
+    val = curve["validation"]
+    assert val["accuracy"] >= val["accuracy_ungated"] - 0.01 - 1e-9
+    assert val["flops_reduction"] > 0  # easy Fashion-MNIST images leave early
+    assert curve["test"]["samples"] == 800 and len(curve["curve"]) > 3
+    assert out.with_suffix(".curve.png").stat().st_size > 1000
+
+
+def test_saved_thresholds_reproduce_the_reported_test_figures(gated, npz):
+    out, _ = gated
+    model = checkpoint.load(out)
+    curve = json.loads(out.with_suffix(".curve.json").read_text())
+    test = load_dataset(f"npz:{npz}", "test")
+    result = model.early_exit(torch.from_numpy(test.x))
+    accuracy = float((result.logits.argmax(1).numpy() == test.y).mean())
+    fractions = np.bincount(result.exits.numpy(), minlength=4) / len(test)
+    assert accuracy == pytest.approx(curve["test"]["accuracy"], abs=1e-9)
+    np.testing.assert_allclose(fractions, curve["test"]["exit_fractions"], atol=1e-9)
+
+
+def test_calibrate_for_a_budget(gated, npz, tmp_path):
+    out, _ = gated
+    again = tmp_path / "budget.pt"
+    result = run("calibrate", out, "--data", f"npz:{npz}", "--budget", 0.6, "--no-progress", "-o", again)
+    assert result.exit_code == 0, result.output
+    curve = json.loads(again.with_suffix(".curve.json").read_text())
+    assert curve["mode"] == "budget"
+    assert curve["validation"]["expected_flops"] <= 0.6 * curve["validation"]["baseline_flops"] + 1e-6
+    assert checkpoint.load(again).thresholds == pytest.approx(curve["thresholds"])
+    assert checkpoint.load(out).thresholds != checkpoint.load(again).thresholds  # the input is untouched
+
+
+def test_calibrate_impossible_budget_says_what_is_possible(gated, npz, tmp_path):
+    out, _ = gated
+    result = run("calibrate", out, "--data", f"npz:{npz}", "--budget", 0.01, "--no-progress", "-o",
+                 tmp_path / "x.pt")
+    assert result.exit_code == 2
+    assert "cheapest gated run" in text(result) and "Raise the budget" in text(result)
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_gate_with_weights_skips_backbone_training(npz, tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "backbone.pth"
+    torch.save(TinyCNN().state_dict(), weights)
+    result = run("gate", "--arch", NAME, "--weights", weights, "--data", f"npz:{npz}", "--epochs", 1,
+                 "--budget", 0.9, "--confidence", "entropy", "--loss", "hinge", "--head", "mlp",
+                 "--no-progress", "-o", tmp_path / "m.pt")
+    assert result.exit_code == 0, result.output
+    assert "training the backbone" not in result.output and "weights from" in result.output
+    model = checkpoint.load(tmp_path / "m.pt")
+    assert model.confidence == "entropy" and model.head_spec["name"] == "mlp"
+    assert torch.equal(model.backbone.state_dict()["stem.0.weight"], torch.load(weights)["stem.0.weight"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max-drop", "0.01", "--budget", "0.5"], "not both"),
+    (["--arch-kwargs", "{width: 8}"], "not valid JSON"),
+    (["--arch-kwargs", '{"in_channels": 3}'], "--repeat-channels"),
+    (["--exits", "stage2,nope"], "nope"),
+    (["--weights", "missing.pth"], "no such file"),
+])
+def test_gate_user_errors(npz, tmp_path, extra, message):
+    result = run("gate", "--arch", NAME, "--data", f"npz:{npz}", "--backbone-epochs", 1, "--epochs", 1,
+                 "--no-progress", "-o", tmp_path / "m.pt", *extra)
+    assert result.exit_code == 2, result.output
+    assert message in text(result)
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_gate_weights_of_another_architecture(npz, tmp_path):
+    weights = tmp_path / "wide.pth"
+    torch.save(TinyCNN(width=16).state_dict(), weights)
+    result = run("gate", "--arch", NAME, "--weights", weights, "--data", f"npz:{npz}", "--no-progress",
+                 "-o", tmp_path / "m.pt")
+    assert result.exit_code == 2 and "do not fit the architecture" in text(result)
+
+
+def test_gate_help_lists_the_zoo():
+    result = run("gate", "--help")
+    assert result.exit_code == 0
+    assert "resnet20" in result.output and "densenet_bc" in result.output and "torchvision/NAME" in result.output
+
+
+@pytest.mark.slow
+def test_demo_settings_on_full_fashion_mnist(tmp_path):
+    """The demo's command: a zoo ResNet trained briefly, 3 gates, --max-drop 0.01 on all of Fashion-MNIST."""
+    out = tmp_path / "model.pt"
+    result = run("gate", "--arch", "resnet20", "--arch-kwargs", '{"stem_stride": 2}', "--data", "fashion-mnist",
+                 "--backbone-epochs", 1, "--epochs", 10, "--max-drop", 0.01, "--no-progress", "-o", out)
+    assert result.exit_code == 0, result.output
+    test = json.loads(out.with_suffix(".curve.json").read_text())["test"]
+    assert test["samples"] == 10000
+    assert test["accuracy_ungated"] > 0.8
+    assert test["accuracy"] >= test["accuracy_ungated"] - 0.02  # calibrated for 0.01 on validation
+    assert test["flops_reduction"] > 0.1

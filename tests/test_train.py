@@ -1,0 +1,105 @@
+"""train.py on tiny models and small subsets of real Fashion-MNIST."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_arch import EXITS, NAME
+
+from dgate_export.data import DEFAULT_FMNIST_DIR, load_dataset
+from dgate_export.errors import UserError
+from dgate_export.gated import GatedModel
+from dgate_export.train import cache_gate_features, collect_exit_logits, train_backbone, train_gates
+from dgate_export.zoo import build_backbone
+
+pytestmark = pytest.mark.skipif(
+    not (DEFAULT_FMNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+)
+ARCH = {"name": NAME, "kwargs": {}}
+
+
+@pytest.fixture(scope="module")
+def data():
+    train = load_dataset("fashion-mnist", "train", val_size=500).subset(3000, seed=0)
+    val = load_dataset("fashion-mnist", "val", val_size=500).subset(300, seed=0)
+    return train, val
+
+
+def accuracy(model, ds):
+    with torch.no_grad():
+        return float((model(torch.from_numpy(ds.x)).argmax(1).numpy() == ds.y).mean())
+
+
+@pytest.fixture(scope="module")
+def backbone(data):
+    torch.manual_seed(0)
+    model = build_backbone(ARCH["name"], ARCH["kwargs"])
+    return train_backbone(model, data[0], epochs=2, batch_size=64, progress=False)
+
+
+def gated_of(backbone, head="linear"):
+    return GatedModel.attach(backbone, list(EXITS), arch=ARCH, num_classes=10,
+                             input_shape=(1, 28, 28), head=head)
+
+
+def test_train_backbone_learns(data, backbone):
+    val = data[1]
+    assert not backbone.training
+    untrained = build_backbone(ARCH["name"], ARCH["kwargs"])
+    # Chance is 0.1; two short epochs of the tiny CNN on 3000 images reach about 0.7.
+    assert accuracy(backbone, val) > max(0.5, accuracy(untrained, val) + 0.3)
+
+
+def exit_accuracies(gated, ds):
+    logits, y = collect_exit_logits(gated, ds, batch_size=100, progress=False)
+    return [float((lg.argmax(1) == y).mean()) for lg in logits]
+
+
+@pytest.mark.parametrize("loss, head", [("ce", "linear"), ("hinge", "mlp")])
+def test_train_gates_keeps_backbone_frozen(data, backbone, loss, head):
+    train, val = data
+    gated = gated_of(backbone, head)
+    before = {k: v.clone() for k, v in gated.backbone.state_dict().items()}  # BN running stats too
+    untrained = exit_accuracies(gated, val)
+    accs = train_gates(gated, train, epochs=5, loss=loss, batch_size=128, progress=False)
+    assert len(accs) == 3 and all(a > 0.18 for a in accs)  # chance: 0.1 (the stem has 8 channels)
+    after = gated.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # The gates learned something that holds on held-out rows; the backbone's exit is unchanged.
+    trained = exit_accuracies(gated, val)
+    assert all(t > u + 0.05 for t, u in zip(trained[:3], untrained[:3])), (untrained, trained)
+    assert trained[3] == untrained[3]
+    assert max(trained[:3]) > 0.5
+
+
+def test_collect_exit_logits_matches_the_model(data, backbone):
+    gated = gated_of(backbone)
+    val = data[1].subset(70)
+    logits, y = collect_exit_logits(gated, val, batch_size=32, progress=False)  # uneven last batch
+    assert len(logits) == 4 and all(lg.shape == (70, 10) for lg in logits)
+    np.testing.assert_array_equal(y, val.y)
+    with torch.no_grad():
+        x = torch.from_numpy(val.x)
+        np.testing.assert_allclose(logits[-1], backbone(x).numpy(), atol=1e-5)
+        np.testing.assert_allclose(logits[1], gated(x)[1].numpy(), atol=1e-5)
+
+
+def test_cached_features_match_gate_features(data, backbone):
+    gated = gated_of(backbone)
+    val = data[1].subset(50)
+    pooled, final = cache_gate_features(gated, val, batch_size=16, progress=False)
+    with torch.no_grad():
+        ref, ref_final = gated.gate_features(torch.from_numpy(val.x))
+    assert [p.shape for p in pooled] == [r.shape for r in ref]
+    assert all(torch.allclose(p, r, atol=1e-5) for p, r in zip(pooled, ref))
+    assert torch.allclose(final, ref_final, atol=1e-5)
+
+
+def test_bad_arguments_are_user_errors(data, backbone):
+    gated = gated_of(backbone)
+    with pytest.raises(UserError, match="hinge"):
+        train_gates(gated, data[0], loss="l2", progress=False)
+    with pytest.raises(UserError, match="epochs"):
+        train_backbone(backbone, data[0], epochs=0, progress=False)
