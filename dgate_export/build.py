@@ -320,20 +320,29 @@ class ParityReport:
 
 
 def probe_thresholds(confidences: list[np.ndarray]) -> list[float]:
-    """Thresholds near the median confidence of the rows reaching each gate, placed in the middle of the
-    widest gap between neighbouring confidences in the middle half, so that every gate sees exits and
-    continuations and no row sits on a threshold (where rounding could flip its decision)."""
+    """Thresholds that split the rows reaching each gate near their median confidence.
+
+    Each threshold lies in the middle of a gap between neighbouring confidences, so no row sits on it
+    (where rounding could flip its decision): the widest gap in the middle half of the sorted values,
+    else the non-empty gap nearest the median. Where all rows reaching a gate have one confidence
+    (saturated softmax), nobody can be split there: the threshold lets them all continue.
+    """
     alive = np.arange(len(confidences[0]))
     thresholds = []
     for conf in confidences:
         values = np.sort(conf[alive].astype(np.float64))
-        if len(values) < 2:
-            t = float(values[-1]) + 1.0 if len(values) else 2.0  # nobody to split: let everyone through
+        gaps = np.diff(values)
+        if not (gaps > 0).any():
+            t = float(values[-1]) + 1.0 if len(values) else 2.0
         else:
             m = len(values)
-            lo, hi = min(m // 4, m - 2), max(min((3 * m) // 4, m - 1), min(m // 4, m - 2) + 1)
-            gaps = values[lo + 1: hi + 1] - values[lo:hi]
-            j = lo + int(np.argmax(gaps))
+            middle = np.arange(m // 4, max(m // 4 + 1, (3 * m) // 4))
+            middle = middle[middle < m - 1]
+            if len(middle) and gaps[middle].max() > 0:
+                j = int(middle[np.argmax(gaps[middle])])
+            else:
+                candidates = np.nonzero(gaps > 0)[0]
+                j = int(candidates[np.argmin(np.abs(candidates - (m - 1) / 2))])
             t = float((values[j] + values[j + 1]) / 2)
         thresholds.append(t)
         alive = alive[conf[alive] < t]

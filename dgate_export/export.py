@@ -135,7 +135,7 @@ def export_baseline(model, path: str | Path, *, max_batch: int, opset: int | Non
 def _example_input(model, max_batch: int) -> torch.Tensor:
     dtype = next(model.parameters()).dtype
     # Batch sizes 0 and 1 are special to torch.export; 3 rows keep the example general where allowed.
-    rows = min(3, max_batch)
+    rows = min(3, max(2, max_batch))
     generator = torch.Generator().manual_seed(0)
     return torch.randn(rows, *model.input_shape, generator=generator).to(dtype)
 
@@ -176,7 +176,9 @@ def export_module(module: nn.Module, args: tuple[torch.Tensor, ...], path: str |
 def _export_dynamo(module, args, path, input_names, output_names, input_dims, max_batch, opset) -> None:
     from torch.export import Dim
 
-    named = {name: Dim(name, min=1, max=max_batch) for name in set(input_dims)}
+    # torch.export refuses a Dim with min == max; the ONNX graph has no upper bound anyway (backends and
+    # the manifest enforce max_batch), so a max batch of 1 is traced with the range 1..2.
+    named = {name: Dim(name, min=1, max=max(2, max_batch)) for name in set(input_dims)}
     dynamic = tuple({0: named[d]} for d in input_dims)
     torch.onnx.export(
         module, args, str(path), dynamo=True, external_data=False, input_names=input_names,

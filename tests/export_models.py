@@ -60,8 +60,8 @@ def randomize(model: nn.Module) -> nn.Module:
                 m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
                 m.weight.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
                 m.bias.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-            if isinstance(m, nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=generator))
+            if isinstance(m, nn.Linear):  # logits of a few units: confidences spread, not saturated
+                m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * 2 / m.in_features ** 0.5)
     return model
 
 

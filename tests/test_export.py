@@ -107,3 +107,11 @@ def test_mid_network_export_failure_names_the_segment(tmp_path):
     message = str(info.value)
     assert "segment 2 (after exit 'block2')" in message
     assert "--exporter torchscript" in message
+
+
+def test_max_batch_one_still_gives_dynamic_dims(tmp_path):
+    model = gated()
+    graph = export_segment(model, 1, tmp_path / "s1.onnx", max_batch=1)
+    assert [t["shape"][0] for t in graph.inputs] == ["rows", "rows", "batch"]
+    assert all(t["shape"][0] == "batch" for t in graph.outputs)
+    _check_segment(model, 1, graph, torch.float32, 1e-5)
