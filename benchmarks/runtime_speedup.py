@@ -46,14 +46,14 @@ from dgate_export.runtime import GatedRuntime
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def build_default(arch: str, out: Path) -> Path:
+def build_default(arch: str, arch_kwargs: dict, out: Path) -> Path:
     """A gated `arch` with the zoo's default exits (untrained heads), built for ONNX Runtime."""
     from dgate_export import checkpoint, zoo
     from dgate_export.build import build_bundle
     from dgate_export.gated import GatedModel
 
     data = load_dataset("fashion-mnist", "test")
-    kwargs = {"num_classes": 10}
+    kwargs = {"num_classes": 10, **arch_kwargs}
     model = GatedModel.attach(zoo.build_backbone(arch, kwargs), list(zoo.arch_info(arch).default_exits),
                               arch={"name": arch, "kwargs": kwargs}, num_classes=10, input_shape=(1, 28, 28),
                               class_names=data.class_names, normalization=data.normalization)
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, help="a bundle to measure (default: build engines/bench-ARCH)")
     ap.add_argument("--arch", default="resnet20", help="zoo architecture of the default bundle")
+    ap.add_argument("--arch-kwargs", type=json.loads, default={}, help='e.g. \'{"width": 32}\'')
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.6, 0.15, 0.1],
                     help="target share of samples leaving at each gate (the rest run the full network)")
     ap.add_argument("--use-bundle-thresholds", action="store_true", help="use the manifest's thresholds")
@@ -127,15 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples-b1", type=int, default=300, help="samples timed one by one")
     ap.add_argument("--batches", type=int, default=4, help="batches of 256 timed")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "runtime_speedup.json")
+    ap.add_argument("--out", type=Path, help="JSON report (default: benchmarks/results/runtime_speedup-BUNDLE.json)")
     args = ap.parse_args(argv)
 
     bundle = args.bundle
     if bundle is None:
-        bundle = ROOT / "engines" / f"bench-{args.arch}"
+        suffix = "".join(f"-{k}{v}" for k, v in sorted(args.arch_kwargs.items()))
+        bundle = ROOT / "engines" / f"bench-{args.arch}{suffix}"
         if not (bundle / "manifest.json").is_file():
             print(f"building {bundle} ...", flush=True)
-            build_default(args.arch, bundle)
+            build_default(args.arch, args.arch_kwargs, bundle)
     options = {} if args.threads is None else {"intra_op_num_threads": args.threads}
     rt = GatedRuntime.load(bundle, **options)
     m = rt.manifest
@@ -206,11 +208,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"(rounds {', '.join(f'{r:.2f}' for r in e['speedup_per_round'])}); from exit times "
                   f"{e['exit_time_model_speedup']:.2f}x; per-gate overhead {e['per_gate_overhead_us']:.0f} us")
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
+    out = args.out or ROOT / "benchmarks" / "results" / f"runtime_speedup-{Path(bundle).name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    os.replace(tmp, out)
+    print(f"wrote {out}")
     return 0
 
 

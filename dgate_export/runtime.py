@@ -75,7 +75,7 @@ class GatedRuntime:
         self._runners = runners
         self._float = np.dtype(manifest.input.dtype)
         self._measure = manifest.confidence
-        self.thresholds = self._check_thresholds(manifest.thresholds if thresholds is None else thresholds)
+        self._thresholds = self._check_thresholds(manifest.thresholds if thresholds is None else thresholds)
         # Feeds of segment k>0: its input prev_carry_i takes segment k-1's output carry_i.
         self._links = [seg.carry_inputs for seg in manifest.segments]
         self._input_name = manifest.input.name
@@ -92,6 +92,15 @@ class GatedRuntime:
             shape = (1, -1, 1, 1)
             self._norm = (np.float32(norm["scale"]), np.broadcast_to(mean.reshape(shape), (1, c, 1, 1)),
                           np.broadcast_to(std.reshape(shape), (1, c, 1, 1)))
+
+    @property
+    def thresholds(self) -> tuple[np.float32, ...]:
+        """One per gate; a sample leaves at gate k when its confidence >= thresholds[k]."""
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, values: Sequence[float]) -> None:
+        self._thresholds = self._check_thresholds(values)  # one assignment: running calls see old or new
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -126,7 +135,7 @@ class GatedRuntime:
 
     def run(self, x: np.ndarray, thresholds: Sequence[float] | None = None) -> RunResult:
         """Classify x [N, C, H, W]; per-call `thresholds` override the runtime's for this call only."""
-        thr = self.thresholds if thresholds is None else self._check_thresholds(thresholds)
+        thr = self._thresholds if thresholds is None else self._check_thresholds(thresholds)
         x = self._prepare(x)
         n = x.shape[0]
         logits = np.empty((n, self.num_classes), dtype=np.float32)

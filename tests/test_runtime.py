@@ -87,6 +87,10 @@ def test_thresholds_at_load_and_per_call(tiny):
     assert rt.run(_x(5)).exit_counts.tolist() == [5, 0, 0]
     assert rt.run(_x(5), thresholds=[2, 2]).exit_counts.tolist() == [0, 0, 5]
     assert rt.thresholds == (0.0, 0.0)  # a per-call override does not stick
+    rt.thresholds = [2, 0]
+    assert rt.run(_x(5)).exit_counts.tolist() == [0, 5, 0]
+    with pytest.raises(UserError, match="3 thresholds given"):
+        rt.thresholds = [1, 1, 1]
     for bad, match in [([0.5], "1 thresholds given"), ([0.5, float("nan")], "finite"), (["a", 1], "numbers")]:
         with pytest.raises(UserError, match=match):
             rt.run(_x(2), thresholds=bad)

@@ -235,4 +235,5 @@ class Runner:
             binding.clear_binding_outputs()
 
     def close(self) -> None:
-        self._session = None
+        """Drop the session (its memory goes when no run is using it); the runner is unusable after."""
+        self._session = self._run_direct = None
