@@ -194,9 +194,23 @@ class _Built:
     baseline: Any = None
 
 
-def _build_into(tmp: Path, steps: _Steps, *, model_path: Path, name: str, backend: str, backend_module: Any,
-                precision: str, max_batch: int, opset: int | None, backend_options: dict,
-                exporter: str) -> Manifest:
+def _build_into(tmp: Path, steps: _Steps, **kwargs: Any) -> Manifest:
+    """Steps 1-7 with torch on one thread: the build runs small batches (tracing, a 64-row probe) where a
+    second thread gains nothing, and on a busy machine torch's spinning worker threads made the same
+    build 3.5x slower (measured: demo build 29 s with 2 threads, 8 s with 1, load average 7 on 2 cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _steps_1_to_7(tmp, steps, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _steps_1_to_7(tmp: Path, steps: _Steps, *, model_path: Path, name: str, backend: str, backend_module: Any,
+                  precision: str, max_batch: int, opset: int | None, backend_options: dict,
+                  exporter: str) -> Manifest:
     import torch
 
     from . import checkpoint
