@@ -161,12 +161,13 @@ def time_batches(rt: GatedRuntime, baseline, x: np.ndarray, batch_size: int, cos
 
 def run_bench(bundle: str | Path, x: np.ndarray, y: np.ndarray | None, options: BenchOptions, *,
               data_info: dict[str, Any], backend: str | None = None, command: str | None = None,
-              progress: bool = True) -> dict[str, Any]:
-    """The whole report as a dict (see docs/bench.md)."""
+              progress: bool = True, runner_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole report as a dict (see docs/bench.md). `runner_options` go to both sides' runners."""
     from tqdm import tqdm
 
-    rt = GatedRuntime.load(bundle, backend=backend, thresholds=options.thresholds)
-    baseline = open_baseline(rt, backend)
+    runner_options = runner_options or {}
+    rt = GatedRuntime.load(bundle, backend=backend, thresholds=options.thresholds, **runner_options)
+    baseline = open_baseline(rt, backend, **runner_options)
     manifest = rt.manifest
     too_big = [b for b in options.batch_sizes if b > manifest.max_batch]
     if too_big or any(b < 1 for b in options.batch_sizes):

@@ -87,10 +87,11 @@ def _float_list(text: str, what: str) -> list[float]:
 @click.option("--thresholds", default=None, help="Override the bundle's thresholds: a,b,c (one per gate).")
 @click.option("--backend", default=None, help="Run on another backend than the bundle's (e.g. onnxruntime).")
 @click.option("--sweep", is_flag=True, help="Also sweep one threshold at every gate: accuracy, FLOPs, speed-up.")
+@click.option("--cuda-graphs", is_flag=True, help="TensorRT: replay CUDA graphs per segment and batch bucket.")
 @click.option("--json", "json_path", default=None, type=click.Path(), help="Write the full figures as JSON.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(), help="Write accuracy-vs-cost and speed-up plots (PNG).")
 def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes, warmup_ms, min_iterations,
-          min_seconds, thresholds, backend, sweep, json_path, plot_path):
+          min_seconds, thresholds, backend, sweep, cuda_graphs, json_path, plot_path):
     """Measure a bundle against its un-gated baseline on the same backend.
 
     Reports accuracy (gated vs baseline, per exit), exit fractions, expected FLOPs and the ideal
@@ -128,7 +129,10 @@ def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes,
         batch_sizes=_int_list(batch_sizes, "--batch-sizes"), warmup_ms=warmup_ms, min_iterations=min_iterations,
         min_seconds=min_seconds, thresholds=_float_list(thresholds, "--thresholds") if thresholds else None,
         sweep=sweep)
-    report = bench_mod.run_bench(bundle, x, y, options, data_info=info, backend=backend)
+    if cuda_graphs and (backend or manifest.backend) != "tensorrt":
+        raise UserError("--cuda-graphs applies to TensorRT bundles only.", "Drop it for ONNX Runtime.")
+    report = bench_mod.run_bench(bundle, x, y, options, data_info=info, backend=backend,
+                                 runner_options={"cuda_graphs": True} if cuda_graphs else None)
     bench_mod.check_report(report)
     bench_mod.print_report(report)
     if json_path:
@@ -149,7 +153,16 @@ def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes,
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
               help="torch.onnx exporter: dynamo (current), torchscript (deprecated; faster, a fallback).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle (only after the new one is built).")
-def build(model, output, backend, precision, max_batch, opset, exporter, force):
+@click.option("--opt-batch", default=None, type=click.IntRange(min=1),
+              help="TensorRT: the batch size the engines are tuned for [default: max batch].")
+@click.option("--workspace-mb", default=None, type=click.IntRange(min=1), help="TensorRT: workspace limit in MiB.")
+@click.option("--timing-cache", default=None, type=click.Path(dir_okay=False),
+              help="TensorRT: start from this timing cache (e.g. an earlier bundle's timing.cache).")
+@click.option("--hardware-compatible", is_flag=True,
+              help="TensorRT: engines that run on any Ampere or newer GPU (slower; see docs/tensorrt.md).")
+@click.option("--tf32", is_flag=True, help="TensorRT: allow TF32 math in fp32 engines.")
+def build(model, output, backend, precision, max_batch, opset, exporter, force, opt_batch, workspace_mb,
+          timing_cache, hardware_compatible, tf32):
     """Build a bundle from a gated MODEL (model.pt): per-segment ONNX graphs, engines, manifest.json.
 
     Every graph passes the ONNX checker and a parity check against the torch model (same exit
@@ -158,8 +171,14 @@ def build(model, output, backend, precision, max_batch, opset, exporter, force):
     """
     from .build import build_bundle
 
+    trt = {"opt_batch": opt_batch, "workspace_mb": workspace_mb, "timing_cache": timing_cache,
+           "hardware_compatible": hardware_compatible or None, "tf32": tf32 or None}
+    trt = {k: v for k, v in trt.items() if v is not None}
+    if trt and backend != "tensorrt":
+        flags = ", ".join("--" + k.replace("_", "-") for k in trt)
+        raise UserError(f"{flags} only apply to --backend tensorrt.", "Drop them, or build for TensorRT.")
     build_bundle(model, output, backend=backend, precision=precision, max_batch=max_batch, opset=opset,
-                 force=force, exporter=exporter, progress=click.echo)
+                 force=force, exporter=exporter, backend_options=trt, progress=click.echo)
 
 
 @main.command("inspect")
