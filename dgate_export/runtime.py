@@ -6,6 +6,12 @@
     res = rt.run(x)                                 # x: numpy [N, C, H, W], any N >= 1
     res.predictions, res.exits, res.exit_counts
 
+`load(bundle, backend=None, thresholds=None, **options)`: the backend defaults to the manifest's
+(`backend="onnxruntime"` runs any bundle's ONNX graphs); `options` go to the backend's Runner (for
+ONNX Runtime: providers, intra_op_num_threads, ... see dgate_export/backends/onnxruntime.py).
+Thresholds come from the manifest unless given at load, per call (`run(x, thresholds=...)`), or set
+with `rt.thresholds = [...]`. Batches larger than the bundle's max_batch are split.
+
 The embedding contract (`RunResult`, arrays indexed by the input's row):
     logits       float32 [N, classes]  the class scores of the exit each sample took
     predictions  int64   [N]           argmax of logits
@@ -30,8 +36,9 @@ Input: float arrays are model input (float64 is converted with a warning); integ
 pixels, normalized with the manifest's input.normalization as x = (raw * scale - mean[c]) / std[c]
 (refused when the bundle has none). fp16 bundles get float16. Anything else is a UserError.
 
-Thread safety: `run` keeps no state between calls beyond the read-only runners and thresholds, and
-the backends' runners are thread-safe, so many threads may call `run` on one runtime.
+Thread safety: `run` keeps no state between calls beyond the read-only runners, thresholds and
+row-number vector (sliced for every batch instead of allocated), and the backends' runners are
+thread-safe, so many threads may call `run` on one runtime and each gets its own result.
 """
 
 from __future__ import annotations

@@ -101,6 +101,7 @@ def build(onnx_path: Path, out_dir: Path, options: dict) -> dict:
     ort = _ort()
     session_options = ort.SessionOptions()
     session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session_options.log_severity_level = 3
     try:
         ort.InferenceSession(str(onnx_path), session_options, providers=["CPUExecutionProvider"])
     except Exception as err:  # ORT raises its own pybind exception types
@@ -192,9 +193,17 @@ class Runner:
         self.input_names: list[str] = [i.name for i in self._session.get_inputs()]
         self.output_names: list[str] = [o.name for o in self._session.get_outputs()]
         self.providers: list[str] = self._session.get_providers()
+        asked = [p[0] if isinstance(p, tuple) else p for p in providers]
+        missing = [p for p in asked if p not in self.providers]
+        if missing:  # ORT drops a provider whose libraries (CUDA, cuDNN, TensorRT) fail to load, and goes on
+            raise UserError(f"ONNX Runtime could not start {', '.join(missing)} for {path.name} "
+                            f"(it would run on {', '.join(self.providers)}).",
+                            "Check that the CUDA / cuDNN / TensorRT libraries onnxruntime-gpu needs are "
+                            "installed and on the library path; or leave `providers` out to run on the CPU.")
         self._device_id = 0
         if self._on_device:
-            cuda = (options.get("provider_options") or {}).get("cuda") or {}
+            per_provider = options.get("provider_options") or {}
+            cuda = per_provider.get("cuda") or per_provider.get("CUDAExecutionProvider") or {}
             self._device_id = int(cuda.get("device_id", 0))
         # I/O bindings hold per-call state, so each thread gets its own.
         self._local = threading.local()
