@@ -389,7 +389,8 @@ def save_curve(result: Calibration, json_path: str | os.PathLike, png_path: str 
     xs = [p["relative_flops"] for p in result.curve]
     ys = [100 * p["accuracy"] for p in result.curve]
     ax.step(xs, ys, where="post", color="tab:blue", label="gated, validation (Pareto front)")
-    ax.axhline(100 * val.accuracy_ungated, color="gray", ls="--", lw=1, label="un-gated, validation")
+    ax.axhline(100 * val.accuracy_ungated, color="gray", ls="--", lw=1)
+    ax.plot([1.0], [100 * val.accuracy_ungated], "D", color="gray", label="un-gated, validation")
     ax.plot([val.expected_flops / val.baseline_flops], [100 * val.accuracy], "o", color="tab:red",
             label=f"chosen ({result.mode}={result.target:g}), validation")
     if test is not None:

@@ -68,21 +68,22 @@ def train_backbone(backbone: nn.Module, train_data: Dataset, *, epochs: int, bat
 
 
 @torch.no_grad()
-def cache_gate_features(gated, data: Dataset, *, batch_size: int = 256,
-                        progress: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Pooled features at every gate [N, C_k] and the backbone's logits [N, classes], in data order."""
+def cache_gate_features(gated, data: Dataset, *, batch_size: int = 256, progress: bool = True) -> list[torch.Tensor]:
+    """Pooled features at every gate [N, C_k], in data order.
+
+    Runs segments 0..K-1 only: the last segment (often a third of the FLOPs) feeds no gate.
+    """
     gated.eval()
     x = torch.from_numpy(data.x)
     pooled: list[list[torch.Tensor]] = [[] for _ in range(gated.num_gates)]
-    final = []
     steps = math.ceil(len(data) / batch_size)
     for rows in tqdm(_batches(len(data), batch_size, None), total=steps, disable=not progress,
                      desc="caching gate features", unit="batch"):
-        feats, logits = gated.gate_features(x[rows])
-        for k, f in enumerate(feats):
-            pooled[k].append(f)
-        final.append(logits)
-    return [torch.cat(p) for p in pooled], torch.cat(final)
+        carries: tuple[torch.Tensor, ...] = (x[rows],)
+        for k in range(gated.num_gates):
+            carries = gated.segments[k](*carries)
+            pooled[k].append(gated.heads[k].pool(carries[0]))
+    return [torch.cat(p) for p in pooled]
 
 
 def train_gates(gated, train_data: Dataset, *, epochs: int = 10, loss: str = "ce", batch_size: int = 256,
@@ -101,35 +102,48 @@ def train_gates(gated, train_data: Dataset, *, epochs: int = 10, loss: str = "ce
     gated.eval()
     for p in gated.parameters():
         p.requires_grad_(False)
-    pooled, _ = cache_gate_features(gated, train_data, batch_size=feature_batch_size, progress=progress)
+    pooled = cache_gate_features(gated, train_data, batch_size=feature_batch_size, progress=progress)
     y = torch.from_numpy(train_data.y)
     loss_fn: nn.Module = nn.CrossEntropyLoss() if loss == "ce" else nn.MultiMarginLoss()
     steps = math.ceil(len(train_data) / batch_size)
     accuracies = []
-    for k, head in enumerate(gated.heads):
-        torch.manual_seed(seed + k)
-        rng = np.random.default_rng(seed + k)
-        params = list(head.parameters())
-        for p in params:
-            p.requires_grad_(True)
-        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps)
-        feats = pooled[k]
-        head.train()
-        for _ in tqdm(range(epochs), disable=not progress, desc=f"gate {k} ({gated.exits[k]})", unit="epoch"):
-            for rows in _batches(len(train_data), batch_size, rng):
-                out = head.classify(feats[rows])
-                batch_loss = loss_fn(out, y[rows])
-                optimizer.zero_grad(set_to_none=True)
-                batch_loss.backward()
-                optimizer.step()
-                schedule.step()
-        head.eval()
-        for p in params:
-            p.requires_grad_(False)
-        with torch.no_grad():
-            accuracies.append(float((head.classify(feats).argmax(1) == y).float().mean()))
+    # Heads are tiny (a few thousand weights): threads only add synchronisation, which on a busy
+    # machine costs more than the arithmetic.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for k, head in enumerate(gated.heads):
+            accuracies.append(_train_head(head, pooled[k], y, f"gate {k} ({gated.exits[k]})", epochs=epochs,
+                                          steps=steps, loss_fn=loss_fn, batch_size=batch_size, lr=lr,
+                                          weight_decay=weight_decay, seed=seed + k, progress=progress))
+    finally:
+        torch.set_num_threads(threads)
     return accuracies
+
+
+def _train_head(head, feats: torch.Tensor, y: torch.Tensor, desc: str, *, epochs: int, steps: int,
+                loss_fn: nn.Module, batch_size: int, lr: float, weight_decay: float, seed: int,
+                progress: bool) -> float:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    params = list(head.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps)
+    head.train()
+    for _ in tqdm(range(epochs), disable=not progress, desc=desc, unit="epoch"):
+        for rows in _batches(len(y), batch_size, rng):
+            batch_loss = loss_fn(head.classify(feats[rows]), y[rows])
+            optimizer.zero_grad(set_to_none=True)
+            batch_loss.backward()
+            optimizer.step()
+            schedule.step()
+    head.eval()
+    for p in params:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        return float((head.classify(feats).argmax(1) == y).float().mean())
 
 
 @torch.no_grad()
