@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -159,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     base_flops = float(m.baseline.flops or costs[-1])
 
     report: dict = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "bundle": str(bundle), "arch": (m.source or {}).get("arch"), "backend": m.backend,
+        "command": shlex.join(["python", *sys.argv]),
+        "bundle": os.path.relpath(bundle, ROOT), "arch": (m.source or {}).get("arch"), "backend": m.backend,
         "num_gates": rt.num_gates, "thresholds": some, "baseline_flops": base_flops,
         "exit_costs_flops": costs, "session_options": options or "backend defaults",
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
