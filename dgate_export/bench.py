@@ -265,6 +265,7 @@ def print_report(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console()
+    console.width = max(console.width, 120)  # logs and pipes get 80 columns by default: too narrow
     b = report["bundle"]
     console.print(f"[bold]{b['name']}[/] ({b['backend']}, {b['precision']}, {b['num_gates']} gates, "
                   f"{b['confidence']}) on {report['data']['description']}")
@@ -289,16 +290,20 @@ def print_report(report: dict[str, Any]) -> None:
         a = acc["per_exit"][k] if acc else None
         exits.add_row(name, f"{frac:.1%}", "-" if a is None else f"{a:.2%}", f"{flops['exit_costs'][k] / 1e6:,.2f} M")
     console.print(exits)
-    speed = Table(title="speed (latency per batch in ms; interleaved gated/baseline)")
-    for col in ("batch", "iters", "gated mean", "p50", "p99", "baseline mean", "p50 ", "p99 ",
-                "gated samples/s", "baseline samples/s", "speed-up", "ideal", "efficiency"):
+    latency = Table(title="latency per batch (ms), gated and baseline timed call by call in alternation")
+    for col in ("batch", "side", *LATENCY_KEYS, "samples/s"):
+        latency.add_column(col, justify="right")
+    speed = Table(title="speed-up over the un-gated baseline")
+    for col in ("batch", "iterations", "measured", "ideal (FLOPs)", "efficiency"):
         speed.add_column(col, justify="right")
     for s in report["speed"]:
-        g, base = s["gated"]["latency_ms"], s["baseline"]["latency_ms"]
-        speed.add_row(str(s["batch_size"]), str(s["iterations"]), f"{g['mean']:.3f}", f"{g['median']:.3f}",
-                      f"{g['p99']:.3f}", f"{base['mean']:.3f}", f"{base['median']:.3f}", f"{base['p99']:.3f}",
-                      f"{s['gated']['throughput']:,.0f}", f"{s['baseline']['throughput']:,.0f}",
-                      f"{s['speedup']:.2f}x", f"{s['ideal_speedup']:.2f}x", f"{s['efficiency']:.0%}")
+        for side in ("gated", "baseline"):
+            lat = s[side]["latency_ms"]
+            latency.add_row(str(s["batch_size"]), side, *(_ms(lat[k]) for k in LATENCY_KEYS),
+                            f"{s[side]['throughput']:,.0f}")
+        speed.add_row(str(s["batch_size"]), str(s["iterations"]), f"{s['speedup']:.2f}x",
+                      f"{s['ideal_speedup']:.2f}x", f"{s['efficiency']:.0%}")
+    console.print(latency)
     console.print(speed)
     if report["sweep"]:
         sweep = Table(title=f"threshold sweep (same threshold at every gate; timing at batch "
@@ -309,8 +314,12 @@ def print_report(report: dict[str, Any]) -> None:
             a = p["accuracy"]
             sweep.add_row(f"{p['thresholds'][0]:g}", "-" if a is None else f"{a['gated']:.2%}",
                           f"{p['flops']['reduction']:.1%}", f"{p['flops']['ideal_speedup']:.2f}x",
-                          f"{p['speed']['speedup']:.2f}x", " ".join(f"{f:.2f}" for f in p["exits"]["fractions"]))
+                          f"{p['speed']['speedup']:.2f}x", "/".join(f"{f:.2f}" for f in p["exits"]["fractions"]))
         console.print(sweep)
+
+
+def _ms(value: float) -> str:
+    return f"{value:.1f}" if value >= 10 else f"{value:.3f}"
 
 
 def plot_report(report: dict[str, Any], path: str | Path) -> Path:
