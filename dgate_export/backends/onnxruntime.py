@@ -12,10 +12,11 @@ Runner options (all optional; `GatedRuntime.load(..., **options)` passes them th
 | `allow_spinning` | `False` | idle pool threads busy-wait for the next job. A gated run alternates K+1 sessions, and each session's spinning threads steal the cores the next session needs. |
 | `graph_optimization_level` | `"all"` | `disable`, `basic`, `extended`, `layout`, `all`. |
 
-Measured on the 2-core development machine (shared, so figures are medians of interleaved rounds):
-a ResNet-20 chain of 4 sessions at batch 1 ran 2.0 ms with 1 thread, 2.7 ms with 2 threads and
-11.9 ms with 2 spinning threads; one thread is the default because a second one only pays for large
-batches on an idle machine (pass `intra_op_num_threads=os.cpu_count()` for throughput work).
+Measured on the 2-core development machine while other jobs were running (load ~5): a ResNet-20 chain
+of 4 sessions at batch 1 ran 2.0 ms with 1 thread, 2.7 ms with 2 threads and 11.9 ms with 2 spinning
+threads; at batch 256, 315, 359 and 826 ms. One thread is the default: it is best for latency and for
+many threads calling one runtime; a second thread can only pay for large batches on an idle machine
+(`intra_op_num_threads=2`). Spinning stays off: it multiplied the time by up to 6 here.
 
 On CPU, `run` feeds numpy arrays to the session and returns numpy outputs. Per call on a small
 segment here (thread CPU time): `InferenceSession.run` 20 us, its underlying binding 13 us (used),
