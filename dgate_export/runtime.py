@@ -123,6 +123,8 @@ class GatedRuntime:
         files = [cls._artifact(manifest, seg.engine["file"], seg.file, name) for seg in manifest.segments]
         module = backends.get_backend(name)  # refuses a backend whose library is missing here
         runner_options = {"precision": manifest.precision, "max_batch": manifest.max_batch, **options}
+        if name == manifest.backend:  # e.g. TensorRT checks its engines were built for this GPU
+            runner_options.setdefault("backend_info", manifest.backend_info)
         runners = [module.Runner(manifest.path(f), runner_options) for f in files]
         return cls(manifest, runners, thresholds)
 

@@ -52,10 +52,10 @@ _DEVICE_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
 _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"}
 _MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
+# What every backend receives from build / GatedRuntime; meaningless to an ORT session.
+_PASSED = {"precision", "max_batch", "opt_batch", "backend_info"}
 _KNOWN_OPTIONS = {"providers", "provider_options", "intra_op_num_threads", "inter_op_num_threads",
-                  "execution_mode", "allow_spinning", "graph_optimization_level",
-                  # build options every backend receives; meaningless to an ORT session
-                  "precision", "max_batch", "opt_batch"}
+                  "execution_mode", "allow_spinning", "graph_optimization_level"} | _PASSED
 
 # One thread per session by default: a chain of small sessions pays for waking a pool on every
 # operator of every call; see the module docstring.
@@ -147,7 +147,7 @@ def session_options(options: dict, ort: Any) -> Any:
     unknown = set(options) - _KNOWN_OPTIONS
     if unknown:
         raise UserError(f"Unknown onnxruntime option(s): {', '.join(sorted(unknown))}.",
-                        f"Known options: {', '.join(sorted(_KNOWN_OPTIONS - {'precision', 'max_batch', 'opt_batch'}))}.")
+                        f"Known options: {', '.join(sorted(_KNOWN_OPTIONS - _PASSED))}.")
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(options.get("intra_op_num_threads", DEFAULT_THREADS))
     so.inter_op_num_threads = int(options.get("inter_op_num_threads", 1))
