@@ -6,6 +6,6 @@ Importing the package is cheap and needs neither torch nor TensorRT; import the 
 
 __version__ = "0.1.0"
 
-from .errors import UserError  # noqa: E402
+from .errors import UserError
 
 __all__ = ["UserError", "__version__"]
