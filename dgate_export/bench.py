@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, backends
+from . import __version__
 from .errors import UserError
 from .runtime import GatedRuntime
 
@@ -41,16 +41,6 @@ class BenchOptions:
     thresholds: Sequence[float] | None = None
     sweep: bool = False
     sweep_seconds: float = 1.0  # timing per sweep point (at the largest batch size)
-
-
-def open_baseline(rt: GatedRuntime, backend: str | None = None, **options: Any):
-    """A runner for the bundle's un-gated baseline on the runtime's backend."""
-    manifest = rt.manifest
-    name = backend or manifest.backend
-    base = manifest.baseline
-    artifact = base.engine["file"] if name == manifest.backend else base.file
-    runner_options = {"precision": manifest.precision, "max_batch": manifest.max_batch, **options}
-    return backends.get_backend(name).Runner(manifest.path(artifact), runner_options)
 
 
 def exit_costs(rt: GatedRuntime) -> list[float]:
@@ -167,7 +157,7 @@ def run_bench(bundle: str | Path, x: np.ndarray, y: np.ndarray | None, options: 
 
     runner_options = runner_options or {}
     rt = GatedRuntime.load(bundle, backend=backend, thresholds=options.thresholds, **runner_options)
-    baseline = open_baseline(rt, backend, **runner_options)
+    baseline = rt.baseline_runner()
     manifest = rt.manifest
     too_big = [b for b in options.batch_sizes if b > manifest.max_batch]
     if too_big or any(b < 1 for b in options.batch_sizes):

@@ -82,6 +82,8 @@ class GatedRuntime:
         self.max_batch = manifest.max_batch
         self.input_shape = tuple(int(d) for d in manifest.input.shape[1:])  # (C, H, W)
         self._runners = runners
+        self._open: Any = None  # set by load(): opens another artifact of the bundle like the segments
+        self._backend_name = manifest.backend
         self._float = np.dtype(manifest.input.dtype)
         self._measure = manifest.confidence
         self._thresholds = self._check_thresholds(manifest.thresholds if thresholds is None else thresholds)
@@ -126,7 +128,18 @@ class GatedRuntime:
         if name == manifest.backend:  # e.g. TensorRT checks its engines were built for this GPU
             runner_options.setdefault("backend_info", manifest.backend_info)
         runners = [module.Runner(manifest.path(f), runner_options) for f in files]
-        return cls(manifest, runners, thresholds)
+        rt = cls(manifest, runners, thresholds)
+        rt._open = lambda f: module.Runner(manifest.path(f), runner_options)
+        rt._backend_name = name
+        return rt
+
+    def baseline_runner(self) -> Any:
+        """A runner of the bundle's un-gated baseline (input "input", output "logits") on the same
+        backend with the same options, for benchmarks and comparisons."""
+        if self._open is None:
+            raise ValueError("baseline_runner() needs a runtime made by GatedRuntime.load")
+        base = self.manifest.baseline
+        return self._open(self._artifact(self.manifest, base.engine["file"], base.file, self._backend_name))
 
     @staticmethod
     def _artifact(manifest: Manifest, engine_file: str, onnx_file: str, backend: str) -> str:
