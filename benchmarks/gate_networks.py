@@ -1,0 +1,186 @@
+"""Gate a trained benchmark backbone: choose exits, head and confidence on the VALIDATION split.
+
+    .venv/bin/python benchmarks/gate_networks.py resnet56
+    .venv/bin/python benchmarks/gate_networks.py densenet_bc
+
+Steps (the backbone stays frozen throughout; the test split is never read here):
+1. Attach a gate head at every candidate exit (NETWORKS below) and train them all at once with
+   `train_gates` on the training split (default: all 55 000 rows, MLP heads with 256 hidden units;
+   one forward pass caches the pooled features of every candidate).
+2. Collect every candidate's logits on the validation split (`collect_exit_logits`).
+3. For every combination of 2 or 3 candidate exits, head type and confidence measure, calibrate the
+   thresholds with max_drop=0.01 (`calibrate.calibrate`) and keep the combination with the lowest
+   expected FLOPs on validation. Heads are trained independently per exit, so a subset's heads are
+   the big model's heads, copied.
+4. Re-calibrate the winner (coordinate-descent refinement on), save the gated model
+   (benchmarks/weights/NETWORK_gated.pt) and the search log and calibration curve
+   (benchmarks/results/NETWORK_search.json, NETWORK_calibration.json).
+Next step: calibrate_margin.py re-chooses the thresholds with a cross-validated margin.
+
+Selecting among ~150 combinations on the same 5000 validation samples flatters the validation figures;
+calibrate_margin.py's cross-validation measures (part of) that optimism, the test split the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dgate_export import checkpoint
+from dgate_export.calibrate import calibrate
+from dgate_export.data import load_dataset
+from dgate_export.gated import GatedModel
+from dgate_export.train import collect_exit_logits, train_gates
+from dgate_export.zoo import build_backbone
+
+ROOT = Path(__file__).resolve().parent.parent
+WEIGHTS = ROOT / "benchmarks" / "weights"
+RESULTS = ROOT / "benchmarks" / "results"
+
+# Candidate exits per network, chosen from the cost split (`dgate-export inspect`): ResNet-56's three
+# stages cost a third each, so the candidates cover stage 1 and stage 2; DenseNet-BC-40's first dense
+# block holds three quarters of the FLOPs, so the candidates sit inside it and just after it.
+NETWORKS = {
+    "resnet56": {
+        "kwargs": {"stem_stride": 2},
+        "candidates": ["layer1.1", "layer1.3", "layer1.5", "layer1.7", "layer1.8",
+                       "layer2.1", "layer2.3", "layer2.5", "layer2.8"],
+    },
+    "densenet_bc": {
+        "kwargs": {"stem_stride": 2},
+        "candidates": [f"features.denseblock1.{i}" for i in range(6)]
+        + ["features.transition1", "features.denseblock2.1", "features.denseblock2.3"],
+    },
+}
+HEADS = ("linear", "mlp")
+CONFIDENCES = ("max-softmax", "margin", "entropy")
+MAX_DROP = 0.01
+
+
+def load_backbone(network: str, weights: Path | None = None):
+    backbone = build_backbone(network, NETWORKS[network]["kwargs"])
+    backbone.load_state_dict(torch.load(weights or WEIGHTS / f"{network}.pth", weights_only=True))
+    return backbone.eval()
+
+
+def gated_model(network: str, backbone, exits: list[str], head: str, data, hidden: int) -> GatedModel:
+    return GatedModel.attach(backbone, exits, arch={"name": network, "kwargs": NETWORKS[network]["kwargs"]},
+                             num_classes=10, input_shape=(1, 28, 28), head=head,
+                             head_kwargs={"hidden": hidden} if head == "mlp" else None,
+                             class_names=data.class_names, normalization=data.normalization)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("network", choices=sorted(NETWORKS))
+    parser.add_argument("--gate-train-samples", type=int, default=55000)
+    parser.add_argument("--gate-epochs", type=int, default=20)
+    parser.add_argument("--heads", default="mlp", help=f"comma-separated, of {HEADS}")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden units of the mlp head")
+    parser.add_argument("--max-gates", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--weights", type=Path, default=None, help="backbone state_dict [weights/NETWORK.pth]")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+
+    network, spec = args.network, NETWORKS[args.network]
+    candidates = spec["candidates"]
+    train = load_dataset("fashion-mnist", "train").subset(args.gate_train_samples, seed=args.seed)
+    val = load_dataset("fashion-mnist", "val")
+
+    big: dict[str, GatedModel] = {}
+    val_logits: dict[str, list] = {}
+    gate_train_acc: dict[str, list[float]] = {}
+    labels = val.y
+    backbone = load_backbone(network, args.weights)
+    for head in args.heads.split(","):
+        model = gated_model(network, backbone, candidates, head, val, args.hidden)
+        gate_train_acc[head] = train_gates(model, train, epochs=args.gate_epochs, seed=args.seed, progress=False)
+        logits, labels = collect_exit_logits(model, val, progress=False)
+        big[head], val_logits[head] = model, logits
+        print(f"{head}: gate train accuracy " + ", ".join(
+            f"{e}={a:.3f}" for e, a in zip(candidates, gate_train_acc[head])), flush=True)
+        print(f"{head}: gate val accuracy " + ", ".join(
+            f"{e}={float((lg.argmax(1) == labels).mean()):.3f}" for e, lg in zip(candidates, logits)), flush=True)
+
+    flops = big[next(iter(big))].count_flops()
+    baseline = float(flops["baseline"])
+    seg, heads_f = flops["segments"], flops["heads"]
+
+    def costs_for(idx: tuple[int, ...]) -> list[float]:
+        # Cost of leaving at chosen gate j: every segment up to candidate idx[j] plus the chosen heads
+        # up to j (the heads of unchosen candidates are not run).
+        out = []
+        for j, i in enumerate(idx):
+            out.append(sum(seg[:i + 1]) + sum(heads_f[c] for c in idx[:j + 1]))
+        out.append(sum(seg) + sum(heads_f[c] for c in idx))
+        return out
+
+    trials = []
+    for head in big:
+        logits = val_logits[head]
+        for k in range(1, args.max_gates + 1):
+            for idx in itertools.combinations(range(len(candidates)), k):
+                cal = calibrate([logits[i] for i in idx] + [logits[-1]], labels, confidence="max-softmax",
+                                costs=costs_for(idx), baseline_flops=baseline, max_drop=MAX_DROP, refine=False)
+                trials.append({"exits": [candidates[i] for i in idx], "idx": idx, "head": head,
+                               "confidence": "max-softmax", "val_flops_reduction": cal.validation.flops_reduction,
+                               "val_accuracy": cal.validation.accuracy})
+    trials.sort(key=lambda t: -t["val_flops_reduction"])
+    # The other confidence measures on the best few combinations (each calibration takes ~1 s).
+    for t in list(trials[:10]):
+        for conf in CONFIDENCES[1:]:
+            logits = val_logits[t["head"]]
+            cal = calibrate([logits[i] for i in t["idx"]] + [logits[-1]], labels, confidence=conf,
+                            costs=costs_for(t["idx"]), baseline_flops=baseline, max_drop=MAX_DROP, refine=False)
+            trials.append(dict(t, confidence=conf, val_flops_reduction=cal.validation.flops_reduction,
+                               val_accuracy=cal.validation.accuracy))
+    trials.sort(key=lambda t: -t["val_flops_reduction"])
+    best = trials[0]
+    print("best on validation:", {k: v for k, v in best.items() if k != "idx"}, flush=True)
+
+    # The chosen model: only the chosen exits, their heads copied from the search model.
+    source = big[best["head"]]
+    model = gated_model(network, backbone, best["exits"], best["head"], val, args.hidden)
+    for j, i in enumerate(best["idx"]):
+        model.heads[j].load_state_dict(source.heads[i].state_dict())
+    model.confidence = best["confidence"]
+    model.count_flops()
+    logits = [val_logits[best["head"]][i] for i in best["idx"]] + [val_logits[best["head"]][-1]]
+    cal = calibrate(logits, labels, confidence=best["confidence"], costs=model.exit_costs(),
+                    baseline_flops=float(model.flops["baseline"]), max_drop=MAX_DROP, refine=True)
+    model.thresholds = list(cal.thresholds)
+    WEIGHTS.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    checkpoint.save(model, WEIGHTS / f"{network}_gated.pt")
+    (RESULTS / f"{network}_calibration.json").write_text(json.dumps(cal.to_dict(), indent=1) + "\n")
+    search = {
+        "network": network, "candidates": candidates, "gate_train_samples": len(train),
+        "gate_epochs": args.gate_epochs, "mlp_hidden": args.hidden, "seed": args.seed, "max_drop": MAX_DROP,
+        "gate_train_accuracy": gate_train_acc,
+        "gate_val_accuracy": {h: [float((lg.argmax(1) == labels).mean()) for lg in val_logits[h]] for h in big},
+        "chosen": {"exits": best["exits"], "head": best["head"], "confidence": best["confidence"],
+                   "thresholds": cal.thresholds, "validation": cal.validation.to_dict()},
+        "trials": [{k: v for k, v in t.items() if k != "idx"} for t in trials],
+        "minutes": round((time.perf_counter() - started) / 60, 1),
+        "command": "python benchmarks/gate_networks.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    (RESULTS / f"{network}_search.json").write_text(json.dumps(search, indent=1) + "\n")
+    v = cal.validation
+    print(f"{network}: exits {best['exits']} head {best['head']} confidence {best['confidence']} thresholds "
+          f"{[round(t, 4) for t in cal.thresholds]}; validation accuracy {v.accuracy:.4f} (un-gated "
+          f"{v.accuracy_ungated:.4f}), FLOPs -{v.flops_reduction:.1%}, exits {[round(f, 3) for f in v.exit_fractions]}",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

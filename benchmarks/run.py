@@ -1,0 +1,293 @@
+"""Reproduce the benchmark table from the committed gated models (benchmarks/weights/*_gated.pt).
+
+    .venv/bin/python benchmarks/run.py                      # every network
+    .venv/bin/python benchmarks/run.py resnet56 --min-seconds 5
+
+Per network:
+1. every exit's logits on the validation and test splits (`collect_exit_logits`);
+2. the thresholds re-derived on VALIDATION (with the setting calibrate_margin.py chose by
+   cross-validation inside validation, recorded in results/NETWORK_calibration.json) must equal
+   the committed ones; they are
+   then evaluated on test, together with every point of the validation Pareto front (the
+   accuracy-vs-cost curve over the whole range) and the oracle (every sample leaves at the earliest
+   exit that classifies it correctly; samples no exit gets right run the whole network);
+3. `dgate-export build` (ONNX Runtime bundle in engines/bench-NETWORK) and `dgate-export bench` on
+   the test split at batch 1 and 256 (gated vs the bundle's un-gated baseline.onnx, interleaved);
+4. the same gated model in eager PyTorch (`GatedModel.early_exit`) against the eager un-gated
+   backbone at batch 1 and 256, interleaved, one thread (as the ONNX Runtime sessions).
+Writes benchmarks/results.json, benchmarks/results.md (the table), benchmarks/results/NETWORK_*.json
+and benchmarks/plots/NETWORK_curve.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dgate_export import checkpoint
+from dgate_export.calibrate import calibrate, evaluate
+from dgate_export.data import load_dataset
+from dgate_export.train import collect_exit_logits
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+CLI = [str(Path(sys.executable).parent / "dgate-export")]  # the console script of this venv
+NETWORKS = ("resnet56", "densenet_bc")
+MAX_DROP = 0.01
+BATCH_SIZES = (1, 256)
+
+
+def oracle(test_logits: list[np.ndarray], labels: np.ndarray, costs: list[float], baseline: float) -> dict:
+    correct = np.stack([lg.argmax(1) == labels for lg in test_logits])  # [K+1, N]
+    anyone = correct.any(axis=0)
+    first = np.where(anyone, correct.argmax(axis=0), len(test_logits) - 1)
+    fractions = np.bincount(first, minlength=len(test_logits)) / len(labels)
+    expected = float(np.dot(fractions, costs))
+    return {"accuracy": float(anyone.mean()), "expected_flops": expected, "flops_reduction": 1 - expected / baseline,
+            "exit_fractions": fractions.tolist(),
+            "rule": "earliest exit that classifies the sample correctly; none correct: the whole network"}
+
+
+def _stats(seconds: list[float]) -> dict:
+    ms = np.asarray(seconds) * 1e3
+    return {"mean": float(ms.mean()), "median": float(np.median(ms)), "p90": float(np.percentile(ms, 90)),
+            "min": float(ms.min()), "max": float(ms.max())}
+
+
+@torch.no_grad()
+def time_eager(model, x: np.ndarray, batch_size: int, *, min_seconds: float, warmup_s: float = 0.5) -> dict:
+    """Interleaved eager timing: model.early_exit (gated) vs model.backbone (un-gated), same batches."""
+    n = max(1, len(x) // batch_size)
+    batches = [torch.from_numpy(x[i * batch_size:(i + 1) * batch_size]) for i in range(n)]
+    times: dict[str, list[float]] = {"gated": [], "ungated": []}
+    counts = np.zeros(model.num_gates + 1)
+
+    def one(i: int, record: bool) -> None:
+        b = batches[i % n]
+        for which in (("gated", "ungated") if i % 2 == 0 else ("ungated", "gated")):
+            t0 = time.perf_counter()
+            if which == "gated":
+                out = model.early_exit(b)
+            else:
+                model.backbone(b)
+            dt = time.perf_counter() - t0
+            if record:
+                times[which].append(dt)
+                if which == "gated":
+                    counts[:] += np.bincount(out.exits.numpy(), minlength=model.num_gates + 1)
+
+    start, i = time.perf_counter(), 0
+    while time.perf_counter() - start < warmup_s or i < 2:
+        one(i, False)
+        i += 1
+    start = time.perf_counter()
+    while len(times["gated"]) < 10 or time.perf_counter() - start < min_seconds:
+        one(i, True)
+        i += 1
+    fractions = counts / counts.sum()
+    ideal = model.flops["baseline"] / float(np.dot(fractions, model.exit_costs()))
+    gated, ungated = _stats(times["gated"]), _stats(times["ungated"])
+    speedup = ungated["mean"] / gated["mean"]
+    return {"batch_size": batch_size, "iterations": len(times["gated"]), "gated_ms": gated, "ungated_ms": ungated,
+            "speedup": speedup, "ideal_speedup": ideal, "efficiency": speedup / ideal,
+            "exit_fractions": fractions.tolist()}
+
+
+def plot(network: str, cal, test_curve: list[dict], test_eval, orc: dict, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    val = cal.validation
+    ax.step([p["relative_flops"] for p in cal.curve], [100 * p["accuracy"] for p in cal.curve], where="post",
+            color="tab:blue", lw=1, label="validation: Pareto front of thresholds")
+    ax.plot([p["relative_flops"] for p in test_curve], [100 * p["accuracy"] for p in test_curve], ".",
+            color="tab:orange", ms=2, label="test: the same thresholds")
+    ax.axhline(100 * val.accuracy_ungated, color="tab:blue", ls="--", lw=0.8, label="un-gated, validation")
+    ax.axhline(100 * test_eval.accuracy_ungated, color="tab:orange", ls="--", lw=0.8, label="un-gated, test")
+    ax.plot([1 - val.flops_reduction], [100 * val.accuracy], "o", color="tab:blue", label="chosen, validation")
+    ax.plot([1 - test_eval.flops_reduction], [100 * test_eval.accuracy], "s", color="tab:red", label="chosen, test")
+    ax.plot([1 - orc["flops_reduction"]], [100 * orc["accuracy"]], "*", color="k", ms=9, label="oracle, test")
+    ax.set_xlabel("expected FLOPs / un-gated FLOPs")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{network} on Fashion-MNIST: accuracy vs cost")
+    ax.set_ylim(100 * test_eval.accuracy_ungated - 12, 100 * max(orc["accuracy"], val.accuracy_ungated) + 1)
+    ax.set_xlim(0, 1.05)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+
+
+def run_network(network: str, args) -> dict:
+    print(f"== {network}", flush=True)
+    model_path = BENCH / "weights" / f"{network}_gated.pt"
+    model = checkpoint.load(model_path)
+    costs, baseline = model.exit_costs(), float(model.flops["baseline"])
+    val, test = load_dataset("fashion-mnist", "val"), load_dataset("fashion-mnist", "test")
+    val_logits, yv = collect_exit_logits(model, val, progress=False)
+    test_logits, yt = collect_exit_logits(model, test, progress=False)
+    # The calibration setting chosen by cross-validation on validation (calibrate_margin.py).
+    setting = json.loads((BENCH / "results" / f"{network}_calibration.json").read_text())
+    cal = calibrate(val_logits, yv, confidence=model.confidence, costs=costs, baseline_flops=baseline,
+                    max_drop=setting["target"], refine=setting.get("refine", True))
+    # The plain setting (max_drop 0.01 on validation, refined), for comparison.
+    plain = calibrate(val_logits, yv, confidence=model.confidence, costs=costs, baseline_flops=baseline,
+                      max_drop=MAX_DROP)
+    plain_test = evaluate(test_logits, yt, confidence=model.confidence, thresholds=plain.thresholds, costs=costs,
+                          baseline_flops=baseline)
+    if not np.allclose(cal.thresholds, model.thresholds, rtol=0, atol=1e-6):
+        raise SystemExit(f"{network}: re-derived thresholds {cal.thresholds} differ from the committed "
+                         f"{model.thresholds}")
+    test_eval = evaluate(test_logits, yt, confidence=model.confidence, thresholds=model.thresholds, costs=costs,
+                         baseline_flops=baseline)
+    test_curve = []
+    for p in cal.curve:
+        e = evaluate(test_logits, yt, confidence=model.confidence, thresholds=p["thresholds"], costs=costs,
+                     baseline_flops=baseline)
+        test_curve.append({"thresholds": p["thresholds"], "accuracy": e.accuracy,
+                           "relative_flops": 1 - e.flops_reduction, "validation_accuracy": p["accuracy"],
+                           "validation_relative_flops": p["relative_flops"]})
+    orc = oracle(test_logits, yt, costs, baseline)
+    plot(network, cal, test_curve, test_eval, orc, BENCH / "plots" / f"{network}_curve.png")
+    curve_out = BENCH / "results" / f"{network}_curve.json"
+    curve_out.write_text(json.dumps({"calibration": cal.to_dict(), "test": test_eval.to_dict(), "oracle": orc,
+                                     "test_curve": test_curve}, indent=1) + "\n")
+    print(f"test: un-gated {test_eval.accuracy_ungated:.4f} gated {test_eval.accuracy:.4f} "
+          f"FLOPs -{test_eval.flops_reduction:.1%}; oracle -{orc['flops_reduction']:.1%}", flush=True)
+
+    bundle = ROOT / "engines" / f"bench-{network}"
+    bench_json = BENCH / "results" / f"{network}_bench.json"
+    build_cmd = ["dgate-export", "build", str(model_path.relative_to(ROOT)), "-o",
+                 str(bundle.relative_to(ROOT)), "--force"]
+    bench_cmd = ["dgate-export", "bench", "--engine", str(bundle.relative_to(ROOT)), "--data", "fashion-mnist",
+                 "--batch-sizes", ",".join(map(str, BATCH_SIZES)), "--min-seconds", str(args.min_seconds),
+                 "--json", str(bench_json.relative_to(ROOT))]
+    load_before = os.getloadavg()
+    if not args.skip_build:
+        subprocess.run(CLI + build_cmd[1:], cwd=ROOT, check=True)
+    subprocess.run(CLI + bench_cmd[1:], cwd=ROOT, check=True)
+    report = json.loads(bench_json.read_text())
+
+    torch.set_num_threads(1)  # as the ONNX Runtime sessions (intra_op_num_threads=1)
+    eager = {b: time_eager(model, test.x, b, min_seconds=args.min_seconds) for b in BATCH_SIZES}
+    load_after = os.getloadavg()
+    speed = {s["batch_size"]: s for s in report["speed"]}
+    row = {
+        "network": network,
+        "arch": model.arch,
+        "exits": model.exits,
+        "head": model.head_spec["name"],
+        "confidence": model.confidence,
+        "thresholds": model.thresholds,
+        "accuracy_ungated": test_eval.accuracy_ungated,
+        "accuracy_gated": test_eval.accuracy,
+        "accuracy_drop_points": 100 * (test_eval.accuracy_ungated - test_eval.accuracy),
+        "bundle_accuracy": report["accuracy"],
+        "flops_baseline": baseline,
+        "flops_expected": test_eval.expected_flops,
+        "flops_reduction": test_eval.flops_reduction,
+        "ideal_speedup": test_eval.ideal_speedup,
+        "exit_fractions": test_eval.exit_fractions,
+        "exit_accuracy": test_eval.exit_accuracy,
+        "calibration": {"max_drop": setting["target"], "refine": setting.get("refine", True),
+                        "chosen_by": "2-fold x 5 cross-validation inside the validation split (calibrate_margin.py)"},
+        "validation": cal.validation.to_dict(),
+        "plain_max_drop_0.01": {"thresholds": plain.thresholds, "validation": plain.validation.to_dict(),
+                                "test": plain_test.to_dict()},
+        "oracle": orc,
+        "calibration_vs_oracle": test_eval.flops_reduction / orc["flops_reduction"],
+        "onnxruntime": {str(b): {k: speed[b][k] for k in ("speedup", "ideal_speedup", "efficiency", "exit_fractions")}
+                        | {"gated_ms": speed[b]["gated"]["latency_ms"], "ungated_ms": speed[b]["baseline"]["latency_ms"]}
+                        for b in BATCH_SIZES},
+        "eager_torch": {str(b): eager[b] for b in BATCH_SIZES},
+        "load_average": {"before": load_before, "after": load_after},
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__},
+        "command": f"python benchmarks/run.py {network}" + f"  # runs: {' '.join(build_cmd)}; {' '.join(bench_cmd)}",
+    }
+    for b in BATCH_SIZES:
+        row[f"speedup_b{b}"] = speed[b]["speedup"]
+        row[f"ideal_speedup_b{b}"] = speed[b]["ideal_speedup"]
+        row[f"efficiency_b{b}"] = speed[b]["efficiency"]
+    return row
+
+
+TARGETS = {"resnet56": 0.55, "densenet_bc": 0.50}
+
+
+def table(rows: list[dict]) -> str:
+    def ms(v: float) -> str:
+        return f"{v:.2f}" if v < 100 else f"{v:.0f}"
+
+    lines = [
+        ("| network | un-gated acc | gated acc | drop (pts) | FLOPs (un-gated → expected) | FLOPs saved (target) "
+        "| oracle saved | exits (gate 1..K, final) | ORT speed-up b1 / b256 (ideal) | efficiency b1 / b256 |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        target = TARGETS.get(r["network"], 0.0)
+        flops_ok = "met" if target and r["flops_reduction"] >= target else "NOT met"
+        drop_ok = "met" if r["accuracy_drop_points"] <= 1.0 else "NOT met"
+        lines.append(
+            f"| {r['network']} | {100 * r['accuracy_ungated']:.2f}% | {100 * r['accuracy_gated']:.2f}% "
+            f"| {r['accuracy_drop_points']:.2f} (≤1.0: {drop_ok}) | {r['flops_baseline'] / 1e6:.1f}M → {r['flops_expected'] / 1e6:.1f}M "
+            f"| {100 * r['flops_reduction']:.1f}% (≥{100 * target:.0f}%: {flops_ok}) "
+            f"| {100 * r['oracle']['flops_reduction']:.1f}% "
+            f"| {' / '.join(f'{100 * f:.1f}%' for f in r['exit_fractions'])} "
+            f"| {r['speedup_b1']:.2f}× / {r['speedup_b256']:.2f}× ({r['ideal_speedup']:.2f}×) "
+            f"| {r['efficiency_b1']:.2f} / {r['efficiency_b256']:.2f} |")
+    lines += ["", ("Thresholds calibrated plainly to max_drop 0.01 on validation (same gates, no cross-validated "
+              "margin), on test:"), "", "| network | gated acc | drop (pts) | FLOPs saved | exits |", "|---|---|---|---|---|"]
+    for r in rows:
+        t = r["plain_max_drop_0.01"]["test"]
+        lines.append(f"| {r['network']} | {100 * t['accuracy']:.2f}% | {100 * t['accuracy_drop']:.2f} "
+                     f"| {100 * t['flops_reduction']:.1f}% | {' / '.join(f'{100 * f:.1f}%' for f in t['exit_fractions'])} |")
+    lines += ["", ("Latency per batch, mean ms (ONNX Runtime and eager PyTorch, one thread each; speed-up vs the "
+              "un-gated model on the same engine):"), "",
+              ("| network | batch | ORT un-gated | ORT gated | ORT speed-up (eff.) | eager un-gated | eager gated "
+              "| eager speed-up (eff.) | ORT gated vs eager gated |"),
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for b in BATCH_SIZES:
+            o, e = r["onnxruntime"][str(b)], r["eager_torch"][str(b)]
+            lines.append(
+                f"| {r['network']} | {b} | {ms(o['ungated_ms']['mean'])} | {ms(o['gated_ms']['mean'])} "
+                f"| {o['speedup']:.2f}× ({o['efficiency']:.2f}) | {ms(e['ungated_ms']['mean'])} "
+                f"| {ms(e['gated_ms']['mean'])} | {e['speedup']:.2f}× ({e['efficiency']:.2f}) "
+                f"| {e['gated_ms']['mean'] / o['gated_ms']['mean']:.1f}× faster |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("networks", nargs="*", default=list(NETWORKS))
+    parser.add_argument("--min-seconds", type=float, default=5.0, help="timed seconds per batch size and engine")
+    parser.add_argument("--skip-build", action="store_true", help="reuse engines/bench-NETWORK")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    out = BENCH / "results.json"
+    previous = {r["network"]: r for r in json.loads(out.read_text())} if out.is_file() else {}
+    for network in args.networks:
+        previous[network] = run_network(network, args)
+    rows = [previous[n] for n in NETWORKS if n in previous] + [r for n, r in previous.items() if n not in NETWORKS]
+    out.write_text(json.dumps(rows, indent=1) + "\n")
+    (BENCH / "results.md").write_text(table(rows))
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

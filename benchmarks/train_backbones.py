@@ -1,0 +1,164 @@
+"""Train the benchmark backbones on Fashion-MNIST from scratch (CPU, resumable).
+
+    .venv/bin/python benchmarks/train_backbones.py resnet56      # -> benchmarks/weights/resnet56.pth
+    .venv/bin/python benchmarks/train_backbones.py densenet_bc   # -> benchmarks/weights/densenet_bc.pth
+
+The recipe is `dgate_export.train.train_backbone`'s (SGD, Nesterov momentum 0.9, weight decay 5e-4,
+one-cycle learning rate peaking at 0.1 after 25% of the steps, batch 128, no augmentation), written
+out here as a step loop so that a long CPU run can be interrupted and resumed: every `--save-every`
+steps the model, optimizer, schedule and step count go to runs/train/NAME.partial.pt, and a rerun of
+the same command picks up from there (same seed -> same batch order). The final state_dict is
+written to benchmarks/weights/NAME.pth with a JSON sidecar recording the command, seed, steps, time
+and validation accuracy. The training split is Fashion-MNIST "train" (60k minus the seeded 5k
+validation split that calibration uses); the test split is never touched here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dgate_export.data import load_dataset
+from dgate_export.zoo import build_backbone
+
+ROOT = Path(__file__).resolve().parent.parent
+WEIGHTS = ROOT / "benchmarks" / "weights"
+PARTIAL = ROOT / "runs" / "train"
+
+# The benchmark networks: zoo name -> constructor arguments. stem_stride=2 runs the stages at 14, 7
+# and 4 pixels: four times fewer FLOPs than stride 1, which is what 2 shared CPU cores can train.
+NETWORKS = {
+    "resnet56": {"stem_stride": 2},
+    "densenet_bc": {"stem_stride": 2},
+}
+
+
+def _atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _order(n: int, epoch: int, seed: int) -> np.ndarray:
+    # One permutation per epoch, derived from (seed, epoch): a resumed run sees the same batches.
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> float:
+    model.eval()
+    right = 0
+    for start in range(0, len(y), batch_size):
+        out = model(torch.from_numpy(x[start:start + batch_size]))
+        right += int((out.argmax(1).numpy() == y[start:start + batch_size]).sum())
+    return right / len(y)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("network", choices=sorted(NETWORKS))
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the training split (may be fractional)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--save-every", type=int, default=25, help="steps between resumable checkpoints")
+    parser.add_argument("--fresh", action="store_true", help="ignore a partial checkpoint")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    kwargs = NETWORKS[args.network]
+    model = build_backbone(args.network, kwargs)
+    train = load_dataset("fashion-mnist", "train")
+    val = load_dataset("fashion-mnist", "val")
+    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
+    n = len(train)
+    steps_per_epoch = math.ceil(n / args.batch_size)
+    total = math.ceil(args.epochs * steps_per_epoch)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                                weight_decay=args.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total, pct_start=0.25)
+    partial = PARTIAL / f"{args.network}.partial.pt"
+    step, spent = 0, 0.0
+    if partial.is_file() and not args.fresh:
+        state = torch.load(partial, weights_only=True)
+        if state["total"] != total or state["seed"] != args.seed:
+            print(f"{partial} is from another run (total steps {state['total']}, seed {state['seed']}); "
+                  "pass --fresh to start over.", file=sys.stderr)
+            return 2
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        step, spent = state["step"], state["seconds"]
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resuming {args.network} at step {step}/{total}", flush=True)
+
+    loss_fn = nn.CrossEntropyLoss()
+    print(f"{args.network} {kwargs}: {n} training samples, {total} steps of {args.batch_size} "
+          f"({args.epochs:g} epochs), seed {args.seed}", flush=True)
+    model.train()
+    started = time.perf_counter() - spent
+    seen = right = 0
+    loss_sum = 0.0
+    while step < total:
+        epoch, i = divmod(step, steps_per_epoch)
+        rows = torch.from_numpy(_order(n, epoch, args.seed)[i * args.batch_size:(i + 1) * args.batch_size])
+        out = model(x[rows])
+        loss = loss_fn(out, y[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        step += 1
+        seen += len(rows)
+        right += int((out.argmax(1) == y[rows]).sum())
+        loss_sum += float(loss.detach()) * len(rows)
+        if step % 10 == 0 or step == total:
+            elapsed = time.perf_counter() - started
+            print(f"step {step}/{total} loss {loss_sum / seen:.3f} acc {right / seen:.3f} "
+                  f"lr {schedule.get_last_lr()[0]:.4f} {elapsed / 60:.1f} min "
+                  f"(eta {elapsed / step * (total - step) / 60:.1f} min)", flush=True)
+            seen = right = 0
+            loss_sum = 0.0
+        if step % args.save_every == 0 or step % steps_per_epoch == 0 or step == total:
+            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "schedule": schedule.state_dict(), "step": step, "total": total, "seed": args.seed,
+                          "seconds": time.perf_counter() - started, "torch_rng": torch.get_rng_state()}, partial)
+
+    seconds = time.perf_counter() - started
+    val_acc = accuracy(model, val.x, val.y)
+    WEIGHTS.mkdir(parents=True, exist_ok=True)
+    _atomic_save(model.state_dict(), WEIGHTS / f"{args.network}.pth")
+    record = {
+        "network": args.network, "arch_kwargs": kwargs, "seed": args.seed, "epochs": args.epochs,
+        "steps": total, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+        "train_samples": n, "val_accuracy": val_acc, "train_minutes": round(seconds / 60, 1),
+        "threads": args.threads, "torch": torch.__version__,
+        "command": "python benchmarks/train_backbones.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    (WEIGHTS / f"{args.network}.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps(record), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
