@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dgate_export.checkpoint import atomic_torch_save
 from dgate_export.data import load_dataset
 from dgate_export.zoo import build_backbone
 
@@ -41,18 +40,6 @@ NETWORKS = {
     "resnet56": {"stem_stride": 2},
     "densenet_bc": {"stem_stride": 2},
 }
-
-
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _order(n: int, epoch: int, seed: int) -> np.ndarray:
@@ -140,14 +127,14 @@ def main(argv: list[str] | None = None) -> int:
             seen = right = 0
             loss_sum = 0.0
         if step % args.save_every == 0 or step % steps_per_epoch == 0 or step == total:
-            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "schedule": schedule.state_dict(), "step": step, "total": total, "seed": args.seed,
                           "seconds": time.perf_counter() - started, "torch_rng": torch.get_rng_state()}, partial)
 
     seconds = time.perf_counter() - started
     val_acc = accuracy(model, val.x, val.y)
     WEIGHTS.mkdir(parents=True, exist_ok=True)
-    _atomic_save(model.state_dict(), WEIGHTS / f"{args.network}.pth")
+    atomic_torch_save(model.state_dict(), WEIGHTS / f"{args.network}.pth")
     record = {
         "network": args.network, "arch_kwargs": kwargs, "seed": args.seed, "epochs": args.epochs,
         "steps": total, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,

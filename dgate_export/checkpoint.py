@@ -44,11 +44,17 @@ def save(model: GatedModel, path: str | os.PathLike) -> Path:
         "backbone": {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()},
         "heads": {k: v.detach().cpu() for k, v in model.heads.state_dict().items()},
     }
+    return atomic_torch_save(payload, path)
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    """torch.save into a temporary file beside `path`, then rename: never a half-written file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        torch.save(payload, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
