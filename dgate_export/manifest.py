@@ -94,16 +94,7 @@ class Segment:
         return [t.name for t in self.outputs]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "file": self.file,
-            "sha256": self.sha256,
-            "engine": dict(self.engine),
-            "inputs": [t.to_dict() for t in self.inputs],
-            "outputs": [t.to_dict() for t in self.outputs],
-            "flops": self.flops,
-            "gate": self.gate.to_dict() if self.gate else None,
-        }
+        return {"index": self.index, **_graph_fields(self), "gate": self.gate.to_dict() if self.gate else None}
 
 
 @dataclass
@@ -116,14 +107,19 @@ class Baseline:
     flops: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "file": self.file,
-            "sha256": self.sha256,
-            "engine": dict(self.engine),
-            "inputs": [t.to_dict() for t in self.inputs],
-            "outputs": [t.to_dict() for t in self.outputs],
-            "flops": self.flops,
-        }
+        return _graph_fields(self)
+
+
+def _graph_fields(graph: Segment | Baseline) -> dict[str, Any]:
+    """The fields every graph entry (segment or baseline) writes, in the documented order."""
+    return {
+        "file": graph.file,
+        "sha256": graph.sha256,
+        "engine": dict(graph.engine),
+        "inputs": [t.to_dict() for t in graph.inputs],
+        "outputs": [t.to_dict() for t in graph.outputs],
+        "flops": graph.flops,
+    }
 
 
 @dataclass
