@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from . import backends
+from .backends import batch_bucket
 from .confidence import confidence as confidence_np
 from .errors import UserError
 from .manifest import Manifest, verify_bundle
@@ -90,6 +91,8 @@ class GatedRuntime:
         # Feeds of segment k>0: its input prev_carry_i takes segment k-1's output carry_i.
         self._links = [seg.carry_inputs for seg in manifest.segments]
         self._input_name = manifest.input.name
+        # Backends that prefer few distinct shapes get every segment's batch padded to a bucket.
+        self._buckets = bool(getattr(runners[0], "batch_buckets", False))
         self._rows = np.arange(self.max_batch, dtype=np.int64)  # shared by all calls: sliced, never written
         self._rows.flags.writeable = False
         norm = manifest.input.normalization
@@ -178,29 +181,48 @@ class GatedRuntime:
                    conf: np.ndarray, counts: list[int]) -> None:
         # logits / exits / conf are this chunk's views of the result arrays. The loop makes few numpy
         # calls: at batch 1 each costs microseconds, its caches cold after the segment run before it.
-        out = self._runners[0].run({self._input_name: x}, host=_HOST)
         rows = self._rows[: len(x)]
+        if self._buckets:
+            x = self._pad_rows(x)
+        out = self._runners[0].run({self._input_name: x}, host=_HOST)
         for k in range(self.num_gates):
-            c = out["confidence"]
+            c, lg = out["confidence"], out["logits"]
+            if self._buckets:  # rows past len(rows) are padding
+                c, lg = c[: len(rows)], lg[: len(rows)]
             leave = c >= thr[k]  # float32 comparison, as the torch reference does
             n_leave = int(np.count_nonzero(leave))
             counts[k] += n_leave
             if n_leave == len(rows):  # everyone left: later segments never run
-                logits[rows], exits[rows], conf[rows] = out["logits"], k, c
+                logits[rows], exits[rows], conf[rows] = lg, k, c
                 return
             if n_leave:
                 left = rows[leave]
-                logits[left], exits[left], conf[left] = out["logits"][leave], k, c[leave]
+                logits[left], exits[left], conf[left] = lg[leave], k, c[leave]
                 keep = (~leave).nonzero()[0]  # row numbers in this segment's batch
                 rows = rows[keep]
             else:
                 keep = self._rows[: len(rows)]
             feeds = {dst: out[src] for dst, src in self._links[k + 1]}
-            feeds["index"] = keep
+            feeds["index"] = self._pad_rows(keep) if self._buckets else keep
             out = self._runners[k + 1].run(feeds, host=_HOST)
         counts[-1] += len(rows)
-        final = out["logits"]
+        final = out["logits"][: len(rows)] if self._buckets else out["logits"]
         logits[rows], exits[rows], conf[rows] = final, self.num_gates, confidence_np(self._measure, final)
+
+    def _pad_rows(self, a: np.ndarray) -> np.ndarray:
+        """`a` with its last row repeated up to the batch bucket (the padded rows' results are dropped)."""
+        b = batch_bucket(len(a), self.max_batch)
+        return a if b == len(a) else np.concatenate([a, np.repeat(a[-1:], b - len(a), axis=0)])
+
+    def warmup(self) -> None:
+        """Run every segment once at every batch size it will see (each bucket up to max_batch with
+        bucketing, else batch 1 and max_batch), so that first calls pay no one-time costs: ONNX Runtime's
+        CUDA provider searches convolution algorithms once per new input shape (tens of ms)."""
+        sizes = sorted({batch_bucket(1 << i, self.max_batch) for i in range(self.max_batch.bit_length())}
+                       if self._buckets else {1, self.max_batch})
+        no_exit = [2.0**30] * self.num_gates  # above any confidence: every segment runs
+        for b in sizes:
+            self.run(np.zeros((b, *self.input_shape), dtype=self._float), thresholds=no_exit)
 
     def _run_one(self, x: np.ndarray, thr: tuple[float, ...]) -> RunResult:
         """The same loop for one sample with Python scalars: at batch 1, numpy calls between segment runs

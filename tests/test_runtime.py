@@ -27,9 +27,10 @@ def tiny(tmp_path_factory):
     return make_tiny_bundle(tmp_path_factory.mktemp("tiny"), max_batch=16, normalization=NORM)
 
 
-@pytest.fixture(scope="module")
-def rt(tiny):
-    return GatedRuntime.load(tiny[0])
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "buckets"])
+def rt(tiny, request):
+    """The runtime as on CPU, and with every segment's batch padded to a power of two (as on a GPU)."""
+    return GatedRuntime.load(tiny[0], batch_buckets=request.param)
 
 
 def _x(n: int, seed: int = 0) -> np.ndarray:
@@ -68,6 +69,26 @@ def test_loop_matches_torch_reference(tiny, rt, n, plan):
     want = {"none": [0, 0, n], "all0": [n, 0, 0], "all1": [0, n, 0]}.get(plan)
     if want:
         assert res.exit_counts.tolist() == want
+
+
+def test_batch_buckets():
+    from dgate_export.backends import batch_bucket
+
+    assert [batch_bucket(n, 24) for n in (1, 2, 3, 5, 8, 9, 17, 24)] == [1, 2, 4, 8, 8, 16, 24, 24]
+    with pytest.raises(ValueError):
+        batch_bucket(0, 24)
+
+
+def test_warmup_runs_every_bucket(tiny, rt):
+    seen = []
+    runner = rt._runners[1]
+    real = runner.run
+    runner.run = lambda feeds, host=None: seen.append(len(feeds["index"])) or real(feeds, host)
+    try:
+        rt.warmup()
+    finally:
+        del runner.run
+    assert seen == ([1, 2, 4, 8, 16] if rt._buckets else [1, 16])
 
 
 def test_some_thresholds_use_every_exit(tiny, rt):

@@ -83,16 +83,22 @@ def _plans(k_gates: int, some: list[float]) -> dict[str, list[float]]:
     return plans
 
 
-@pytest.mark.parametrize("n", [1, 7, 64])
-def test_runtime_matches_torch_reference(case, n):
-    model, rt, x, some = case
+def _check_against_torch(model, rt, x, some, n, tol):
+    """Yield (plan name, runtime result, torch reference) after checking exits and logits within tol."""
     batch = x[:n] if n != 7 else x[20:27]
     for name, thresholds in _plans(model.num_gates, some).items():
         ref = model.early_exit(torch.from_numpy(batch), thresholds)
         res = rt.run(batch, thresholds=thresholds)
         np.testing.assert_array_equal(res.exits, ref.exits.numpy(), err_msg=name)
         scale = max(1.0, float(ref.logits.abs().max()))
-        np.testing.assert_allclose(res.logits, ref.logits.numpy(), rtol=1e-4, atol=1e-4 * scale, err_msg=name)
+        np.testing.assert_allclose(res.logits, ref.logits.numpy(), rtol=tol, atol=tol * scale, err_msg=name)
+        yield name, res, ref
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_runtime_matches_torch_reference(case, n):
+    model, rt, x, some = case
+    for name, res, ref in _check_against_torch(model, rt, x, some, n, tol=1e-4):
         np.testing.assert_allclose(res.confidence, ref.confidence.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
         np.testing.assert_array_equal(res.exit_counts, np.bincount(ref.exits.numpy(), minlength=model.num_gates + 1))
         if name == "none-exit":
@@ -111,3 +117,25 @@ def test_bundle_path_is_real(case):
     _, rt, _, _ = case
     root = Path(rt.manifest.root)
     assert (root / "manifest.json").is_file() and rt.manifest.backend == "onnxruntime"
+
+
+def _cuda_ep() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_ep(), reason="needs onnxruntime-gpu and a CUDA GPU")
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_cuda_runtime_matches_torch_reference(case, n):
+    """The same bundle on ONNX Runtime's CUDA provider (TF32 off, so float32 tolerances hold), carries
+    kept on the GPU between segments: the same exits, and logits equal to the torch reference."""
+    model, rt, x, some = case
+    gpu = GatedRuntime.load(rt.manifest.root, providers=["cuda"], provider_options={"cuda": {"use_tf32": "0"}})
+    try:
+        assert gpu.baseline_runner().providers[0] == "CUDAExecutionProvider"
+        for _ in _check_against_torch(model, gpu, x, some, n, tol=1e-3):
+            pass
+    finally:
+        gpu.close()

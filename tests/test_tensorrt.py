@@ -24,7 +24,6 @@ from dgate_export.backends import get_backend, list_backends
 from dgate_export.backends import tensorrt as backend
 from dgate_export.backends.tensorrt.common import (
     BuildSettings,
-    batch_bucket,
     build_settings,
     check_compatible,
     parse_cuda_array,
@@ -112,10 +111,6 @@ def test_compatibility_rule():
         check_compatible({"tensorrt_version": "10.13.0.35"}, _here(), "The bundle")
 
 
-def test_batch_buckets():
-    assert [batch_bucket(n, 24) for n in (1, 2, 3, 5, 8, 9, 17, 24)] == [1, 2, 4, 8, 8, 16, 24, 24]
-
-
 class _Cai:
     """A device array as torch or CuPy describe one: only the interface dictionary."""
 
@@ -141,6 +136,64 @@ def test_cuda_errors_name_the_call():
     assert why  # e.g. "cudaErrorInsufficientDriver: CUDA driver version is insufficient ..."
     with pytest.raises(cuda.CudaError, match=r"cudaMalloc\(16\) failed with cudaError"):
         cuda.DeviceBuffer(16)
+
+
+def _cuda_devices() -> int:
+    if importlib.util.find_spec("cuda") is None:
+        return 0
+    from dgate_export.backends.tensorrt import cuda
+
+    return cuda.device_count()[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_devices(), reason="needs cuda-python and a CUDA GPU")
+def test_cuda_wrappers_move_memory_and_replay_graphs():
+    """The CUDA layer under the TensorRT runner, on a real GPU: pinned -> device -> pinned copies on a
+    stream, memset, events, and a captured graph that replays its copies with the pinned buffer's new
+    contents (what --cuda-graphs relies on)."""
+    from dgate_export.backends.tensorrt import cuda
+
+    info = cuda.device_info()
+    assert info["name"] and info["cuda_runtime"] > 0 and "." in info["compute_capability"]
+    n = 1 << 16
+    src, dst = cuda.PinnedBuffer(4 * n), cuda.PinnedBuffer(4 * n)
+    dev = cuda.DeviceBuffer(4 * n)
+    stream, done = cuda.Stream(), cuda.Event()
+    try:
+        a, b = src.view(np.dtype(np.float32), (n,)), dst.view(np.dtype(np.float32), (n,))
+        a[:] = np.arange(n, dtype=np.float32)
+        cuda.copy_to_device(dev.ptr, src.ptr, 4 * n, stream)
+        cuda.copy_to_host(dst.ptr, dev.ptr, 4 * n, stream)
+        done.record(stream)
+        done.synchronize()
+        np.testing.assert_array_equal(b, a)
+        cuda.fill_zero(dev.ptr, 4 * n, stream)
+        cuda.copy_to_host(dst.ptr, dev.ptr, 4 * n, stream)
+        stream.synchronize()
+        assert not b.any()
+
+        def enqueue() -> bool:
+            cuda.copy_to_device(dev.ptr, src.ptr, 4 * n, stream)
+            cuda.copy_to_host(dst.ptr, dev.ptr, 4 * n, stream)
+            return True
+
+        graph, why = cuda.capture_graph(stream, enqueue)
+        assert graph is not None, why
+        a[:] = -a  # a graph copies whatever the pinned buffer holds when it is launched
+        graph.launch(stream)
+        stream.synchronize()
+        np.testing.assert_array_equal(b, -np.arange(n, dtype=np.float32))
+        graph.destroy()
+        failed, why = cuda.capture_graph(stream, lambda: False)  # a failed capture leaves the stream usable
+        assert failed is None and "returned False" in why
+        cuda.copy_to_host(dst.ptr, dev.ptr, 4 * n, stream)
+        stream.synchronize()
+    finally:
+        for obj in (src, dst, dev):
+            obj.free()
+        stream.destroy()
+        done.destroy()
 
 
 @pytest.mark.slow

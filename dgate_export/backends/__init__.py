@@ -17,6 +17,14 @@ _BACKENDS = {
 }
 
 
+def batch_bucket(rows: int, max_batch: int) -> int:
+    """The batch size `rows` is padded to where a backend wants few distinct shapes: the next power of
+    two, at most `max_batch` (TensorRT's CUDA graphs, ONNX Runtime's CUDA provider)."""
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    return min(1 << (rows - 1).bit_length(), max_batch)
+
+
 def list_backends() -> list[str]:
     return list(_BACKENDS)
 

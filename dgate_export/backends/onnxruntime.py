@@ -11,6 +11,19 @@ Runner options (all optional; `GatedRuntime.load(..., **options)` passes them th
 | `execution_mode` | `"sequential"` | `"parallel"` runs independent branches at once; CNN segments are chains. |
 | `allow_spinning` | `False` | idle pool threads busy-wait for the next job. A gated run alternates K+1 sessions, and each session's spinning threads steal the cores the next session needs. |
 | `graph_optimization_level` | `"all"` | `disable`, `basic`, `extended`, `layout`, `all`. |
+| `batch_buckets` | on with `cuda`/`tensorrt`, off on CPU | the runtime pads each segment's batch to the next power of two (padded rows' results dropped), so a session sees at most 9 batch sizes up to 256. |
+
+Why buckets on a GPU: the CUDA provider prepares every convolution once per new input shape (cuDNN
+algorithm search: tens of ms), and batch compaction gives every segment a different batch size on
+nearly every call. Measured on an H200 (onnxruntime-gpu 1.31.1, ResNet-56 bundle of benchmarks/, batch
+256, Fashion-MNIST test): without buckets the gated runtime took 491 ms per batch against 2.3 ms for
+the un-gated model (97 ms with `cudnn_conv_algo_search` HEURISTIC). Buckets alone were not enough
+(mean 54 ms, median 3.1 ms, and as slow on a second pass over the same batches): the provider evidently
+keeps the convolution set-up of the last shape only, so a session whose batch size alternates redoes it.
+So on a GPU each batch size gets its own session (made on first use; `GatedRuntime.warmup()` makes them
+all), and a session only ever sees one shape: 2.87 ms per batch of 256 (max 3.8 ms), against 58 ms
+(max 445 ms) with buckets and one session (`scripts/gpu_check.sh`, benchmarks/results/gpu/). On CPU,
+ONNX Runtime has no per-shape cost worth padding for.
 
 Measured on the 2-core development machine while other jobs were running (load ~5): a ResNet-20 chain
 of 4 sessions at batch 1 ran 2.0 ms with 1 thread, 2.7 ms with 2 threads and 11.9 ms with 2 spinning
@@ -27,6 +40,7 @@ the device as `OrtValue`s that another Runner takes as feeds, so carries never c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -55,7 +69,7 @@ _MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
 # What every backend receives from build / GatedRuntime; meaningless to an ORT session.
 _PASSED = {"precision", "max_batch", "opt_batch", "backend_info"}
 _KNOWN_OPTIONS = {"providers", "provider_options", "intra_op_num_threads", "inter_op_num_threads",
-                  "execution_mode", "allow_spinning", "graph_optimization_level"} | _PASSED
+                  "execution_mode", "allow_spinning", "graph_optimization_level", "batch_buckets"} | _PASSED
 
 # One thread per session by default: a chain of small sessions pays for waking a pool on every
 # operator of every call; see the module docstring.
@@ -137,10 +151,33 @@ def _providers(options: dict, ort: Any) -> tuple[list[Any], bool]:
         extra = per_provider.get(name) or per_provider.get(full)
         resolved.append((full, dict(extra)) if extra else full)
     names = [p[0] if isinstance(p, tuple) else p for p in resolved]
+    on_device = any(n in _DEVICE_PROVIDERS for n in names)
+    if on_device:
+        _preload_cuda_libraries(ort)
     if "CPUExecutionProvider" not in names:
         # ORT places nodes a GPU provider cannot run on the CPU provider; listing it keeps that explicit.
         resolved.append("CPUExecutionProvider")
-    return resolved, any(n in _DEVICE_PROVIDERS for n in names)
+    return resolved, on_device
+
+
+_preloaded = False
+
+
+def _preload_cuda_libraries(ort: Any) -> None:
+    """Load CUDA and cuDNN before the first GPU session, once per process.
+
+    ONNX Runtime documents `preload_dlls()` (onnxruntime-gpu 1.21+) as the way to use CUDA and cuDNN
+    installed as pip packages (`nvidia-*`, or torch's copies) when they are not on the library path.
+    Best effort: where the libraries come from the system instead (the H200 machine used here: the
+    provider started with and without it), it changes nothing; a provider that still fails to start is
+    reported by Runner.
+    """
+    global _preloaded
+    if _preloaded or not hasattr(ort, "preload_dlls"):
+        return
+    _preloaded = True
+    with contextlib.suppress(Exception):  # the session's own error (checked in Runner) is the clear one
+        ort.preload_dlls()
 
 
 def session_options(options: dict, ort: Any) -> Any:
@@ -201,6 +238,14 @@ class Runner:
                             f"(it would run on {', '.join(self.providers)}).",
                             "Check that the CUDA / cuDNN / TensorRT libraries onnxruntime-gpu needs are "
                             "installed and on the library path; or leave `providers` out to run on the CPU.")
+        self.batch_buckets = bool(options.get("batch_buckets", self._on_device))  # read by GatedRuntime
+        # On a GPU with buckets: one session per batch size (see the module docstring), made on first use.
+        self._per_size = self._on_device and self.batch_buckets
+        self._sessions: dict[int, Any] = {}
+        self._spare: Any = self._session  # the first size's session is the one made here
+        self._new_session = lambda: ort.InferenceSession(os.fspath(path), session_options(options, ort),
+                                                         providers=providers)
+        self._lock = threading.Lock()
         self._device_id = 0
         if self._on_device:
             per_provider = options.get("provider_options") or {}
@@ -219,10 +264,29 @@ class Runner:
             return dict(zip(self.output_names, self._session.run(self.output_names, feeds)))
         return self._run_bound(feeds, host)
 
+    def _session_for(self, feeds: dict[str, Any]) -> Any:
+        if not self._per_size:
+            return self._session
+        v = feeds.get("index", next(iter(feeds.values())))  # "index" sets a later segment's batch size
+        rows = int(v.shape()[0]) if isinstance(v, self._ort.OrtValue) else len(v)
+        session = self._sessions.get(rows)
+        if session is None:
+            with self._lock:
+                session = self._sessions.get(rows)
+                if session is None:
+                    session, self._spare = self._spare or self._new_session(), None
+                    session.disable_fallback()
+                    self._sessions[rows] = session
+        return session
+
     def _run_bound(self, feeds: dict[str, Any], host: Collection[str] | None) -> dict[str, Any]:
-        binding = getattr(self._local, "binding", None)
+        session = self._session_for(feeds)
+        bindings = getattr(self._local, "bindings", None)
+        if bindings is None:
+            bindings = self._local.bindings = {}
+        binding = bindings.get(id(session))
         if binding is None:
-            binding = self._local.binding = self._session.io_binding()
+            binding = bindings[id(session)] = session.io_binding()
         try:
             for name, value in feeds.items():
                 if isinstance(value, self._ort.OrtValue):
@@ -235,7 +299,7 @@ class Runner:
                 else:
                     binding.bind_output(name, "cuda", self._device_id)
             binding.synchronize_inputs()
-            self._session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
             binding.synchronize_outputs()
             values = binding.get_outputs()
             return {name: (v.numpy() if host is None or name in host else v)
@@ -246,4 +310,5 @@ class Runner:
 
     def close(self) -> None:
         """Drop the session (its memory goes when no run is using it); the runner is unusable after."""
-        self._session = self._run_direct = None
+        self._session = self._run_direct = self._spare = None
+        self._sessions = {}

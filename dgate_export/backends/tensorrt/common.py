@@ -193,13 +193,6 @@ def check_compatible(recorded: Mapping[str, Any], here: Mapping[str, Any], what:
 # ------------------------------------------------------------------------------------- device arrays
 
 
-def batch_bucket(rows: int, max_batch: int) -> int:
-    """The CUDA-graph bucket for `rows`: the next power of two, at most `max_batch`."""
-    if rows < 1:
-        raise ValueError(f"rows must be >= 1, got {rows}")
-    return min(1 << (rows - 1).bit_length(), max_batch)
-
-
 @dataclass(frozen=True)
 class CudaArray:
     """What this backend needs from an object exposing `__cuda_array_interface__` (version 2 or 3)."""

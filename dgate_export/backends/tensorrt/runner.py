@@ -34,12 +34,12 @@ import numpy as np
 import tensorrt as trt
 
 from ...errors import UserError
+from .. import batch_bucket
 from . import cuda
 from ._log import CapturingLogger
 from .common import (
     REBUILD_HINT,
     RunSettings,
-    batch_bucket,
     check_compatible,
     check_feed_shape,
     parse_cuda_array,
