@@ -164,6 +164,7 @@ def run_bench(bundle: str | Path, x: np.ndarray, y: np.ndarray | None, options: 
         raise UserError(f"Batch sizes {list(options.batch_sizes)} include values outside 1..{manifest.max_batch}, "
                         "the range this bundle was built for.",
                         f"Use batch sizes up to {manifest.max_batch}, or rebuild with a larger --max-batch.")
+    rt.warmup()  # one-time per-shape costs (GPU providers) stay out of the timings
     costs = exit_costs(rt)
     base_flops = float(manifest.baseline.flops or costs[-1])
     baseline_pred = None
@@ -177,7 +178,9 @@ def run_bench(bundle: str | Path, x: np.ndarray, y: np.ndarray | None, options: 
                     "cpu_count": os.cpu_count(), "python": platform.python_version()},
         "bundle": {"path": str(bundle), "name": manifest.name, "backend": backend or manifest.backend,
                    "precision": manifest.precision, "max_batch": manifest.max_batch, "num_gates": rt.num_gates,
-                   "confidence": manifest.confidence},
+                   "confidence": manifest.confidence,
+                   # ONNX Runtime: the execution providers the sessions really got (cpu unless asked)
+                   "providers": getattr(baseline, "providers", None)},
         "versions": _versions(backend or manifest.backend),
         "data": data_info,
         **quality(rt, baseline, x, y, costs, base_flops, baseline_pred=baseline_pred),
@@ -209,15 +212,16 @@ def run_bench(bundle: str | Path, x: np.ndarray, y: np.ndarray | None, options: 
 
 
 def _versions(backend: str) -> dict[str, str]:
-    from importlib import metadata
+    """Versions of what ran. The backend's from the imported module, not the installed metadata: with
+    onnxruntime-gpu on a path before an installed onnxruntime, the metadata names the wrong one."""
+    import importlib
 
     out = {"dgate_export": __version__, "numpy": np.__version__}
-    for dist in {"onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "tensorrt": ("tensorrt",)}.get(backend, ()):
+    if backend in ("onnxruntime", "tensorrt"):
         try:
-            out[backend] = metadata.version(dist)
-            break
-        except metadata.PackageNotFoundError:
-            continue
+            out[backend] = str(importlib.import_module(backend).__version__)
+        except (ImportError, AttributeError):
+            pass
     return out
 
 
@@ -259,6 +263,8 @@ def print_report(report: dict[str, Any]) -> None:
     b = report["bundle"]
     console.print(f"[bold]{b['name']}[/] ({b['backend']}, {b['precision']}, {b['num_gates']} gates, "
                   f"{b['confidence']}) on {report['data']['description']}")
+    if b.get("providers"):
+        console.print(f"execution providers {', '.join(b['providers'])}")
     console.print(f"thresholds {[round(t, 4) for t in report['thresholds']]}")
     acc, flops = report["accuracy"], report["flops"]
     summary = Table(show_header=False)

@@ -88,10 +88,13 @@ def _float_list(text: str, what: str) -> list[float]:
 @click.option("--backend", default=None, help="Run on another backend than the bundle's (e.g. onnxruntime).")
 @click.option("--sweep", is_flag=True, help="Also sweep one threshold at every gate: accuracy, FLOPs, speed-up.")
 @click.option("--cuda-graphs", is_flag=True, help="TensorRT: replay CUDA graphs per segment and batch bucket.")
+@click.option("--providers", default=None, metavar="LIST",
+              help="ONNX Runtime: execution providers in priority order, e.g. cuda (needs onnxruntime-gpu) "
+                   "[default: cpu].")
 @click.option("--json", "json_path", default=None, type=click.Path(), help="Write the full figures as JSON.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(), help="Write accuracy-vs-cost and speed-up plots (PNG).")
 def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes, warmup_ms, min_iterations,
-          min_seconds, thresholds, backend, sweep, cuda_graphs, json_path, plot_path):
+          min_seconds, thresholds, backend, sweep, cuda_graphs, providers, json_path, plot_path):
     """Measure a bundle against its un-gated baseline on the same backend.
 
     Reports accuracy (gated vs baseline, per exit), exit fractions, expected FLOPs and the ideal
@@ -131,8 +134,14 @@ def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes,
         sweep=sweep)
     if cuda_graphs and (backend or manifest.backend) != "tensorrt":
         raise UserError("--cuda-graphs applies to TensorRT bundles only.", "Drop it for ONNX Runtime.")
+    runner_options: dict = {"cuda_graphs": True} if cuda_graphs else {}
+    if providers:
+        if (backend or manifest.backend) != "onnxruntime":
+            raise UserError(f"--providers applies to ONNX Runtime only; this run is on {backend or manifest.backend}.",
+                            "Drop --providers, or add --backend onnxruntime to run the bundle's ONNX graphs.")
+        runner_options["providers"] = [p.strip() for p in providers.split(",") if p.strip()]
     report = bench_mod.run_bench(bundle, x, y, options, data_info=info, backend=backend,
-                                 runner_options={"cuda_graphs": True} if cuda_graphs else None)
+                                 runner_options=runner_options or None)
     bench_mod.check_report(report)
     bench_mod.print_report(report)
     if json_path:

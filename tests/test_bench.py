@@ -79,6 +79,21 @@ def test_random_input_speed_only(bundle, tmp_path):
     check_report(report)
     assert report["accuracy"] is None and report["data"]["labelled"] is False
     assert report["thresholds"] == [0.5, 0.5]
+    assert report["bundle"]["providers"] == ["CPUExecutionProvider"]
+
+
+def test_providers_are_passed_to_onnx_runtime(bundle, tmp_path):
+    out = tmp_path / "r.json"
+    r = bench(["--engine", str(bundle), "--random", "8", "--batch-sizes", "8", *FAST, "--providers", "cpu",
+               "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["bundle"]["providers"] == ["CPUExecutionProvider"]
+    # a provider this onnxruntime lacks is an error naming what is installed, never a CPU fallback
+    r = bench(["--engine", str(bundle), "--random", "8", "--providers", "NoSuchExecutionProvider"])
+    assert r.exit_code == 2 and "NoSuchExecutionProvider is not available" in r.text
+    assert "CPUExecutionProvider" in r.text
+    r = bench(["--engine", str(bundle), "--random", "8", "--providers", "cpu", "--backend", "tensorrt"])
+    assert r.exit_code == 2 and "--providers applies to ONNX Runtime only" in r.text
 
 
 def test_errors_are_clear(bundle, tmp_path):
