@@ -19,6 +19,13 @@ Method (two steps, both exact on the validation samples):
    distinct confidence value of that gate is a candidate; one sort and two cumulative sums evaluate
    them all (O(N log N) per step). Rounds repeat until no step improves (at most 20 rounds).
 Counts are integers, so "within max_drop" is decided without rounding surprises.
+
+`upper_bound=P` (max_drop mode): thresholds chosen this way are the cheapest that pass on *these*
+samples, so on new data they drop more than on the calibration split (the winner's curse; 0.5-0.7
+points more in benchmarks/). With P, the drop's one-sided P upper confidence bound must be within
+max_drop instead of the drop itself. The bound is the paired normal approximation: per sample
+d = [un-gated right] - [gated right] in {-1, 0, 1}, bound = mean(d) + z_P * std(d) / sqrt(N); only the
+samples on which the two disagree make std(d) non-zero. Both steps track that count too.
 """
 
 from __future__ import annotations
@@ -27,8 +34,10 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 
@@ -87,11 +96,12 @@ class Calibration:
     validation: Evaluation
     curve: list[dict] = field(default_factory=list)  # Pareto front: thresholds, accuracy, flops, relative_flops
     method: str = ""
+    upper_bound: float | None = None  # max_drop held by the drop's one-sided bound at this level
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "target": self.target, "confidence": self.confidence,
                 "thresholds": self.thresholds, "validation": self.validation.to_dict(),
-                "method": self.method, "curve": self.curve}
+                "method": self.method, "upper_bound": self.upper_bound, "curve": self.curve}
 
 
 def exit_costs(flops: dict) -> list[float]:
@@ -167,8 +177,9 @@ def _candidates(conf_k: np.ndarray, g: int) -> np.ndarray:
     return np.append(np.unique(qs.astype(np.float32)), np.float32(DISABLED))
 
 
-def _grid(conf, correct, costs) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """Candidates per gate, correct count and total cost of every combination (arrays of shape G_0..G_K-1)."""
+def _grid(conf, correct, costs) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """Candidates per gate; correct count, total cost and count of samples whose correctness equals the
+    un-gated model's ("agree") for every combination (arrays of shape G_0..G_K-1)."""
     num_gates = conf.shape[0]
     g = int(min(_MAX_CANDIDATES, max(2, math.floor(_GRID_CELLS ** (1.0 / num_gates)))))
     cands = [_candidates(conf[k], g) for k in range(num_gates)]
@@ -177,31 +188,31 @@ def _grid(conf, correct, costs) -> tuple[list[np.ndarray], np.ndarray, np.ndarra
     # candidate j exactly when rank > j.
     ranks = [np.searchsorted(cands[k], conf[k], side="right") for k in range(num_gates)]
 
+    agree = correct == correct[-1]
     right = np.zeros(sizes, dtype=np.int64)
+    same = np.zeros(sizes, dtype=np.int64)
     cost = np.zeros(sizes, dtype=np.float64)
     for k in range(num_gates + 1):
         dims = min(k + 1, num_gates)
         shape = [s + 1 for s in sizes[:dims]]
         flat = np.ravel_multi_index(tuple(ranks[d] for d in range(dims)), shape)
-        hist_all = np.bincount(flat, minlength=int(np.prod(shape))).reshape(shape)
-        hist_ok = np.bincount(flat, weights=correct[k], minlength=int(np.prod(shape))).reshape(shape)
-        hist_ok = np.rint(hist_ok).astype(np.int64)
-        # Prefix sums over the earlier gates' ranks (rank <= j: the sample did not leave there) ...
-        for d in range(min(k, num_gates)):
-            hist_all = np.cumsum(hist_all, axis=d)
-            hist_ok = np.cumsum(hist_ok, axis=d)
-        index = tuple(slice(0, sizes[d]) for d in range(dims))
-        if k < num_gates:
-            # ... and a suffix over this gate's rank (rank > j: the sample leaves here).
-            leave_all = hist_all.sum(axis=k, keepdims=True) - np.cumsum(hist_all, axis=k)
-            leave_ok = hist_ok.sum(axis=k, keepdims=True) - np.cumsum(hist_ok, axis=k)
-            leave_all, leave_ok = leave_all[index], leave_ok[index]
-        else:
-            leave_all, leave_ok = hist_all[index], hist_ok[index]
-        expand = (Ellipsis,) + (None,) * (num_gates - dims)
-        right = right + leave_ok[expand]
-        cost = cost + leave_all[expand] * costs[k]
-    return cands, right, cost
+        hists = [np.bincount(flat, minlength=int(np.prod(shape)))]
+        hists += [np.rint(np.bincount(flat, weights=w[k], minlength=int(np.prod(shape)))).astype(np.int64)
+                  for w in (correct, agree)]
+        leaving = []
+        for h in hists:
+            h = h.reshape(shape)
+            # Prefix sums over the earlier gates' ranks (rank <= j: the sample did not leave there) ...
+            for d in range(min(k, num_gates)):
+                h = np.cumsum(h, axis=d)
+            index = tuple(slice(0, sizes[d]) for d in range(dims))
+            if k < num_gates:  # ... and a suffix over this gate's rank (rank > j: the sample leaves here).
+                h = h.sum(axis=k, keepdims=True) - np.cumsum(h, axis=k)
+            leaving.append(h[index][(Ellipsis,) + (None,) * (num_gates - dims)])
+        cost = cost + leaving[0] * costs[k]
+        right = right + leaving[1]
+        same = same + leaving[2]
+    return cands, right, cost, same
 
 
 def _pareto(right: np.ndarray, cost: np.ndarray) -> np.ndarray:
@@ -217,20 +228,48 @@ def _pareto(right: np.ndarray, cost: np.ndarray) -> np.ndarray:
 # --- step 2: coordinate descent ----------------------------------------------------------------------
 
 
-def _better(mode: str, limit: float, a: tuple[int, float], b: tuple[int, float]) -> bool:
+def _better(mode: str, a: tuple[int, float], b: tuple[int, float]) -> bool:
     """Is (right, cost) `a` strictly better than `b` under the mode's constraint? Both are feasible."""
     if mode == "max_drop":
         return a[1] < b[1] - 1e-9 or (abs(a[1] - b[1]) <= 1e-9 and a[0] > b[0])
     return a[0] > b[0] or (a[0] == b[0] and a[1] < b[1] - 1e-9)
 
 
-def _feasible(mode: str, limit: float, right, cost):
-    return right >= limit if mode == "max_drop" else cost <= limit * (1 + 1e-12)
+Feasible = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (right, same, cost) -> ok
 
 
-def _refine(conf, correct, costs, thresholds: list[float], mode: str, limit: float) -> list[float]:
+def _feasibility(mode: str, limit: float, n: int, full_right: int, max_drop: float | None,
+                 upper_bound: float | None) -> Feasible:
+    """The mode's constraint on (correct count, agreeing count, total cost) arrays."""
+    if mode == "budget":
+        return lambda right, same, cost: cost <= limit * (1 + 1e-12)
+    if upper_bound is None:
+        return lambda right, same, cost: right >= limit
+    z = NormalDist().inv_cdf(upper_bound)
+
+    def ok(right, same, cost):
+        drop = (full_right - right) / n
+        var = np.maximum((n - same) / n - drop * drop, 0.0)
+        return drop + z * np.sqrt(var / n) <= max_drop + 1e-12  # type: ignore[operator]
+
+    return ok
+
+
+def _split_counts(w: np.ndarray, k: int, through: np.ndarray, reach: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Count of w [K+1, N] (bool) over the samples at exits taken, for every candidate j of gate k (the j-th
+    smallest confidence of the samples reaching it): samples order[j:] leave at k, order[:j] go on to
+    `through`, where they go without gate k; samples not reaching gate k stay where they are."""
+    idx = np.arange(w.shape[1])
+    before = int(w[through[~reach], idx[~reach]].sum())
+    passing = np.concatenate([[0], np.cumsum(w[through[reach], idx[reach]][order], dtype=np.int64)])
+    leaving = np.concatenate([np.cumsum(w[k, reach][order][::-1], dtype=np.int64)[::-1], [0]])
+    return before + passing + leaving
+
+
+def _refine(conf, correct, costs, thresholds: list[float], mode: str, feasible: Feasible) -> list[float]:
     num_gates, n = conf.shape
     idx = np.arange(n)
+    agree = correct == correct[-1]
     t = list(thresholds)
     exits = _exits_of(conf, t)
     current = (int(correct[exits, idx].sum()), float(costs[exits].sum()))
@@ -242,27 +281,22 @@ def _refine(conf, correct, costs, thresholds: list[float], mode: str, limit: flo
             trial[k] = DISABLED
             through = _exits_of(conf, trial)
             reach = through >= k
-            before_ok = int(correct[through[~reach], idx[~reach]].sum())
-            before_cost = float(costs[through[~reach]].sum())
             c_k = conf[k, reach]
-            pass_ok = correct[through[reach], idx[reach]].astype(np.int64)
-            pass_cost = costs[through[reach]]
-            leave_ok = correct[k, reach].astype(np.int64)
             order = np.argsort(c_k, kind="stable")
             c_sorted = c_k[order]
-            # Candidate j = the j-th smallest confidence: samples order[j:] leave, order[:j] pass on.
-            pass_ok_cum = np.concatenate([[0], np.cumsum(pass_ok[order])])
-            pass_cost_cum = np.concatenate([[0.0], np.cumsum(pass_cost[order])])
-            leave_ok_suf = np.concatenate([np.cumsum(leave_ok[order][::-1])[::-1], [0]])
+
+            before_cost = float(costs[through[~reach]].sum())
+            pass_cost_cum = np.concatenate([[0.0], np.cumsum(costs[through[reach]][order])])
             m = c_sorted.size
             leave_cost_suf = costs[k] * (m - np.arange(m + 1))
             # Ties: a threshold equal to a value lets all equal values leave, so only the first of a
             # run of equal values is a valid split point; j = m is "disabled".
             valid = np.ones(m + 1, dtype=bool)
             valid[1:m] = c_sorted[1:] != c_sorted[:-1]
-            right = before_ok + pass_ok_cum + leave_ok_suf
+            right = _split_counts(correct, k, through, reach, order)
+            same = _split_counts(agree, k, through, reach, order)
             cost = before_cost + pass_cost_cum + leave_cost_suf
-            ok = valid & _feasible(mode, limit, right, cost)
+            ok = valid & feasible(right, same, cost)
             if not ok.any():
                 continue
             js = np.nonzero(ok)[0]
@@ -271,7 +305,7 @@ def _refine(conf, correct, costs, thresholds: list[float], mode: str, limit: flo
             else:
                 j = js[np.lexsort((cost[js], -right[js]))[0]]
             cand = (int(right[j]), float(cost[j]))
-            if _better(mode, limit, cand, current):
+            if _better(mode, cand, current):
                 t[k] = float(c_sorted[j]) if j < m else DISABLED
                 current = cand
                 improved = True
@@ -284,8 +318,11 @@ def _refine(conf, correct, costs, thresholds: list[float], mode: str, limit: flo
 
 
 def calibrate(exit_logits, labels, *, confidence: str = "max-softmax", costs, baseline_flops: float,
-              max_drop: float | None = None, budget: float | None = None, refine: bool = True) -> Calibration:
-    """Thresholds for `max_drop` or `budget` (exactly one) on the validation split; see the module doc."""
+              max_drop: float | None = None, budget: float | None = None, refine: bool = True,
+              upper_bound: float | None = None) -> Calibration:
+    """Thresholds for `max_drop` or `budget` (exactly one) on the validation split; with `upper_bound`
+    (e.g. 0.9) the drop's one-sided upper confidence bound at that level is held to max_drop. See the
+    module doc."""
     if (max_drop is None) == (budget is None):
         raise UserError("Give exactly one calibration target: max_drop or budget.",
                         "Use --max-drop 0.01 (accuracy) or --budget 0.5 (FLOPs), not both.")
@@ -295,21 +332,26 @@ def calibrate(exit_logits, labels, *, confidence: str = "max-softmax", costs, ba
     if budget is not None and not budget > 0.0:
         raise UserError(f"budget {budget} must be positive.",
                         "Give the budget as a fraction of the un-gated model's FLOPs, e.g. 0.5.")
+    if upper_bound is not None and (max_drop is None or not 0.5 <= upper_bound < 1.0):
+        raise UserError(f"upper_bound {upper_bound} needs max_drop and a level in [0.5, 1).",
+                        "Give e.g. --max-drop 0.01 --upper-bound 0.9 (a 90% one-sided bound on the drop).")
     conf, correct, cost_k = _prepare(exit_logits, labels, confidence, costs)
     num_gates, n = conf.shape
     baseline = float(baseline_flops)
     full_right = int(correct[-1].sum())
 
-    cands, right, cost = _grid(conf, correct, cost_k)
+    cands, right, cost, same = _grid(conf, correct, cost_k)
     if max_drop is not None:
         mode, target = "max_drop", float(max_drop)
         # Integer sample counts: at least this many must stay correct.
         limit = float(math.ceil(full_right - max_drop * n - 1e-9))
-        feasible = right >= limit
+        check = _feasibility(mode, limit, n, full_right, max_drop, upper_bound)
+        feasible = check(right, same, cost)
     else:
         mode, target = "budget", float(budget)  # type: ignore[arg-type]
         limit = budget * baseline * n  # type: ignore[operator]
-        feasible = cost <= limit * (1 + 1e-12)
+        check = _feasibility(mode, limit, n, full_right, None, None)
+        feasible = check(right, same, cost)
         if not feasible.any():
             cheapest = float(cost.min() / n)
             raise UserError(
@@ -333,7 +375,7 @@ def calibrate(exit_logits, labels, *, confidence: str = "max-softmax", costs, ba
     combo = np.unravel_index(best_id, right.shape)
     thresholds = [float(cands[k][combo[k]]) for k in range(num_gates)]
     if refine:
-        thresholds = _refine(conf, correct, cost_k, thresholds, mode, limit)
+        thresholds = _refine(conf, correct, cost_k, thresholds, mode, check)
 
     validation = _evaluate(conf, correct, cost_k, baseline, thresholds)
     curve = []
@@ -344,8 +386,10 @@ def calibrate(exit_logits, labels, *, confidence: str = "max-softmax", costs, ba
                       "relative_flops": float(flat_cost[fid] / n / baseline)})
     grid = "×".join(str(len(c)) for c in cands)
     method = (f"exhaustive grid of {grid} confidence-quantile thresholds on {n} validation samples"
-              + (", refined by coordinate descent over every distinct confidence value" if refine else ""))
-    return Calibration(mode, target, confidence, thresholds, validation, curve, method)
+              + (", refined by coordinate descent over every distinct confidence value" if refine else "")
+              + (f"; the drop's one-sided {upper_bound:.0%} upper confidence bound held to max_drop"
+                 if upper_bound is not None else ""))
+    return Calibration(mode, target, confidence, thresholds, validation, curve, method, upper_bound)
 
 
 # --- the curve on disk ------------------------------------------------------------------------------

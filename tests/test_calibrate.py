@@ -30,28 +30,72 @@ def synthetic(n=2000, classes=10, gates=3, seed=0):
     return logits, y
 
 
-def brute_force(logits, y, thresholds):
-    """Direct simulation of the early-exit rule, sample by sample."""
+def brute_force(logits, y, thresholds, *, agree=False):
+    """Direct simulation of the early-exit rule, sample by sample (with agree: also the count of samples
+    whose gated correctness equals the un-gated model's)."""
     conf = [cal.confidence("max-softmax", lg) for lg in logits[:-1]]
-    right, cost = 0, 0.0
+    right, same, cost = 0, 0, 0.0
     for i in range(len(y)):
         k = next((g for g in range(len(conf)) if conf[g][i] >= thresholds[g]), len(conf))
-        right += int(np.argmax(logits[k][i]) == y[i])
+        ok = np.argmax(logits[k][i]) == y[i]
+        right += int(ok)
+        same += int(ok == (np.argmax(logits[-1][i]) == y[i]))
         cost += COSTS[k]
+    if agree:
+        return right / len(y), cost / len(y), same
     return right / len(y), cost / len(y)
+
+
+def drop_bound(logits, y, thresholds, level):
+    """The paired one-sided upper bound on the drop, computed directly from the per-sample differences."""
+    from statistics import NormalDist
+
+    conf = [cal.confidence("max-softmax", lg) for lg in logits[:-1]]
+    d = []
+    for i in range(len(y)):
+        k = next((g for g in range(len(conf)) if conf[g][i] >= thresholds[g]), len(conf))
+        d.append(int(np.argmax(logits[-1][i]) == y[i]) - int(np.argmax(logits[k][i]) == y[i]))
+    d = np.array(d, dtype=np.float64)
+    return d.mean() + NormalDist().inv_cdf(level) * d.std() / np.sqrt(len(d))
 
 
 def test_grid_matches_brute_force(monkeypatch):
     logits, y = synthetic(n=300)
     monkeypatch.setattr(cal, "_GRID_CELLS", 300)  # 6 candidates per gate: every combination checked
     conf, correct, costs = cal._prepare(logits, y, "max-softmax", COSTS)
-    cands, right, cost = cal._grid(conf, correct, costs)
+    cands, right, cost, same = cal._grid(conf, correct, costs)
     assert all(c[-1] == np.float32(DISABLED) for c in cands)
     for combo in itertools.product(*(range(len(c)) for c in cands)):
         t = [float(cands[k][combo[k]]) for k in range(3)]
-        acc, flops = brute_force(logits, y, t)
+        acc, flops, agree = brute_force(logits, y, t, agree=True)
         assert right[combo] == round(acc * len(y))
+        assert same[combo] == agree
         assert cost[combo] / len(y) == pytest.approx(flops)
+
+
+@pytest.mark.parametrize("level", [0.8, 0.95])
+def test_upper_bound_holds_the_drop_bound_and_costs_more(level):
+    logits, y = synthetic(n=3000, seed=4)
+    plain = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, max_drop=0.02)
+    bound = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, max_drop=0.02, upper_bound=level)
+    assert bound.upper_bound == level and "upper confidence bound" in bound.method
+    assert drop_bound(logits, y, bound.thresholds, level) <= 0.02 + 1e-9
+    # the plain calibration spends the whole drop, so its bound is above it; the bound costs FLOPs
+    assert drop_bound(logits, y, plain.thresholds, level) > 0.02
+    assert bound.validation.accuracy_drop < plain.validation.accuracy_drop
+    assert bound.validation.expected_flops > plain.validation.expected_flops
+    assert bound.to_dict()["upper_bound"] == level
+
+
+def test_upper_bound_refinement_keeps_the_bound():
+    """Coordinate descent moves thresholds one by one; each move must keep the bound, not just the count."""
+    logits, y = synthetic(n=1500, seed=7)
+    coarse = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, max_drop=0.03, upper_bound=0.9,
+                       refine=False)
+    fine = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, max_drop=0.03, upper_bound=0.9)
+    assert fine.validation.expected_flops <= coarse.validation.expected_flops
+    for result in (coarse, fine):
+        assert drop_bound(logits, y, result.thresholds, 0.9) <= 0.03 + 1e-9
 
 
 @pytest.mark.parametrize("max_drop", [0.0, 0.01, 0.05])
@@ -116,6 +160,8 @@ def test_infeasible_budget_reports_the_cheapest():
     ({"max_drop": -0.1}, "max_drop"),
     ({"budget": 0.0}, "positive"),
     ({"max_drop": 0.01, "confidence": "nope"}, "Unknown confidence"),
+    ({"budget": 0.5, "upper_bound": 0.9}, "needs max_drop"),
+    ({"max_drop": 0.01, "upper_bound": 1.0}, "level in"),
 ])
 def test_bad_targets_are_user_errors(kwargs, message):
     logits, y = synthetic(n=50)

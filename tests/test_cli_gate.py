@@ -89,6 +89,24 @@ def test_calibrate_for_a_budget(gated, npz, tmp_path):
     assert checkpoint.load(out).thresholds != checkpoint.load(again).thresholds  # the input is untouched
 
 
+def test_calibrate_with_an_upper_bound_on_the_drop(gated, npz, tmp_path):
+    out, _ = gated
+    plain = json.loads(out.with_suffix(".curve.json").read_text())
+    again = tmp_path / "bound.pt"
+    result = run("calibrate", out, "--data", f"npz:{npz}", "--max-drop", 0.01, "--upper-bound", 0.9,
+                 "--no-progress", "-o", again)
+    assert result.exit_code == 0, result.output
+    curve = json.loads(again.with_suffix(".curve.json").read_text())
+    assert curve["upper_bound"] == 0.9 and "upper confidence bound" in curve["method"]
+    # a bound below max_drop leaves less of the drop to spend: never cheaper than the plain choice
+    assert curve["validation"]["accuracy_drop"] <= plain["validation"]["accuracy_drop"] + 1e-9
+    assert curve["validation"]["expected_flops"] >= plain["validation"]["expected_flops"] - 1e-6
+    result = run("calibrate", out, "--data", f"npz:{npz}", "--budget", 0.6, "--upper-bound", 0.9,
+                 "--no-progress", "-o", tmp_path / "y.pt")
+    assert result.exit_code == 2 and "needs max_drop" in text(result)
+    assert not (tmp_path / "y.pt").exists()
+
+
 def test_calibrate_impossible_budget_says_what_is_possible(gated, npz, tmp_path):
     out, _ = gated
     result = run("calibrate", out, "--data", f"npz:{npz}", "--budget", 0.01, "--no-progress", "-o",
