@@ -41,6 +41,7 @@ class BenchOptions:
     thresholds: Sequence[float] | None = None
     sweep: bool = False
     sweep_seconds: float = 1.0  # timing per sweep point (at the largest batch size)
+    exit_times: bool = False    # also time leaving at each exit: the time-based ideal speed-up
 
 
 def exit_costs(rt: GatedRuntime) -> list[float]:
@@ -90,6 +91,24 @@ def quality(rt: GatedRuntime, baseline, x: np.ndarray, y: np.ndarray | None, cos
         out["accuracy"] = {"gated": gated, "baseline": base, "drop_points": 100.0 * (base - gated),
                            "per_exit": per_exit}
     return out
+
+
+def exit_time_costs(rt: GatedRuntime, baseline, x: np.ndarray, batch_size: int, costs: list[float],
+                    baseline_flops: float, *, warmup_ms: float, min_seconds: float) -> list[float]:
+    """Measured time of leaving at exit k, relative to the un-gated model, for k = 0..K at this batch size:
+    every sample leaves at exit k (segments 0..k and gates 0..k run), timed interleaved with the baseline.
+    The time-based counterpart of the FLOPs costs: where FLOPs are not time (small early layers run
+    fewer FLOP/s) the FLOPs ideal cannot be reached, whatever the runtime does."""
+    never, always = 2.0**30, -1.0  # confidences lie in [0, 1]
+    rel = []
+    for k in range(rt.num_gates + 1):
+        thr = [never] * rt.num_gates
+        if k < rt.num_gates:
+            thr[k] = always
+        t = time_batches(rt, baseline, x, batch_size, costs, baseline_flops, warmup_ms=warmup_ms,
+                         min_iterations=3, min_seconds=min_seconds, thresholds=thr)
+        rel.append(1.0 / t["speedup"])
+    return rel
 
 
 def time_batches(rt: GatedRuntime, baseline, x: np.ndarray, batch_size: int, costs: list[float],
@@ -191,9 +210,15 @@ def run_bench(bundle: str | Path, x: np.ndarray, y: np.ndarray | None, options: 
     with tqdm(total=total, desc="timing", unit="setting", disable=not progress, leave=False) as bar:
         for b in options.batch_sizes:
             bar.set_postfix_str(f"batch {b}")
-            report["speed"].append(time_batches(
-                rt, baseline, x, b, costs, base_flops, warmup_ms=options.warmup_ms,
-                min_iterations=options.min_iterations, min_seconds=options.min_seconds))
+            entry = time_batches(rt, baseline, x, b, costs, base_flops, warmup_ms=options.warmup_ms,
+                                 min_iterations=options.min_iterations, min_seconds=options.min_seconds)
+            if options.exit_times:
+                rel = exit_time_costs(rt, baseline, x, b, costs, base_flops, warmup_ms=options.warmup_ms / 4,
+                                      min_seconds=options.min_seconds / 2)
+                entry["exit_time_costs"] = rel
+                entry["time_ideal_speedup"] = 1.0 / float(np.dot(entry["exit_fractions"], rel))
+                entry["runtime_efficiency"] = entry["speedup"] / entry["time_ideal_speedup"]
+            report["speed"].append(entry)
             bar.update()
         if options.sweep:
             report["sweep"] = []
@@ -238,6 +263,10 @@ def check_report(report: dict[str, Any]) -> None:
         assert abs(acc["drop_points"] - 100.0 * (acc["baseline"] - acc["gated"])) < 1e-9
     for s in report["speed"]:
         assert abs(s["efficiency"] - s["speedup"] / s["ideal_speedup"]) < 1e-9
+        if "time_ideal_speedup" in s:
+            assert len(s["exit_time_costs"]) == len(fr) and min(s["exit_time_costs"]) > 0
+            assert abs(s["time_ideal_speedup"] * float(np.dot(s["exit_fractions"], s["exit_time_costs"])) - 1) < 1e-9
+            assert abs(s["runtime_efficiency"] - s["speedup"] / s["time_ideal_speedup"]) < 1e-9
         assert abs(s["speedup"] - s["baseline"]["latency_ms"]["mean"] / s["gated"]["latency_ms"]["mean"]) < 1e-9
         for side in ("gated", "baseline"):
             lat = s[side]["latency_ms"]
@@ -289,16 +318,22 @@ def print_report(report: dict[str, Any]) -> None:
     latency = Table(title="latency per batch (ms), gated and baseline timed call by call in alternation")
     for col in ("batch", "side", *LATENCY_KEYS, "samples/s"):
         latency.add_column(col, justify="right")
+    timed_exits = all("time_ideal_speedup" in s for s in report["speed"]) and report["speed"]
     speed = Table(title="speed-up over the un-gated baseline")
     for col in ("batch", "iterations", "measured", "ideal (FLOPs)", "efficiency"):
         speed.add_column(col, justify="right")
+    if timed_exits:
+        for col in ("ideal (time)", "runtime efficiency", "time of leaving at exit k / un-gated"):
+            speed.add_column(col, justify="right")
     for s in report["speed"]:
         for side in ("gated", "baseline"):
             lat = s[side]["latency_ms"]
             latency.add_row(str(s["batch_size"]), side, *(_ms(lat[k]) for k in LATENCY_KEYS),
                             f"{s[side]['throughput']:,.0f}")
+        extra = ([f"{s['time_ideal_speedup']:.2f}x", f"{s['runtime_efficiency']:.0%}",
+                  " / ".join(f"{c:.2f}" for c in s["exit_time_costs"])] if timed_exits else [])
         speed.add_row(str(s["batch_size"]), str(s["iterations"]), f"{s['speedup']:.2f}x",
-                      f"{s['ideal_speedup']:.2f}x", f"{s['efficiency']:.0%}")
+                      f"{s['ideal_speedup']:.2f}x", f"{s['efficiency']:.0%}", *extra)
     console.print(latency)
     console.print(speed)
     if report["sweep"]:

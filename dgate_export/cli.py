@@ -87,6 +87,9 @@ def _float_list(text: str, what: str) -> list[float]:
 @click.option("--thresholds", default=None, help="Override the bundle's thresholds: a,b,c (one per gate).")
 @click.option("--backend", default=None, help="Run on another backend than the bundle's (e.g. onnxruntime).")
 @click.option("--sweep", is_flag=True, help="Also sweep one threshold at every gate: accuracy, FLOPs, speed-up.")
+@click.option("--exit-times", is_flag=True,
+              help="Also time leaving at each exit: the ideal speed-up from measured times, not FLOPs, and the "
+                   "runtime's efficiency against it.")
 @click.option("--cuda-graphs", is_flag=True, help="TensorRT: replay CUDA graphs per segment and batch bucket.")
 @click.option("--providers", default=None, metavar="LIST",
               help="ONNX Runtime: execution providers in priority order, e.g. cuda (needs onnxruntime-gpu) "
@@ -94,7 +97,7 @@ def _float_list(text: str, what: str) -> list[float]:
 @click.option("--json", "json_path", default=None, type=click.Path(), help="Write the full figures as JSON.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(), help="Write accuracy-vs-cost and speed-up plots (PNG).")
 def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes, warmup_ms, min_iterations,
-          min_seconds, thresholds, backend, sweep, cuda_graphs, providers, json_path, plot_path):
+          min_seconds, thresholds, backend, sweep, exit_times, cuda_graphs, providers, json_path, plot_path):
     """Measure a bundle against its un-gated baseline on the same backend.
 
     Reports accuracy (gated vs baseline, per exit), exit fractions, expected FLOPs and the ideal
@@ -131,7 +134,7 @@ def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes,
     options = bench_mod.BenchOptions(
         batch_sizes=_int_list(batch_sizes, "--batch-sizes"), warmup_ms=warmup_ms, min_iterations=min_iterations,
         min_seconds=min_seconds, thresholds=_float_list(thresholds, "--thresholds") if thresholds else None,
-        sweep=sweep)
+        sweep=sweep, exit_times=exit_times)
     if cuda_graphs and (backend or manifest.backend) != "tensorrt":
         raise UserError("--cuda-graphs applies to TensorRT bundles only.", "Drop it for ONNX Runtime.")
     runner_options: dict = {"cuda_graphs": True} if cuda_graphs else {}

@@ -82,6 +82,21 @@ def test_random_input_speed_only(bundle, tmp_path):
     assert report["bundle"]["providers"] == ["CPUExecutionProvider"]
 
 
+def test_exit_times_give_a_time_based_ideal(bundle, tmp_path):
+    out = tmp_path / "r.json"
+    r = bench(["--engine", str(bundle), "--data", "fashion-mnist", "--limit", "64", "--batch-sizes", "8", *FAST,
+               "--exit-times", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    check_report(report)  # time ideal = 1 / sum(fraction_k * time cost_k); runtime efficiency = measured / it
+    (s,) = report["speed"]
+    costs = s["exit_time_costs"]
+    assert len(costs) == 3
+    # leaving at gate 0 runs one of three sessions: cheaper than running them all
+    assert costs[0] < costs[-1]
+    assert "runtime efficiency" in r.text
+
+
 def test_providers_are_passed_to_onnx_runtime(bundle, tmp_path):
     out = tmp_path / "r.json"
     r = bench(["--engine", str(bundle), "--random", "8", "--batch-sizes", "8", *FAST, "--providers", "cpu",
