@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
@@ -47,12 +48,28 @@ class SegmentGraph(nn.Module):
     def forward(self, *inputs: torch.Tensor):
         if self.gather:
             *carries, index = inputs
-            inputs = tuple(c.index_select(0, index) for c in carries)
+            inputs = tuple(_layout_hint(c.index_select(0, index)) for c in carries)
         outs = self.segment(*inputs)
         if self.head is None:
             return outs[0]
         logits = self.head(outs[0])
         return (*outs, logits, confidence_torch(self.confidence, logits))
+
+
+def _layout_hint(x: torch.Tensor) -> torch.Tensor:
+    """x through a 1x1 identity convolution (exact: x * 1 + 0s), for 4-D carries.
+
+    ONNX Runtime's CPU provider runs convolutions in a blocked layout (NCHWc) and fuses the residual
+    Add and ReLU into them, but only when the Add's other input is already blocked. A carry enters a
+    segment through the Gather in plain NCHW, so without this every block of the segment converts
+    back and forth: in ResNet-56's segment 1, 63 nodes after optimization (8 reorder pairs, 7 Adds,
+    7 ReLUs unfused) instead of 36. Measured on the 4-segment chain here: 1.105 -> 0.994 ms at
+    batch 1, 177 -> 172 ms at batch 256. The extra convolution is C*C MACs per pixel (0.2% of
+    ResNet-56), not counted in FLOPs, like the reorders it removes."""
+    if x.dim() != 4 or not x.is_floating_point():
+        return x
+    c = x.shape[1]
+    return F.conv2d(x, torch.eye(c, dtype=x.dtype, device=x.device).view(c, c, 1, 1))
 
 
 class _Baseline(nn.Module):

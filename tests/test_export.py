@@ -76,6 +76,11 @@ def test_segments_follow_the_contract(tmp_path, exporter):
                 assert users and all(n.op_type == "Gather" and n.input[0] == name for n in users), users
                 for n in users:
                     assert all(a.i == 0 for a in n.attribute if a.name == "axis")
+                    # ... and the gathered carry goes through the 1x1 identity convolution (the layout hint
+                    # that lets ONNX Runtime keep the segment in its blocked layout) before anything else
+                    # (the torchscript exporter adds a Shape beside it)
+                    after = [m.op_type for m in proto.graph.node if n.output[0] in m.input]
+                    assert "Conv" in after and set(after) <= {"Conv", "Shape"}, after
 
 
 def test_fp16_segments(tmp_path):
