@@ -5,12 +5,13 @@
 
 Per network:
 1. every exit's logits on the validation and test splits (`collect_exit_logits`);
-2. the thresholds re-derived on VALIDATION (with the setting calibrate_margin.py chose by
-   cross-validation inside validation, recorded in results/NETWORK_calibration.json) must equal
-   the committed ones; they are
-   then evaluated on test, together with every point of the validation Pareto front (the
-   accuracy-vs-cost curve over the whole range) and the oracle (every sample leaves at the earliest
-   exit that classifies it correctly; samples no exit gets right run the whole network);
+2. the thresholds re-derived on the calibration half of VALIDATION (gate_networks.py's setting:
+   max_drop 0.01 held by the drop's one-sided 90% upper bound, recorded in
+   results/NETWORK_calibration.json) must equal the committed ones; they are then evaluated on test,
+   together with every point of the calibration-half Pareto front (the accuracy-vs-cost curve over
+   the whole range), the plain max_drop 0.01 thresholds (no bound), and the oracle (every sample
+   leaves at the earliest exit that classifies it correctly; samples no exit gets right run the
+   whole network);
 3. `dgate-export build` (ONNX Runtime bundle in engines/bench-NETWORK) and `dgate-export bench` on
    the test split at batch 1 and 256 (gated vs the bundle's un-gated baseline.onnx, interleaved);
 4. the same gated model in eager PyTorch (`GatedModel.early_exit`) against the eager un-gated
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gate_networks import validation_halves
 
 from dgate_export import checkpoint
 from dgate_export.calibrate import calibrate, evaluate
@@ -139,11 +141,16 @@ def run_network(network: str, args) -> dict:
     val, test = load_dataset("fashion-mnist", "val"), load_dataset("fashion-mnist", "test")
     val_logits, yv = collect_exit_logits(model, val, progress=False)
     test_logits, yt = collect_exit_logits(model, test, progress=False)
-    # The calibration setting chosen by cross-validation on validation (calibrate_margin.py).
+    # gate_networks.py's setting, on the calibration half of validation (the search half chose the design).
     setting = json.loads((BENCH / "results" / f"{network}_calibration.json").read_text())
+    search, calib = validation_halves(len(yv), setting["halves_seed"])
+    # The search half never saw the thresholds: their drop there is a held-out check inside validation.
+    held_out = evaluate([lg[search] for lg in val_logits], yv[search], confidence=model.confidence,
+                        thresholds=model.thresholds, costs=costs, baseline_flops=baseline)
+    val_logits, yv = [lg[calib] for lg in val_logits], yv[calib]
     cal = calibrate(val_logits, yv, confidence=model.confidence, costs=costs, baseline_flops=baseline,
-                    max_drop=setting["target"], refine=setting.get("refine", True))
-    # The plain setting (max_drop 0.01 on validation, refined), for comparison.
+                    max_drop=setting["target"], refine=setting["refine"], upper_bound=setting["upper_bound"])
+    # The plain setting (max_drop 0.01 on the same rows, refined, no bound), for comparison.
     plain = calibrate(val_logits, yv, confidence=model.confidence, costs=costs, baseline_flops=baseline,
                       max_drop=MAX_DROP)
     plain_test = evaluate(test_logits, yt, confidence=model.confidence, thresholds=plain.thresholds, costs=costs,
@@ -174,7 +181,7 @@ def run_network(network: str, args) -> dict:
                  str(bundle.relative_to(ROOT)), "--force"]
     bench_cmd = ["dgate-export", "bench", "--engine", str(bundle.relative_to(ROOT)), "--data", "fashion-mnist",
                  "--batch-sizes", ",".join(map(str, BATCH_SIZES)), "--min-seconds", str(args.min_seconds),
-                 "--json", str(bench_json.relative_to(ROOT))]
+                 "--exit-times", "--json", str(bench_json.relative_to(ROOT))]
     load_before = os.getloadavg()
     if not args.skip_build:
         subprocess.run(CLI + build_cmd[1:], cwd=ROOT, check=True)
@@ -202,14 +209,19 @@ def run_network(network: str, args) -> dict:
         "ideal_speedup": test_eval.ideal_speedup,
         "exit_fractions": test_eval.exit_fractions,
         "exit_accuracy": test_eval.exit_accuracy,
-        "calibration": {"max_drop": setting["target"], "refine": setting.get("refine", True),
-                        "chosen_by": "2-fold x 5 cross-validation inside the validation split (calibrate_margin.py)"},
+        "exit_costs": costs,
+        "calibration": {"max_drop": setting["target"], "refine": setting["refine"],
+                        "upper_bound": setting["upper_bound"],
+                        "rows": f"calibration half of validation ({len(yv)} rows, seed {setting['halves_seed']}); "
+                                "the search half chose exits, head and confidence (gate_networks.py)"},
         "validation": cal.validation.to_dict(),
+        "validation_search_half": held_out.to_dict(),
         "plain_max_drop_0.01": {"thresholds": plain.thresholds, "validation": plain.validation.to_dict(),
                                 "test": plain_test.to_dict()},
         "oracle": orc,
         "calibration_vs_oracle": test_eval.flops_reduction / orc["flops_reduction"],
-        "onnxruntime": {str(b): {k: speed[b][k] for k in ("speedup", "ideal_speedup", "efficiency", "exit_fractions")}
+        "onnxruntime": {str(b): {k: speed[b][k] for k in ("speedup", "ideal_speedup", "efficiency", "exit_fractions",
+                                                          "exit_time_costs", "time_ideal_speedup", "runtime_efficiency")}
                         | {"gated_ms": speed[b]["gated"]["latency_ms"], "ungated_ms": speed[b]["baseline"]["latency_ms"]}
                         for b in BATCH_SIZES},
         "eager_torch": {str(b): eager[b] for b in BATCH_SIZES},
@@ -222,6 +234,8 @@ def run_network(network: str, args) -> dict:
         row[f"speedup_b{b}"] = speed[b]["speedup"]
         row[f"ideal_speedup_b{b}"] = speed[b]["ideal_speedup"]
         row[f"efficiency_b{b}"] = speed[b]["efficiency"]
+        row[f"time_ideal_speedup_b{b}"] = speed[b]["time_ideal_speedup"]
+        row[f"runtime_efficiency_b{b}"] = speed[b]["runtime_efficiency"]
     return row
 
 
@@ -249,12 +263,33 @@ def table(rows: list[dict]) -> str:
             f"| {' / '.join(f'{100 * f:.1f}%' for f in r['exit_fractions'])} "
             f"| {r['speedup_b1']:.2f}× / {r['speedup_b256']:.2f}× ({r['ideal_speedup']:.2f}×) "
             f"| {r['efficiency_b1']:.2f} / {r['efficiency_b256']:.2f} |")
-    lines += ["", ("Thresholds calibrated plainly to max_drop 0.01 on validation (same gates, no cross-validated "
-              "margin), on test:"), "", "| network | gated acc | drop (pts) | FLOPs saved | exits |", "|---|---|---|---|---|"]
+    lines += ["", ("The same thresholds on the two validation halves (the calibration half chose them; the "
+              "search half chose the gate design but never saw the thresholds) and on test:"), "",
+              ("| network | drop: calibration half | drop: search half (held out) | drop: test | FLOPs saved: "
+              "calibration half / search half / test |"), "|---|---|---|---|---|"]
+    for r in rows:
+        v, h = r["validation"], r["validation_search_half"]
+        lines.append(f"| {r['network']} | {100 * v['accuracy_drop']:.2f} | {100 * h['accuracy_drop']:.2f} "
+                     f"| {r['accuracy_drop_points']:.2f} | {100 * v['flops_reduction']:.1f}% / "
+                     f"{100 * h['flops_reduction']:.1f}% / {100 * r['flops_reduction']:.1f}% |")
+    lines += ["", ("Thresholds calibrated plainly to max_drop 0.01 on the calibration half (same gates, no "
+              "upper bound), on test:"), "", "| network | gated acc | drop (pts) | FLOPs saved | exits |", "|---|---|---|---|---|"]
     for r in rows:
         t = r["plain_max_drop_0.01"]["test"]
         lines.append(f"| {r['network']} | {100 * t['accuracy']:.2f}% | {100 * t['accuracy_drop']:.2f} "
                      f"| {100 * t['flops_reduction']:.1f}% | {' / '.join(f'{100 * f:.1f}%' for f in t['exit_fractions'])} |")
+    lines += ["", ("Time instead of FLOPs (`bench --exit-times`): the cost of leaving at each exit measured "
+              "(every sample of a batch leaving there, timed against the un-gated model), the ideal speed-up "
+              "from those times, and the runtime's efficiency against it:"), "",
+              ("| network | batch | time of leaving at exit k / un-gated | FLOPs of exit k / un-gated "
+              "| ideal from time (from FLOPs) | measured | runtime efficiency |"), "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rel_flops = " / ".join(f"{c / r['flops_baseline']:.2f}" for c in r["exit_costs"])
+        for b in BATCH_SIZES:
+            o = r["onnxruntime"][str(b)]
+            lines.append(f"| {r['network']} | {b} | {' / '.join(f'{c:.2f}' for c in o['exit_time_costs'])} "
+                         f"| {rel_flops} | {o['time_ideal_speedup']:.2f}× ({o['ideal_speedup']:.2f}×) "
+                         f"| {o['speedup']:.2f}× | {o['runtime_efficiency']:.2f} |")
     lines += ["", ("Latency per batch, mean ms (ONNX Runtime and eager PyTorch, one thread each; speed-up vs the "
               "un-gated model on the same engine):"), "",
               ("| network | batch | ORT un-gated | ORT gated | ORT speed-up (eff.) | eager un-gated | eager gated "
