@@ -219,7 +219,7 @@ class GatedRuntime:
         bucketing, else batch 1 and max_batch), so that first calls pay no one-time costs: ONNX Runtime's
         CUDA provider searches convolution algorithms once per new input shape (tens of ms)."""
         sizes = sorted({batch_bucket(1 << i, self.max_batch) for i in range(self.max_batch.bit_length())}
-                       if self._buckets else {1, self.max_batch})
+                       | {self.max_batch} if self._buckets else {1, self.max_batch})
         no_exit = [2.0**30] * self.num_gates  # above any confidence: every segment runs
         for b in sizes:
             self.run(np.zeros((b, *self.input_shape), dtype=self._float), thresholds=no_exit)

@@ -93,8 +93,9 @@ def _is_identity_conv(node, proto) -> bool:
         return False
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
     for c in proto.graph.node:
-        if c.op_type == "Constant":
-            weights.update({c.output[0]: onnx.numpy_helper.to_array(a.t) for a in c.attribute if a.name == "value"})
+        value = [a.t for a in c.attribute if a.name == "value"] if c.op_type == "Constant" else []
+        if value:
+            weights[c.output[0]] = onnx.numpy_helper.to_array(value[0])
     w = weights.get(node.input[1])
     return w is not None and w.ndim == 4 and w.shape[2:] == (1, 1) and np.array_equal(
         w[:, :, 0, 0], np.eye(w.shape[0], dtype=w.dtype))

@@ -91,6 +91,27 @@ def test_warmup_runs_every_bucket(tiny, rt):
     assert seen == ([1, 2, 4, 8, 16] if rt._buckets else [1, 16])
 
 
+def test_buckets_with_a_max_batch_that_is_not_a_power_of_two(tmp_path):
+    """max_batch 12: batches of 9-12 rows pad to 12, the last bucket, and warmup runs it too."""
+    bundle, ref = make_tiny_bundle(tmp_path, max_batch=12)
+    rt = GatedRuntime.load(bundle, batch_buckets=True)
+    seen = []
+    runner = rt._runners[0]
+    real = runner.run
+    runner.run = lambda feeds, host=None: seen.append(len(feeds["input"])) or real(feeds, host)
+    try:
+        rt.warmup()
+        assert seen == [1, 2, 4, 8, 12]
+        seen.clear()
+        x = _x(23, seed=5)  # chunks of 12 and 11: both padded to 12
+        c0, c1 = ref.all_exits(_x(512, seed=99))
+        thresholds = (_between(c0, 0.6), _between(c1, 0.4))
+        _check(rt.run(x, thresholds=thresholds), ref, x, thresholds)
+        assert seen == [12, 12]
+    finally:
+        del runner.run
+
+
 def test_some_thresholds_use_every_exit(tiny, rt):
     _, ref = tiny
     c0, c1 = ref.all_exits(_x(512, seed=99))
