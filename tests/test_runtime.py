@@ -6,6 +6,7 @@ test_runtime_parity.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -79,15 +80,21 @@ def test_batch_buckets():
         batch_bucket(0, 24)
 
 
-def test_warmup_runs_every_bucket(tiny, rt):
-    seen = []
-    runner = rt._runners[1]
+@contextlib.contextmanager
+def _batch_sizes(runner, feed: str):
+    """Record the batch size (rows of `feed`) of every run of a real runner."""
+    seen: list[int] = []
     real = runner.run
-    runner.run = lambda feeds, host=None: seen.append(len(feeds["index"])) or real(feeds, host)
+    runner.run = lambda feeds, host=None: seen.append(len(feeds[feed])) or real(feeds, host)
     try:
-        rt.warmup()
+        yield seen
     finally:
         del runner.run
+
+
+def test_warmup_runs_every_bucket(tiny, rt):
+    with _batch_sizes(rt._runners[1], "index") as seen:
+        rt.warmup()
     assert seen == ([1, 2, 4, 8, 16] if rt._buckets else [1, 16])
 
 
@@ -95,11 +102,7 @@ def test_buckets_with_a_max_batch_that_is_not_a_power_of_two(tmp_path):
     """max_batch 12: batches of 9-12 rows pad to 12, the last bucket, and warmup runs it too."""
     bundle, ref = make_tiny_bundle(tmp_path, max_batch=12)
     rt = GatedRuntime.load(bundle, batch_buckets=True)
-    seen = []
-    runner = rt._runners[0]
-    real = runner.run
-    runner.run = lambda feeds, host=None: seen.append(len(feeds["input"])) or real(feeds, host)
-    try:
+    with _batch_sizes(rt._runners[0], "input") as seen:
         rt.warmup()
         assert seen == [1, 2, 4, 8, 12]
         seen.clear()
@@ -108,8 +111,6 @@ def test_buckets_with_a_max_batch_that_is_not_a_power_of_two(tmp_path):
         thresholds = (_between(c0, 0.6), _between(c1, 0.4))
         _check(rt.run(x, thresholds=thresholds), ref, x, thresholds)
         assert seen == [12, 12]
-    finally:
-        del runner.run
 
 
 def test_some_thresholds_use_every_exit(tiny, rt):
