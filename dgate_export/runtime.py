@@ -33,6 +33,9 @@ The loop (docs/architecture.md "The runtime loop"), for each chunk of at most ma
     logits[rows] = out["logits"]; exits[rows] = K; confidence[rows] = measure(out["logits"])
 
 (A batch of one sample runs the same loop with Python scalars instead of numpy arrays: cheaper.)
+Where the backend's runner asks for `batch_buckets` (ONNX Runtime on a GPU), x and every `keep` are
+padded to the next power of two by repeating their last row, and the padded rows' results are
+dropped; `warmup()` runs every segment once at every batch size it will then see.
 
 Input: float arrays are model input (float64 is converted with a warning); integer arrays are raw
 pixels, normalized with the manifest's input.normalization as x = (raw * scale - mean[c]) / std[c]
@@ -217,7 +220,7 @@ class GatedRuntime:
     def warmup(self) -> None:
         """Run every segment once at every batch size it will see (each bucket up to max_batch with
         bucketing, else batch 1 and max_batch), so that first calls pay no one-time costs: ONNX Runtime's
-        CUDA provider searches convolution algorithms once per new input shape (tens of ms)."""
+        CUDA provider prepares its convolutions (cuDNN algorithm search) for each new shape, tens of ms."""
         sizes = sorted({batch_bucket(1 << i, self.max_batch) for i in range(self.max_batch.bit_length())}
                        | {self.max_batch} if self._buckets else {1, self.max_batch})
         no_exit = [2.0**30] * self.num_gates  # above any confidence: every segment runs
