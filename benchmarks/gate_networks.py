@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from dgate_export import checkpoint
-from dgate_export.calibrate import calibrate
+from dgate_export.calibrate import calibrate, holdout_rows
 from dgate_export.data import load_dataset
 from dgate_export.gated import GatedModel
 from dgate_export.train import collect_exit_logits, train_gates
@@ -73,9 +73,10 @@ HALVES_SEED = 0
 
 
 def validation_halves(n: int, seed: int = HALVES_SEED) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices of the search half and the calibration half of an n-row validation split."""
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
+    """Row indices of the search half and the calibration half of an n-row validation split (the
+    search half is what `calibrate(..., holdout=0.5, seed=seed)` holds out)."""
+    calib, search = holdout_rows(n, 0.5, seed)
+    return search, calib
 
 
 def load_backbone(network: str, weights: Path | None = None):

@@ -247,8 +247,8 @@ def _load_splits(data: str, data_dir, channels: int | None, val_size: int, seed:
             for s in SPLITS}
 
 
-def _calibrate_and_report(model, splits: dict, *, confidence: str, max_drop, budget, upper_bound,
-                          progress: bool):
+def _calibrate_and_report(model, splits: dict, *, confidence: str, max_drop, budget, upper_bound, holdout,
+                          seed: int, progress: bool):
     """Choose thresholds on the validation split, apply them to `model`, report validation and test."""
     from .calibrate import calibrate as choose_thresholds
     from .calibrate import evaluate, print_report
@@ -259,7 +259,7 @@ def _calibrate_and_report(model, splits: dict, *, confidence: str, max_drop, bud
     val_logits, val_y = collect_exit_logits(model, splits["val"], progress=progress)
     result = choose_thresholds(val_logits, val_y, confidence=confidence, costs=costs,
                                baseline_flops=flops["baseline"], max_drop=max_drop, budget=budget,
-                               upper_bound=upper_bound)
+                               upper_bound=upper_bound, holdout=holdout, seed=seed)
     model.thresholds = list(result.thresholds)
     model.confidence = confidence
     test_logits, test_y = collect_exit_logits(model, splits["test"], progress=progress)
@@ -345,11 +345,14 @@ def _load_weights(backbone, weights: str) -> None:
 @click.option("--upper-bound", type=float, default=None, metavar="LEVEL",
               help="Hold the drop's one-sided upper confidence bound at LEVEL (e.g. 0.9) to --max-drop, not the "
                    "drop measured on validation: the promise then holds on new data more often (costs FLOPs).")
+@click.option("--holdout", type=float, default=None, metavar="FRACTION",
+              help="Keep this fraction of the validation rows (e.g. 0.3) out of the choice and report the "
+                   "thresholds on them: what the promise is worth on new data, without the test split.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the validation split and of training.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Gated model to write (model.pt).")
 def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val_size, epochs, backbone_epochs,
-         batch_size, head, confidence, loss, max_drop, budget, upper_bound, seed, progress, output):
+         batch_size, head, confidence, loss, max_drop, budget, upper_bound, holdout, seed, progress, output):
     """Attach d-gates to a backbone, train them, calibrate their thresholds, save model.pt.
 
     The backbone stays frozen while the gates train. Thresholds are chosen on the validation split
@@ -412,7 +415,8 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
     gate_acc = train_gates(model, train, epochs=epochs, loss=loss, seed=seed, progress=progress)
     click.echo("gate training accuracy: " + ", ".join(f"{e} {a:.2%}" for e, a in zip(exit_names, gate_acc)))
     result, test = _calibrate_and_report(model, splits, confidence=confidence, max_drop=max_drop, budget=budget,
-                                         upper_bound=upper_bound, progress=progress)
+                                         upper_bound=upper_bound, holdout=holdout, seed=seed,
+                                         progress=progress)
     _save_gated(model, output, result, test)
 
 
@@ -428,12 +432,15 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
 @click.option("--upper-bound", type=float, default=None, metavar="LEVEL",
               help="Hold the drop's one-sided upper confidence bound at LEVEL (e.g. 0.9) to --max-drop, not the "
                    "drop measured on validation: the promise then holds on new data more often (costs FLOPs).")
+@click.option("--holdout", type=float, default=None, metavar="FRACTION",
+              help="Keep this fraction of the validation rows (e.g. 0.3) out of the choice and report the "
+                   "thresholds on them: what the promise is worth on new data, without the test split.")
 @click.option("--confidence", default=None, type=click.Choice(_CONFIDENCES),
               help="Switch the confidence measure (default: the model's).")
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @click.option("-o", "--output", default=None, type=click.Path(), help="Write here instead of overwriting MODEL.")
 def calibrate_cmd(model_path, data, data_dir, repeat_channels, val_size, seed, max_drop, budget, upper_bound,
-                  confidence, progress, output):
+                  holdout, confidence, progress, output):
     """Choose new thresholds for a gated model (accuracy drop or FLOPs budget) without retraining.
 
     The validation split must be the one `gate` held out (same --data, --val-size and --seed), so that
@@ -450,5 +457,5 @@ def calibrate_cmd(model_path, data, data_dir, repeat_channels, val_size, seed, m
         check_input_shape(ds.x, model.input_shape, where=f"data set {data!r} ({ds.split})")
     result, test = _calibrate_and_report(model, splits, confidence=confidence or model.confidence,
                                          max_drop=max_drop, budget=budget, upper_bound=upper_bound,
-                                         progress=progress)
+                                         holdout=holdout, seed=seed, progress=progress)
     _save_gated(model, output or model_path, result, test)

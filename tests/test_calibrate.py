@@ -87,6 +87,23 @@ def test_upper_bound_holds_the_drop_bound_and_costs_more(level):
     assert bound.to_dict()["upper_bound"] == level
 
 
+def test_holdout_keeps_rows_out_of_the_choice_and_reports_them():
+    logits, y = synthetic(n=2000, seed=5)
+    result = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, max_drop=0.02, holdout=0.3, seed=3)
+    kept, out = cal.holdout_rows(len(y), 0.3, seed=3)
+    assert len(out) == 600 and len(kept) == 1400 and not set(kept) & set(out)
+    # the same as calibrating on the kept rows alone, then evaluating on the others
+    alone = calibrate([lg[kept] for lg in logits], y[kept], costs=COSTS, baseline_flops=BASELINE, max_drop=0.02)
+    assert result.thresholds == alone.thresholds and result.validation.samples == 1400
+    check = evaluate([lg[out] for lg in logits], y[out], confidence="max-softmax", thresholds=result.thresholds,
+                     costs=COSTS, baseline_flops=BASELINE)
+    assert result.held_out == check and result.holdout == 0.3
+    assert result.to_dict()["held_out"]["samples"] == 600 and "held out" in result.method
+    for bad in (0.0, 1.0, 1.5, 0.0001):
+        with pytest.raises(UserError, match="holdout"):
+            calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, max_drop=0.02, holdout=bad)
+
+
 def test_upper_bound_refinement_keeps_the_bound():
     """Coordinate descent moves thresholds one by one; each move must keep the bound, not just the count."""
     logits, y = synthetic(n=1500, seed=7)

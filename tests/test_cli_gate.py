@@ -101,6 +101,12 @@ def test_calibrate_with_an_upper_bound_on_the_drop(gated, npz, tmp_path):
     # a bound below max_drop leaves less of the drop to spend: never cheaper than the plain choice
     assert curve["validation"]["accuracy_drop"] <= plain["validation"]["accuracy_drop"] + 1e-9
     assert curve["validation"]["expected_flops"] >= plain["validation"]["expected_flops"] - 1e-6
+    held = tmp_path / "held.pt"
+    result = run("calibrate", out, "--data", f"npz:{npz}", "--holdout", 0.5, "--no-progress", "-o", held)
+    assert result.exit_code == 0, result.output
+    curve = json.loads(held.with_suffix(".curve.json").read_text())
+    assert curve["holdout"] == 0.5 and "held out" in result.output
+    assert curve["held_out"]["samples"] + curve["validation"]["samples"] == plain["validation"]["samples"]
     result = run("calibrate", out, "--data", f"npz:{npz}", "--budget", 0.6, "--upper-bound", 0.9,
                  "--no-progress", "-o", tmp_path / "y.pt")
     assert result.exit_code == 2 and "needs max_drop" in text(result)
