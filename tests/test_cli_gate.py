@@ -128,11 +128,13 @@ def test_gate_with_weights_skips_backbone_training(npz, tmp_path):
     torch.save(TinyCNN().state_dict(), weights)
     result = run("gate", "--arch", NAME, "--weights", weights, "--data", f"npz:{npz}", "--epochs", 1,
                  "--budget", 0.9, "--confidence", "entropy", "--loss", "hinge", "--head", "mlp",
-                 "--no-progress", "-o", tmp_path / "m.pt")
+                 "--holdout", 0.25, "--no-progress", "-o", tmp_path / "m.pt")
     assert result.exit_code == 0, result.output
     assert "training the backbone" not in result.output and "weights from" in result.output
     model = checkpoint.load(tmp_path / "m.pt")
     assert model.confidence == "entropy" and model.head_spec["name"] == "mlp"
+    curve = json.loads((tmp_path / "m.curve.json").read_text())  # gate passes --holdout to the calibration
+    assert curve["holdout"] == 0.25 and curve["held_out"]["samples"] > 0
     assert torch.equal(model.backbone.state_dict()["stem.0.weight"], torch.load(weights)["stem.0.weight"])
 
 
