@@ -355,8 +355,8 @@ def calibrate(exit_logits, labels, *, confidence: str = "max-softmax", costs, ba
                         "Give e.g. --max-drop 0.01 --upper-bound 0.9 (a 90% one-sided bound on the drop).")
     held = None
     if holdout is not None:
-        kept, out = holdout_rows(len(labels), min(max(float(holdout), 0.0), 1.0), seed)
-        if not 0.0 < holdout < 1.0 or not len(kept) or not len(out):
+        kept, out = holdout_rows(len(labels), holdout, seed) if 0.0 < holdout < 1.0 else ([], [])
+        if not len(kept) or not len(out):
             raise UserError(f"holdout {holdout} leaves {len(kept)} rows to calibrate on and {len(out)} to check "
                             f"({len(labels)} in all).", "Give a fraction in (0, 1) such as 0.3.")
         labels = np.asarray(labels)
@@ -372,21 +372,19 @@ def calibrate(exit_logits, labels, *, confidence: str = "max-softmax", costs, ba
         mode, target = "max_drop", float(max_drop)
         # Integer sample counts: at least this many must stay correct.
         limit = float(math.ceil(full_right - max_drop * n - 1e-9))
-        check = _feasibility(mode, limit, n, full_right, max_drop, upper_bound)
-        feasible = check(right, same, cost)
     else:
         mode, target = "budget", float(budget)  # type: ignore[arg-type]
         limit = budget * baseline * n  # type: ignore[operator]
-        check = _feasibility(mode, limit, n, full_right, None, None)
-        feasible = check(right, same, cost)
-        if not feasible.any():
-            cheapest = float(cost.min() / n)
-            raise UserError(
-                f"No thresholds meet a budget of {budget:.3g} × the un-gated FLOPs on the validation split: "
-                f"the cheapest gated run (every sample leaving at the first gate) costs {cheapest:.4g} FLOPs "
-                f"per sample, {cheapest / baseline:.3f} of the un-gated {baseline:.4g}.",
-                f"Raise the budget to at least {math.ceil(cheapest / baseline * 1000) / 1000:.3f}, "
-                "or put the first gate earlier.")
+    check = _feasibility(mode, limit, n, full_right, max_drop, upper_bound)
+    feasible = check(right, same, cost)
+    if mode == "budget" and not feasible.any():
+        cheapest = float(cost.min() / n)
+        raise UserError(
+            f"No thresholds meet a budget of {budget:.3g} × the un-gated FLOPs on the validation split: "
+            f"the cheapest gated run (every sample leaving at the first gate) costs {cheapest:.4g} FLOPs "
+            f"per sample, {cheapest / baseline:.3f} of the un-gated {baseline:.4g}.",
+            f"Raise the budget to at least {math.ceil(cheapest / baseline * 1000) / 1000:.3f}, "
+            "or put the first gate earlier.")
     if not feasible.any():
         # Only possible when even disabling every gate misses the target (max_drop >= 0 always fits).
         best = float(right.max() / n)

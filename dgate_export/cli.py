@@ -231,6 +231,24 @@ class _GateCommand(click.Command):
             formatter.write_dl(rows)
 
 
+def _calibration_target_options(command):
+    """--max-drop, --budget, --upper-bound and --holdout: what the thresholds are chosen for (gate, calibrate)."""
+    options = [
+        click.option("--max-drop", type=float, default=None, help="Allowed accuracy drop on validation (default 0.01)."),
+        click.option("--budget", type=float, default=None, help="Expected FLOPs as a fraction of the un-gated model."),
+        click.option("--upper-bound", type=float, default=None, metavar="LEVEL",
+                     help="Hold the drop's one-sided upper confidence bound at LEVEL (e.g. 0.9) to --max-drop, not "
+                          "the drop measured on validation: the promise then holds on new data more often (costs "
+                          "FLOPs)."),
+        click.option("--holdout", type=float, default=None, metavar="FRACTION",
+                     help="Keep this fraction of the validation rows (e.g. 0.3) out of the choice and report the "
+                          "thresholds on them: what the promise is worth on new data, without the test split."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def _target(max_drop: float | None, budget: float | None) -> tuple[float | None, float | None]:
     if max_drop is not None and budget is not None:
         raise UserError("Give --max-drop or --budget, not both.",
@@ -340,14 +358,7 @@ def _load_weights(backbone, weights: str) -> None:
 @click.option("--confidence", default="max-softmax", show_default=True, type=click.Choice(_CONFIDENCES))
 @click.option("--loss", default="ce", show_default=True, type=click.Choice(["ce", "hinge"]),
               help="Gate loss: cross-entropy or multi-class hinge.")
-@click.option("--max-drop", type=float, default=None, help="Allowed accuracy drop on validation (default 0.01).")
-@click.option("--budget", type=float, default=None, help="Expected FLOPs as a fraction of the un-gated model.")
-@click.option("--upper-bound", type=float, default=None, metavar="LEVEL",
-              help="Hold the drop's one-sided upper confidence bound at LEVEL (e.g. 0.9) to --max-drop, not the "
-                   "drop measured on validation: the promise then holds on new data more often (costs FLOPs).")
-@click.option("--holdout", type=float, default=None, metavar="FRACTION",
-              help="Keep this fraction of the validation rows (e.g. 0.3) out of the choice and report the "
-                   "thresholds on them: what the promise is worth on new data, without the test split.")
+@_calibration_target_options
 @click.option("--seed", default=0, show_default=True, help="Seed of the validation split and of training.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Gated model to write (model.pt).")
@@ -427,14 +438,7 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
 @click.option("--repeat-channels", is_flag=True, help="Repeat 1-channel data to the model's channel count.")
 @click.option("--val-size", default=5000, show_default=True, help="Validation rows (use gate's value).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the validation split (use gate's value).")
-@click.option("--max-drop", type=float, default=None, help="Allowed accuracy drop on validation (default 0.01).")
-@click.option("--budget", type=float, default=None, help="Expected FLOPs as a fraction of the un-gated model.")
-@click.option("--upper-bound", type=float, default=None, metavar="LEVEL",
-              help="Hold the drop's one-sided upper confidence bound at LEVEL (e.g. 0.9) to --max-drop, not the "
-                   "drop measured on validation: the promise then holds on new data more often (costs FLOPs).")
-@click.option("--holdout", type=float, default=None, metavar="FRACTION",
-              help="Keep this fraction of the validation rows (e.g. 0.3) out of the choice and report the "
-                   "thresholds on them: what the promise is worth on new data, without the test split.")
+@_calibration_target_options
 @click.option("--confidence", default=None, type=click.Choice(_CONFIDENCES),
               help="Switch the confidence measure (default: the model's).")
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")

@@ -241,8 +241,7 @@ class Runner:
         self.batch_buckets = bool(options.get("batch_buckets", self._on_device))  # read by GatedRuntime
         # On a GPU with buckets: one session per batch size (see the module docstring), made on first use.
         self._per_size = self._on_device and self.batch_buckets
-        self._sessions: dict[int, Any] = {}
-        self._spare: Any = self._session  # the first size's session is the one made here
+        self._sessions: dict[int, Any] = {}  # the first size seen gets the session made here
         self._new_session = lambda: ort.InferenceSession(os.fspath(path), session_options(options, ort),
                                                          providers=providers)
         self._lock = threading.Lock()
@@ -274,7 +273,7 @@ class Runner:
             with self._lock:
                 session = self._sessions.get(rows)
                 if session is None:
-                    session, self._spare = self._spare or self._new_session(), None
+                    session = self._new_session() if self._sessions else self._session
                     session.disable_fallback()
                     self._sessions[rows] = session
         return session
@@ -310,5 +309,5 @@ class Runner:
 
     def close(self) -> None:
         """Drop the session (its memory goes when no run is using it); the runner is unusable after."""
-        self._session = self._run_direct = self._spare = None
+        self._session = self._run_direct = None
         self._sessions = {}
