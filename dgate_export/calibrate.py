@@ -70,10 +70,16 @@ class Evaluation:
     expected_flops: float        # per sample, gate heads included
     baseline_flops: float        # the un-gated backbone, per sample
     samples: int
+    disagreement: float = 0.0    # fraction of samples that one of gated / un-gated gets right, the other wrong
 
     @property
     def accuracy_drop(self) -> float:
         return self.accuracy_ungated - self.accuracy
+
+    def drop_upper_bound(self, level: float) -> float:
+        """The drop's one-sided `level` upper confidence bound (paired normal approximation, as
+        `calibrate(..., upper_bound=level)` holds it): how large the drop on new samples may be."""
+        return float(_drop_bound(self.accuracy_drop, self.disagreement, self.samples, NormalDist().inv_cdf(level)))
 
     @property
     def flops_reduction(self) -> float:
@@ -174,6 +180,7 @@ def _evaluate(conf, correct, costs, baseline: float, thresholds) -> Evaluation:
         expected_flops=float((counts * costs).sum() / n),
         baseline_flops=float(baseline),
         samples=int(n),
+        disagreement=float(np.count_nonzero(correct[exits, np.arange(n)] != correct[-1]) / n),
     )
 
 
@@ -265,11 +272,15 @@ def _feasibility(mode: str, limit: float, n: int, full_right: int, max_drop: flo
     z = NormalDist().inv_cdf(upper_bound)
 
     def ok(right, same, cost):
-        drop = (full_right - right) / n
-        var = np.maximum((n - same) / n - drop * drop, 0.0)
-        return drop + z * np.sqrt(var / n) <= max_drop + 1e-12  # type: ignore[operator]
+        return _drop_bound((full_right - right) / n, (n - same) / n, n, z) <= max_drop + 1e-12  # type: ignore[operator]
 
     return ok
+
+
+def _drop_bound(drop, disagreement, n: int, z: float):
+    """drop + z * standard error, per sample d_i = ungated_right_i - gated_right_i in {-1, 0, 1}:
+    E[d^2] is the disagreement rate, so var(d) = disagreement - drop^2 (arrays or scalars)."""
+    return drop + z * np.sqrt(np.maximum(disagreement - drop * drop, 0.0) / n)
 
 
 def _split_counts(w: np.ndarray, k: int, through: np.ndarray, reach: np.ndarray, order: np.ndarray) -> np.ndarray:

@@ -87,6 +87,18 @@ def test_upper_bound_holds_the_drop_bound_and_costs_more(level):
     assert bound.to_dict()["upper_bound"] == level
 
 
+@pytest.mark.parametrize("level", [0.5, 0.9, 0.99])
+def test_evaluation_drop_bound_matches_the_per_sample_bound(level):
+    """An Evaluation's bound (e.g. on held-out rows) is the one calibrate holds, from the same counts."""
+    logits, y = synthetic(n=1200, seed=6)
+    for thresholds in ([0.5, 0.6, 0.7], [0.9, 0.9, 0.9], [DISABLED] * 3):
+        e = evaluate(logits, y, confidence="max-softmax", thresholds=thresholds, costs=COSTS, baseline_flops=BASELINE)
+        assert e.drop_upper_bound(level) == pytest.approx(drop_bound(logits, y, thresholds, level), abs=1e-12)
+        _, _, same = brute_force(logits, y, thresholds, agree=True)
+        assert e.disagreement == pytest.approx(1 - same / len(y))
+    assert e.disagreement == 0.0 and e.drop_upper_bound(level) == 0.0  # every gate off: the un-gated model
+
+
 def test_holdout_keeps_rows_out_of_the_choice_and_reports_them():
     logits, y = synthetic(n=2000, seed=5)
     result = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, max_drop=0.02, holdout=0.3, seed=3)
