@@ -41,6 +41,7 @@ def save(model: GatedModel, path: str | os.PathLike) -> Path:
         "class_names": model.class_names,
         "normalization": model.normalization,
         "flops": model.flops,
+        "data_split": model.data_split,
         "backbone": {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()},
         "heads": {k: v.detach().cpu() for k, v in model.heads.state_dict().items()},
     }
@@ -118,6 +119,7 @@ def load(path: str | os.PathLike) -> GatedModel:
         class_names=payload.get("class_names"),
         normalization=payload.get("normalization"),
         flops=payload.get("flops"),
+        data_split=payload.get("data_split"),  # None in files written before it was recorded
     )
     try:
         model.heads.load_state_dict(payload["heads"])
@@ -156,6 +158,10 @@ def describe(path: str | os.PathLike) -> None:
         )
     console.print(table)
     console.print(f"baseline (un-gated) FLOPs per sample: {flops['baseline']:,}")
+    split = model.data_split
+    console.print(f"validation split (gates trained without it; calibrate uses it): {split['val_size']} rows "
+                  f"of {split['data']}, seed {split['seed']}" if split else
+                  "validation split: not recorded (an older checkpoint; give calibrate the --val-size and --seed gate had)")
 
 
 def _first_line(err: BaseException) -> str:

@@ -258,6 +258,24 @@ def _target(max_drop: float | None, budget: float | None) -> tuple[float | None,
     return max_drop, budget
 
 
+def _recorded_split(model, model_path: str, val_size: int | None, seed: int | None) -> tuple[int, int]:
+    """calibrate's validation split: the one MODEL records (a different one given is refused), else
+    the given values or gate's defaults (checkpoints written before the split was recorded)."""
+    recorded = model.data_split or {}
+    chosen = {"val_size": val_size, "seed": seed}
+    for key, value in chosen.items():
+        if value is None:
+            chosen[key] = recorded.get(key, 5000 if key == "val_size" else 0)
+        elif key in recorded and value != recorded[key]:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(
+                f"{model_path} was gated with the validation split {recorded['val_size']} rows, seed "
+                f"{recorded['seed']}; {flag} {value} would choose thresholds on other rows, some of which "
+                "the gates were trained on.",
+                f"Leave out {flag}: calibrate uses the recorded split.")
+    return int(chosen["val_size"]), int(chosen["seed"])
+
+
 def _load_splits(data: str, data_dir, channels: int | None, val_size: int, seed: int) -> dict:
     from .data import SPLITS, load_dataset
 
@@ -421,7 +439,8 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
                        progress=progress)
 
     torch.manual_seed(seed)
-    model = GatedModel.attach(backbone, exit_names, **gate_options)
+    model = GatedModel.attach(backbone, exit_names, data_split={"data": data, "val_size": val_size, "seed": seed},
+                              **gate_options)
     model.count_flops()
     gate_acc = train_gates(model, train, epochs=epochs, loss=loss, seed=seed, progress=progress)
     click.echo("gate training accuracy: " + ", ".join(f"{e} {a:.2%}" for e, a in zip(exit_names, gate_acc)))
@@ -436,8 +455,8 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
 @click.option("--data", required=True, help="fashion-mnist or npz:PATH (the same data the gates were trained on).")
 @click.option("--data-dir", default=None, type=click.Path(), help="Folder of the Fashion-MNIST IDX files.")
 @click.option("--repeat-channels", is_flag=True, help="Repeat 1-channel data to the model's channel count.")
-@click.option("--val-size", default=5000, show_default=True, help="Validation rows (use gate's value).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the validation split (use gate's value).")
+@click.option("--val-size", default=None, type=int, help="Validation rows [the split MODEL records, else 5000].")
+@click.option("--seed", default=None, type=int, help="Seed of the validation split [MODEL's, else 0].")
 @_calibration_target_options
 @click.option("--confidence", default=None, type=click.Choice(_CONFIDENCES),
               help="Switch the confidence measure (default: the model's).")
@@ -447,14 +466,15 @@ def calibrate_cmd(model_path, data, data_dir, repeat_channels, val_size, seed, m
                   holdout, confidence, progress, output):
     """Choose new thresholds for a gated model (accuracy drop or FLOPs budget) without retraining.
 
-    The validation split must be the one `gate` held out (same --data, --val-size and --seed), so that
-    thresholds are never chosen on rows the gates were trained on.
+    The validation split must be the one `gate` held out (same --data), so that thresholds are never
+    chosen on rows the gates were trained on: MODEL records its size and seed, and they are used.
     """
     from . import checkpoint
     from .data import check_input_shape
 
     max_drop, budget = _target(max_drop, budget)
     model = checkpoint.load(model_path)
+    val_size, seed = _recorded_split(model, model_path, val_size, seed)
     channels = model.input_shape[0] if repeat_channels else None
     splits = _load_splits(data, data_dir, channels, val_size, seed)
     for ds in splits.values():

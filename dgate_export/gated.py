@@ -40,6 +40,7 @@ class GatedModel(nn.Module):
         class_names: list[str] | None = None,
         normalization: dict | None = None,
         flops: dict | None = None,
+        data_split: dict | None = None,
     ):
         super().__init__()
         self.backbone = backbone.eval()
@@ -52,6 +53,9 @@ class GatedModel(nn.Module):
         self.class_names = list(class_names) if class_names else None
         self.normalization = normalization
         self.flops = flops
+        # The validation split the gates were trained without ({"data", "val_size", "seed"}): calibrate
+        # must choose thresholds on those rows, never on rows the gates saw.
+        self.data_split = dict(data_split) if data_split else None
         example = torch.zeros(2, *self.input_shape)
         self.segments = nn.ModuleList(split_backbone(self.backbone, self.exits, example))
         with torch.no_grad():

@@ -256,6 +256,7 @@ def test_cli_build_and_inspect(tmp_path, skip_ckpt):
     result = runner.invoke(main, ["inspect", str(path)])  # a checkpoint file goes to checkpoint.describe
     assert result.exit_code == 0, result.output
     assert "test_skipnet" in result.output
+    assert "validation split: not recorded" in " ".join(result.output.split())
 
     result = runner.invoke(main, ["inspect", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "no such file or directory" in result.output

@@ -113,6 +113,30 @@ def test_calibrate_with_an_upper_bound_on_the_drop(gated, npz, tmp_path):
     assert not (tmp_path / "y.pt").exists()
 
 
+def test_calibrate_uses_the_split_the_model_records(gated, npz, tmp_path):
+    out, _ = gated
+    model = checkpoint.load(out)
+    assert model.data_split == {"data": f"npz:{npz}", "val_size": 5000, "seed": 0}
+    shown = text(run("inspect", out))
+    assert "validation split (gates trained without it; calibrate uses it): 5000 rows" in shown
+    for flag, value in (("--val-size", 4000), ("--seed", 3)):
+        result = run("calibrate", out, "--data", f"npz:{npz}", flag, value, "--no-progress", "-o", tmp_path / "x.pt")
+        assert result.exit_code == 2, result.output
+        assert "was gated with the validation split 5000 rows, seed 0" in text(result)
+        assert f"Leave out {flag}" in text(result)
+        assert not (tmp_path / "x.pt").exists()
+    # the recorded values themselves are accepted, and the split travels on to the new file
+    result = run("calibrate", out, "--data", f"npz:{npz}", "--val-size", 5000, "--no-progress", "-o", tmp_path / "y.pt")
+    assert result.exit_code == 0, result.output
+    assert checkpoint.load(tmp_path / "y.pt").data_split == model.data_split
+    # a checkpoint written before the split was recorded takes the given values
+    model.data_split = None
+    old = checkpoint.save(model, tmp_path / "old.pt")
+    assert checkpoint.load(old).data_split is None
+    result = run("calibrate", old, "--data", f"npz:{npz}", "--seed", 3, "--no-progress", "-o", tmp_path / "z.pt")
+    assert result.exit_code == 0, result.output
+
+
 def test_calibrate_impossible_budget_says_what_is_possible(gated, npz, tmp_path):
     out, _ = gated
     result = run("calibrate", out, "--data", f"npz:{npz}", "--budget", 0.01, "--no-progress", "-o",
