@@ -372,7 +372,9 @@ def _load_weights(backbone, weights: str) -> None:
 @click.option("--epochs", default=10, show_default=True, help="Gate training epochs (on cached features).")
 @click.option("--backbone-epochs", default=2, show_default=True, help="Backbone epochs when there are no --weights.")
 @click.option("--batch-size", default=128, show_default=True, help="Backbone training batch size.")
-@click.option("--head", default="linear", show_default=True, type=click.Choice(["linear", "mlp"]))
+@click.option("--head", default="linear", show_default=True, type=click.Choice(["linear", "mlp", "grid"]),
+              help="Gate head: global pooling + linear (the paper's), + one hidden layer, or grid pooling "
+                   "(4x4 cells) + one hidden layer.")
 @click.option("--confidence", default="max-softmax", show_default=True, type=click.Choice(_CONFIDENCES))
 @click.option("--loss", default="ce", show_default=True, type=click.Choice(["ce", "hinge"]),
               help="Gate loss: cross-entropy or multi-class hinge.")

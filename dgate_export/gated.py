@@ -67,7 +67,8 @@ class GatedModel(nn.Module):
                 "Set num_classes in --arch-kwargs to match the data.",
             )
         self.heads = nn.ModuleList(
-            make_head(head, c[0].shape[1], self.num_classes, **self.head_spec["kwargs"]) for c in carries[:-1]
+            make_head(head, tuple(c[0].shape[1:]), self.num_classes, **self.head_spec["kwargs"])
+            for c in carries[:-1]
         )
         self.thresholds = list(thresholds) if thresholds is not None else [1.01] * self.num_gates
         if len(self.thresholds) != self.num_gates:

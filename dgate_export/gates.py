@@ -1,8 +1,8 @@
 """D-gate heads and confidence measures (torch).
 
-A head pools the features globally (no parameters) and classifies the pooled vector, so frozen-backbone
-training can cache pooled features once and train `classify` alone. Heads are chosen by name from a
-small registry. The confidence measures mirror `dgate_export.confidence` (numpy), all scaled to [0, 1].
+A head pools the features (no parameters: globally, or to a small grid) and classifies the pooled
+vector, so frozen-backbone training can cache pooled features once and train `classify` alone. Heads
+are chosen by name from a small registry and built for one exit's feature shape (C, H, W). The confidence measures mirror `dgate_export.confidence` (numpy), all scaled to [0, 1].
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ class GateHead(nn.Module):
 class LinearHead(GateHead):
     """The paper's d-gate: global average pooling + one linear layer."""
 
-    def __init__(self, in_channels: int, num_classes: int):
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int):
         super().__init__()
-        self.fc = nn.Linear(in_channels, num_classes)
+        self.fc = nn.Linear(in_shape[0], num_classes)
 
     def classify(self, pooled):
         return self.fc(pooled)
@@ -44,9 +44,12 @@ class LinearHead(GateHead):
 class MLPHead(GateHead):
     """Pooling + one hidden layer: more capacity for early gates whose features are few."""
 
-    def __init__(self, in_channels: int, num_classes: int, hidden: int = 128):
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, hidden: int = 128):
         super().__init__()
-        self.fc1 = nn.Linear(in_channels, hidden)
+        self._mlp(in_shape[0], num_classes, hidden)
+
+    def _mlp(self, features: int, num_classes: int, hidden: int) -> None:
+        self.fc1 = nn.Linear(features, hidden)
         self.relu = nn.ReLU()
         self.fc2 = nn.Linear(hidden, num_classes)
 
@@ -54,18 +57,48 @@ class MLPHead(GateHead):
         return self.fc2(self.relu(self.fc1(pooled)))
 
 
-HEADS: dict[str, type[GateHead]] = {"linear": LinearHead, "mlp": MLPHead}
+class GridHead(MLPHead):
+    """Average pooling to a grid of at most `grid` x `grid` cells + one hidden layer.
+
+    Global pooling keeps which features fired but not where; in early layers, whose channels are few,
+    the where is most of what there is (Fashion-MNIST, ResNet-56's first stage: 75% validation
+    accuracy from a globally pooled MLP head against 94% for the whole network). A cell is k x k
+    pixels, k the smallest divisor of the side that leaves at most `grid` cells (28 -> 4 cells of 7,
+    14 -> 2 of 7, 7 -> 1), so the pooling is one reshape and one mean, exact in every exporter.
+    """
+
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, hidden: int = 128, grid: int = 4):
+        nn.Module.__init__(self)
+        if grid < 1:
+            raise UserError(f"Gate head 'grid' needs grid >= 1, got {grid}.")
+        self.channels, *spatial = (int(d) for d in in_shape)
+        self.cell = [next(k for k in range(1, s + 1) if s % k == 0 and s // k <= grid) for s in spatial]
+        self.cells = [s // k for s, k in zip(spatial, self.cell)]
+        features = self.channels
+        for c in self.cells:
+            features *= c
+        self._mlp(features, num_classes, hidden)
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        if len(self.cell) != 2:  # not an image feature map: pool globally as the other heads
+            return super().pool(features)
+        (kh, kw), (gh, gw) = self.cell, self.cells
+        return features.reshape(-1, self.channels, gh, kh, gw, kw).mean(dim=(3, 5)).flatten(1)
+
+
+HEADS: dict[str, type[GateHead]] = {"linear": LinearHead, "mlp": MLPHead, "grid": GridHead}
 
 
 def list_heads() -> list[str]:
     return list(HEADS)
 
 
-def make_head(name: str, in_channels: int, num_classes: int, **kwargs) -> GateHead:
+def make_head(name: str, in_shape: tuple[int, ...], num_classes: int, **kwargs) -> GateHead:
+    """Head `name` for one exit's per-sample feature shape (C, H, W), or (C,) for vectors."""
     if name not in HEADS:
         raise UserError(f"Unknown gate head {name!r}.", f"Choose one of: {', '.join(HEADS)}.")
     try:
-        return HEADS[name](in_channels, num_classes, **kwargs)
+        return HEADS[name](tuple(in_shape), num_classes, **kwargs)
     except TypeError as err:
         raise UserError(f"Gate head {name!r} does not accept these arguments: {err}.") from err
 

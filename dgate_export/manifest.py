@@ -55,7 +55,7 @@ class TensorSpec:
 class Gate:
     exit: str  # backbone module whose output feeds the head (carry_0)
     threshold: float  # a sample leaves when confidence >= threshold
-    head: str  # head name in the gates registry ("linear", "mlp")
+    head: str  # head name in the gates registry ("linear", "mlp", "grid")
     head_flops: int | None = None  # FLOPs per sample of the head (2 x MACs)
 
     def to_dict(self) -> dict[str, Any]:

@@ -135,3 +135,28 @@ def test_flops_add_up():
     costs = model.exit_costs()
     assert costs == sorted(costs) and costs[-1] == flops["baseline"] + sum(flops["heads"])
     assert model.expected_cost([1, 0, 0, 0]) == costs[0]
+
+
+def test_grid_head_pools_cells_of_the_feature_map():
+    """The grid head's pooling is adaptive average pooling to its cells, for sides that divide evenly,
+    and its FLOPs (the two linear layers on C x cells features) are counted per exit."""
+    from dgate_export.gates import make_head
+
+    for shape, cells in (((16, 28, 28), [4, 4]), ((32, 14, 14), [2, 2]), ((64, 7, 7), [1, 1]), ((8, 28, 14), [4, 2])):
+        head = make_head("grid", shape, 10, hidden=32)
+        assert head.cells == cells
+        x = torch.randn(3, *shape)
+        ref = torch.nn.functional.adaptive_avg_pool2d(x, cells).flatten(1)
+        assert torch.allclose(head.pool(x), ref, atol=1e-6)
+        assert head(x).shape == (3, 10)
+    assert make_head("grid", (16, 28, 28), 10, grid=2).cells == [2, 2]
+    assert make_head("grid", (10,), 10)(torch.randn(2, 10)).shape == (2, 10)  # vectors: nothing to pool
+    with pytest.raises(UserError, match="grid >= 1"):
+        make_head("grid", (16, 28, 28), 10, grid=0)
+
+    model = gate("resnet20", (1, 28, 28), head="grid", head_kwargs={"hidden": 32})
+    flops = model.count_flops()
+    channels = [c[0].shape[1] for c in model.run_segments(torch.zeros(1, 1, 28, 28))[:-1]]
+    for k, head in enumerate(model.heads):
+        features = channels[k] * head.cells[0] * head.cells[1]
+        assert flops["heads"][k] == 2 * (features * 32 + 32 * 10)

@@ -22,11 +22,12 @@ from dgate_export.gates import confidence_torch
 from dgate_export.runtime import GatedRuntime
 
 MODELS = {
-    # name: (arch, input shape, extra builder kwargs), slow ones marked below
-    "resnet20": ("resnet20", (1, 28, 28), {}),
-    "skipnet": ("test_skipnet", (1, 28, 28), {}),
-    "torchvision-resnet18": ("torchvision/resnet18", (3, 28, 28), {}),
-    "torchvision-densenet121": ("torchvision/densenet121", (3, 32, 32), {}),
+    # name: (arch, input shape, arch kwargs, gated-model kwargs), slow ones marked below
+    "resnet20": ("resnet20", (1, 28, 28), {}, {}),
+    "resnet20-grid": ("resnet20", (1, 28, 28), {}, {"head": "grid", "head_kwargs": {"hidden": 16}}),
+    "skipnet": ("test_skipnet", (1, 28, 28), {}, {}),
+    "torchvision-resnet18": ("torchvision/resnet18", (3, 28, 28), {}, {}),
+    "torchvision-densenet121": ("torchvision/densenet121", (3, 32, 32), {}, {}),
 }
 SLOW = {"torchvision-resnet18", "torchvision-densenet121"}
 NUM_CLASSES = 10
@@ -55,9 +56,9 @@ def _mid_gap(conf: np.ndarray, q: float) -> float:
 @pytest.fixture(scope="module", params=[pytest.param(name, marks=[pytest.mark.slow] if name in SLOW else [])
                                         for name in MODELS])
 def case(request, tmp_path_factory):
-    arch, shape, kwargs = MODELS[request.param]
+    arch, shape, kwargs, extra = MODELS[request.param]
     torch.manual_seed(0)
-    model = gated(arch, input_shape=shape, num_classes=NUM_CLASSES, kwargs=kwargs)
+    model = gated(arch, input_shape=shape, num_classes=NUM_CLASSES, kwargs=kwargs, **extra)
     x = _images(shape)
     with torch.no_grad():
         # Random heads on wide features saturate softmax (confidence 1.0 for everyone); scale each

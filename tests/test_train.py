@@ -57,7 +57,7 @@ def exit_accuracies(gated, ds):
     return [float((lg.argmax(1) == y).mean()) for lg in logits]
 
 
-@pytest.mark.parametrize("loss, head", [("ce", "linear"), ("hinge", "mlp")])
+@pytest.mark.parametrize("loss, head", [("ce", "linear"), ("hinge", "mlp"), ("ce", "grid")])
 def test_train_gates_keeps_backbone_frozen(data, backbone, loss, head):
     train, val = data
     gated = gated_of(backbone, head)
