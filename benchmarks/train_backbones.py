@@ -9,8 +9,9 @@ out here as a step loop so that a long CPU run can be interrupted and resumed: e
 steps the model, optimizer, schedule and step count go to runs/train/NAME.partial.pt, and a rerun of
 the same command picks up from there (same seed -> same batch order). The final state_dict is
 written to benchmarks/weights/NAME.pth with a JSON sidecar recording the command, seed, steps, time
-and validation accuracy. The training split is Fashion-MNIST "train" (60k minus the seeded 5k
-validation split that calibration uses); the test split is never touched here.
+and validation accuracy. The training split is Fashion-MNIST "train" (60k minus the seeded validation
+split of `--val-size` rows that gating and calibration use, 10 000 by default); the test split is never
+touched here. The sidecar records val_size, and gate_networks.py reads it from there.
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "benchmarks" / "weights"
 PARTIAL = ROOT / "runs" / "train"
 
-# The benchmark networks: zoo name -> constructor arguments. stem_stride=2 runs the stages at 14, 7
-# and 4 pixels: four times fewer FLOPs than stride 1, which is what 2 shared CPU cores can train.
+# The benchmark networks: zoo name -> constructor arguments. Full resolution (stem_stride=1: stages
+# at 28, 14 and 7 pixels). stem_stride=2 trains four times faster, but at 14x14 a whole ResNet-56 takes
+# 0.85 ms at batch 1 in ONNX Runtime, so the fixed cost of each extra segment run (about 0.1 ms) ate a
+# third of the early-exit gain there (benchmarks/README.md, run 3).
 NETWORKS = {
-    "resnet56": {"stem_stride": 2},
-    "densenet_bc": {"stem_stride": 2},
+    "resnet56": {"stem_stride": 1},
+    "densenet_bc": {"stem_stride": 1},
 }
 
 
@@ -65,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-size", type=int, default=10000,
+                        help="validation rows held out of training (seeded by --seed)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--save-every", type=int, default=25, help="steps between resumable checkpoints")
     parser.add_argument("--fresh", action="store_true", help="ignore a partial checkpoint")
@@ -74,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     kwargs = NETWORKS[args.network]
     model = build_backbone(args.network, kwargs)
-    train = load_dataset("fashion-mnist", "train")
-    val = load_dataset("fashion-mnist", "val")
+    train = load_dataset("fashion-mnist", "train", val_size=args.val_size, seed=args.seed)
+    val = load_dataset("fashion-mnist", "val", val_size=args.val_size, seed=args.seed)
     x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
     n = len(train)
     steps_per_epoch = math.ceil(n / args.batch_size)
@@ -88,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     step, spent = 0, 0.0
     if partial.is_file() and not args.fresh:
         state = torch.load(partial, weights_only=True)
-        if state["total"] != total or state["seed"] != args.seed:
-            print(f"{partial} is from another run (total steps {state['total']}, seed {state['seed']}); "
+        if (state["total"], state["seed"], state.get("val_size", 5000)) != (total, args.seed, args.val_size):
+            print(f"{partial} is from another run (total steps {state['total']}, seed {state['seed']}, "
+                  f"val size {state.get('val_size', 5000)}); "
                   "pass --fresh to start over.", file=sys.stderr)
             return 2
         model.load_state_dict(state["model"])
@@ -129,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         if step % args.save_every == 0 or step % steps_per_epoch == 0 or step == total:
             atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "schedule": schedule.state_dict(), "step": step, "total": total, "seed": args.seed,
+                          "val_size": args.val_size,
                           "seconds": time.perf_counter() - started, "torch_rng": torch.get_rng_state()}, partial)
 
     seconds = time.perf_counter() - started
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "network": args.network, "arch_kwargs": kwargs, "seed": args.seed, "epochs": args.epochs,
         "steps": total, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-        "train_samples": n, "val_accuracy": val_acc, "train_minutes": round(seconds / 60, 1),
+        "train_samples": n, "val_size": args.val_size, "val_accuracy": val_acc, "train_minutes": round(seconds / 60, 1),
         "threads": args.threads, "torch": torch.__version__,
         "command": "python benchmarks/train_backbones.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }

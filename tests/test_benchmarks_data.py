@@ -42,6 +42,11 @@ def test_committed_weights_reach_recorded_accuracy(row, test_subset):
     assert gated.exits == row["exits"]
     assert gated.thresholds == pytest.approx(row["thresholds"], abs=0)
 
+    # The gates were trained without the validation rows the backbone was trained without.
+    record = json.loads((BENCH / "weights" / f"{network}.json").read_text())
+    assert gated.data_split == {"data": "fashion-mnist", "val_size": record["val_size"], "seed": record["seed"]}
+    assert record["arch_kwargs"] == row["arch"]["kwargs"]
+
     # The plain backbone file is the gated model's backbone.
     backbone = build_backbone(network, row["arch"]["kwargs"])
     backbone.load_state_dict(torch.load(BENCH / "weights" / f"{network}.pth", weights_only=True))
