@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end demo on Fashion-MNIST (the Debian package dataset-fashion-mnist):
-#   1. gate: train a small zoo ResNet-20 briefly (no --weights), attach 3 d-gates, train them with the
-#      backbone frozen, calibrate thresholds on the validation split for at most 1 point of accuracy
+#   1. gate: train a small zoo ResNet-20 briefly (no --weights), attach 3 d-gates (grid heads: pooling
+#      to a few cells keeps where features fired; the paper's linear head is --head linear, the CLI
+#      default), train them with the backbone frozen, calibrate thresholds on the validation split for at most 1 point of accuracy
 #      drop, report un-gated vs gated accuracy and FLOPs on the test split.
 #   2. build: per-segment ONNX graphs + the un-gated baseline, checked against torch -> engines/demo
 #   3. bench: accuracy, exits, FLOPs, latency and throughput of the bundle vs the baseline, both on
@@ -19,7 +20,7 @@ mkdir -p "$OUT"
 
 echo "== gate: train backbone, attach and train d-gates, calibrate (--max-drop 0.01) =="
 "$PYTHON" cli.py gate --arch resnet20 --arch-kwargs '{"stem_stride": 2}' --data fashion-mnist \
-    --backbone-epochs "$BACKBONE_EPOCHS" --epochs 10 --max-drop 0.01 -o "$OUT/model.pt"
+    --backbone-epochs "$BACKBONE_EPOCHS" --epochs 10 --head grid --max-drop 0.01 -o "$OUT/model.pt"
 
 echo "== build: per-segment ONNX graphs, checker, parity with torch, manifest -> $ENGINE =="
 "$PYTHON" cli.py build "$OUT/model.pt" -o "$ENGINE" --force

@@ -196,7 +196,8 @@ def test_demo_settings_on_full_fashion_mnist(tmp_path):
     """The demo's command: a zoo ResNet trained briefly, 3 gates, --max-drop 0.01 on all of Fashion-MNIST."""
     out = tmp_path / "model.pt"
     result = run("gate", "--arch", "resnet20", "--arch-kwargs", '{"stem_stride": 2}', "--data", "fashion-mnist",
-                 "--backbone-epochs", 1, "--epochs", 10, "--max-drop", 0.01, "--no-progress", "-o", out)
+                 "--backbone-epochs", 1, "--epochs", 10, "--head", "grid", "--max-drop", 0.01, "--no-progress",
+                 "-o", out)
     assert result.exit_code == 0, result.output
     test = json.loads(out.with_suffix(".curve.json").read_text())["test"]
     assert test["samples"] == 10000
