@@ -54,9 +54,10 @@ ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "benchmarks" / "weights"
 RESULTS = ROOT / "benchmarks" / "results"
 
-# Candidate exits per network (constructor arguments come from the backbone's sidecar), chosen from the cost split (`dgate-export inspect`): ResNet-56's three
+# Candidate exits per network, chosen from the cost split (`dgate-export inspect`): ResNet-56's three
 # stages cost a third each, so the candidates cover stage 1 and stage 2; DenseNet-BC-40's first dense
 # block holds three quarters of the FLOPs, so the candidates sit inside it and just after it.
+# (Constructor arguments come from the backbone's sidecar, weights/NETWORK.json.)
 NETWORKS = {
     "resnet56": {
         "candidates": ["layer1.1", "layer1.3", "layer1.5", "layer1.7", "layer1.8",

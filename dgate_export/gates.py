@@ -2,7 +2,8 @@
 
 A head pools the features (no parameters: globally, or to a small grid) and classifies the pooled
 vector, so frozen-backbone training can cache pooled features once and train `classify` alone. Heads
-are chosen by name from a small registry and built for one exit's feature shape (C, H, W). The confidence measures mirror `dgate_export.confidence` (numpy), all scaled to [0, 1].
+are chosen by name from a small registry and built for one exit's feature shape (C, H, W). The
+confidence measures mirror `dgate_export.confidence` (numpy), all scaled to [0, 1].
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class GridHead(MLPHead):
     """
 
     def __init__(self, in_shape: tuple[int, ...], num_classes: int, hidden: int = 128, grid: int = 4):
-        nn.Module.__init__(self)
+        GateHead.__init__(self)  # not MLPHead's: the MLP's input size depends on the cells
         if grid < 1:
             raise UserError(f"Gate head 'grid' needs grid >= 1, got {grid}.")
         self.channels, *spatial = (int(d) for d in in_shape)
