@@ -477,6 +477,10 @@ def calibrate_cmd(model_path, data, data_dir, repeat_channels, val_size, seed, m
     max_drop, budget = _target(max_drop, budget)
     model = checkpoint.load(model_path)
     val_size, seed = _recorded_split(model, model_path, val_size, seed)
+    gated_on = (model.data_split or {}).get("data")
+    if gated_on and gated_on != data:  # a moved npz is the same data; another data set is not
+        click.echo(f"warning: {model_path} was gated on --data {gated_on}, this calibrates on {data}: its "
+                   "validation rows must be ones the gates were never trained on.", err=True)
     channels = model.input_shape[0] if repeat_channels else None
     splits = _load_splits(data, data_dir, channels, val_size, seed)
     for ds in splits.values():

@@ -129,6 +129,12 @@ def test_calibrate_uses_the_split_the_model_records(gated, npz, tmp_path):
     result = run("calibrate", out, "--data", f"npz:{npz}", "--val-size", 5000, "--no-progress", "-o", tmp_path / "y.pt")
     assert result.exit_code == 0, result.output
     assert checkpoint.load(tmp_path / "y.pt").data_split == model.data_split
+    assert "warning" not in result.output
+    moved = tmp_path / "moved.npz"
+    moved.write_bytes(npz.read_bytes())
+    result = run("calibrate", out, "--data", f"npz:{moved}", "--no-progress", "-o", tmp_path / "w.pt")
+    assert result.exit_code == 0, result.output
+    assert f"was gated on --data npz:{npz}, this calibrates on npz:{moved}" in text(result)
     # a checkpoint written before the split was recorded takes the given values
     model.data_split = None
     old = checkpoint.save(model, tmp_path / "old.pt")
