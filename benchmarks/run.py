@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gate_networks import validation_halves
 
 from dgate_export import checkpoint
 from dgate_export.calibrate import calibrate, evaluate
@@ -145,16 +144,15 @@ def run_network(network: str, args) -> dict:
     test = load_dataset("fashion-mnist", "test")
     val_logits, yv = collect_exit_logits(model, val, progress=False)
     test_logits, yt = collect_exit_logits(model, test, progress=False)
-    search, calib = validation_halves(len(yv), setting["halves_seed"])
-    # The search half never saw the thresholds: their drop there is a held-out check inside validation.
-    held_out = evaluate([lg[search] for lg in val_logits], yv[search], confidence=model.confidence,
-                        thresholds=model.thresholds, costs=costs, baseline_flops=baseline)
-    val_logits, yv = [lg[calib] for lg in val_logits], yv[calib]
+    # Thresholds on the calibration half; the search half, which chose the design, is what calibrate's
+    # holdout keeps out: the thresholds' drop there is a held-out check inside validation.
+    halves = {"holdout": 0.5, "seed": setting["halves_seed"]}
     cal = calibrate(val_logits, yv, confidence=model.confidence, costs=costs, baseline_flops=baseline,
-                    max_drop=setting["target"], refine=setting["refine"], upper_bound=setting["upper_bound"])
+                    max_drop=setting["target"], refine=setting["refine"], upper_bound=setting["upper_bound"], **halves)
+    held_out = cal.held_out
     # The plain setting (max_drop 0.01 on the same rows, refined, no bound), for comparison.
     plain = calibrate(val_logits, yv, confidence=model.confidence, costs=costs, baseline_flops=baseline,
-                      max_drop=MAX_DROP)
+                      max_drop=MAX_DROP, **halves)
     plain_test = evaluate(test_logits, yt, confidence=model.confidence, thresholds=plain.thresholds, costs=costs,
                           baseline_flops=baseline)
     if not np.allclose(cal.thresholds, model.thresholds, rtol=0, atol=1e-6):
@@ -214,7 +212,8 @@ def run_network(network: str, args) -> dict:
         "exit_costs": costs,
         "calibration": {"max_drop": setting["target"], "refine": setting["refine"],
                         "upper_bound": setting["upper_bound"],
-                        "rows": f"calibration half of validation ({len(yv)} rows, seed {setting['halves_seed']}); "
+                        "rows": f"calibration half of validation ({cal.validation.samples} rows, seed "
+                                f"{setting['halves_seed']}); "
                                 "the search half chose exits, head and confidence, and the bound level "
                                 "(gate_networks.py)"},
         "validation": cal.validation.to_dict(),

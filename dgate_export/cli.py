@@ -13,6 +13,7 @@ import textwrap
 
 import click
 
+from .data import DEFAULT_VAL_SIZE
 from .errors import UserError
 
 
@@ -265,7 +266,7 @@ def _recorded_split(model, model_path: str, val_size: int | None, seed: int | No
     chosen = {"val_size": val_size, "seed": seed}
     for key, value in chosen.items():
         if value is None:
-            chosen[key] = recorded.get(key, 5000 if key == "val_size" else 0)
+            chosen[key] = recorded.get(key, DEFAULT_VAL_SIZE if key == "val_size" else 0)
         elif key in recorded and value != recorded[key]:
             flag = "--" + key.replace("_", "-")
             raise UserError(
@@ -368,7 +369,7 @@ def _load_weights(backbone, weights: str) -> None:
 @click.option("--data", required=True, help="fashion-mnist or npz:PATH.")
 @click.option("--data-dir", default=None, type=click.Path(), help="Folder of the Fashion-MNIST IDX files.")
 @click.option("--repeat-channels", is_flag=True, help="Repeat 1-channel data to the model's channel count.")
-@click.option("--val-size", default=5000, show_default=True, help="Validation rows held out of training.")
+@click.option("--val-size", default=DEFAULT_VAL_SIZE, show_default=True, help="Validation rows held out of training.")
 @click.option("--epochs", default=10, show_default=True, help="Gate training epochs (on cached features).")
 @click.option("--backbone-epochs", default=2, show_default=True, help="Backbone epochs when there are no --weights.")
 @click.option("--batch-size", default=128, show_default=True, help="Backbone training batch size.")
@@ -457,7 +458,7 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
 @click.option("--data", required=True, help="fashion-mnist or npz:PATH (the same data the gates were trained on).")
 @click.option("--data-dir", default=None, type=click.Path(), help="Folder of the Fashion-MNIST IDX files.")
 @click.option("--repeat-channels", is_flag=True, help="Repeat 1-channel data to the model's channel count.")
-@click.option("--val-size", default=None, type=int, help="Validation rows [the split MODEL records, else 5000].")
+@click.option("--val-size", default=None, type=int, help=f"Validation rows [the split MODEL records, else {DEFAULT_VAL_SIZE}].")
 @click.option("--seed", default=None, type=int, help="Seed of the validation split [MODEL's, else 0].")
 @_calibration_target_options
 @click.option("--confidence", default=None, type=click.Choice(_CONFIDENCES),

@@ -28,6 +28,7 @@ import numpy as np
 from .errors import UserError
 
 SPLITS = ("train", "val", "test")
+DEFAULT_VAL_SIZE = 5000  # rows of the seeded validation split cut out of a training set
 DEFAULT_FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -198,7 +199,7 @@ def _repeat_channels(x: np.ndarray, normalization: dict | None, channels: int | 
 
 
 def load_dataset(spec: str, split: str, *, data_dir: str | Path | None = None, channels: int | None = None,
-                 val_size: int = 5000, seed: int = 0) -> Dataset:
+                 val_size: int = DEFAULT_VAL_SIZE, seed: int = 0) -> Dataset:
     """Load split "train", "val" or "test" of data set `spec` (see the module docstring)."""
     if split not in SPLITS:
         raise UserError(f"Unknown split {split!r}.", f"Choose one of: {', '.join(SPLITS)}.")
