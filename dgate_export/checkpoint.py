@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -42,10 +44,30 @@ def save(model: GatedModel, path: str | os.PathLike) -> Path:
         "normalization": model.normalization,
         "flops": model.flops,
         "data_split": model.data_split,
-        "backbone": {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()},
-        "heads": {k: v.detach().cpu() for k, v in model.heads.state_dict().items()},
+        "backbone": _cpu_state(model.backbone),
+        "heads": _cpu_state(model.heads),
     }
     return atomic_torch_save(payload, path)
+
+
+def _cpu_state(module: torch.nn.Module) -> OrderedDict:
+    """module.state_dict() on the CPU, keeping its `_metadata` (the modules' versions): some modules
+    (torchvision's MNASNet) refuse to load a state without them."""
+    state = module.state_dict()
+    out = OrderedDict((k, v.detach().cpu()) for k, v in state.items())
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        out._metadata = OrderedDict((k, dict(v)) for k, v in metadata.items())  # type: ignore[attr-defined]
+    return out
+
+
+def load_state(module: torch.nn.Module, state: dict) -> None:
+    """module.load_state_dict(state); a state without `_metadata` (written before it was kept, or a
+    plain dict of tensors) gets the module versions of this code's own modules."""
+    if getattr(state, "_metadata", None) is None:
+        state = OrderedDict(state)
+        state._metadata = module.state_dict()._metadata  # type: ignore[attr-defined]
+    module.load_state_dict(state)
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
@@ -72,18 +94,9 @@ def read_payload(path: str | os.PathLike) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # protocol notes about foreign pickles add nothing here
             payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UserError(
-            f"{path} was refused: it holds Python objects that a gated checkpoint never contains, and "
-            f"loading them could run code ({_first_line(err)}). Nothing from it was executed.",
-            "Only load files written by `dgate-export gate` or `dgate_export.checkpoint.save`.",
-        ) from err
     except Exception as err:  # a damaged file fails in many ways (zip, pickle memo, storage sizes)
-        raise UserError(
-            f"{path} is not a readable checkpoint: it is truncated, corrupt or not a torch file "
-            f"({_first_line(err)}).",
-            "Re-create it with `dgate-export gate` (or `dgate-export calibrate`).",
-        ) from err
+        raise unreadable_torch_file(err, f"{path}", "a gated checkpoint",
+                                    "Re-create it with `dgate-export gate` (or `dgate-export calibrate`).") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise UserError(
@@ -102,7 +115,7 @@ def load(path: str | os.PathLike) -> GatedModel:
     arch = payload["arch"]
     backbone = build_backbone(arch["name"], arch.get("kwargs"))
     try:
-        backbone.load_state_dict(payload["backbone"])
+        load_state(backbone, payload["backbone"])
     except RuntimeError as err:
         raise UserError(f"{path}: the backbone weights do not fit architecture {arch['name']!r}: "
                         f"{_first_line(err)}") from err
@@ -122,7 +135,7 @@ def load(path: str | os.PathLike) -> GatedModel:
         data_split=payload.get("data_split"),  # None in files written before it was recorded
     )
     try:
-        model.heads.load_state_dict(payload["heads"])
+        load_state(model.heads, payload["heads"])
     except RuntimeError as err:
         raise UserError(f"{path}: the gate heads' weights do not fit: {_first_line(err)}") from err
     return model.eval()
@@ -164,6 +177,24 @@ def describe(path: str | os.PathLike) -> None:
                   "validation split: not recorded (an older checkpoint; give calibrate the --val-size and --seed gate had)")
 
 
-def _first_line(err: BaseException) -> str:
+def unreadable_torch_file(err: BaseException, what: str, expected: str, hint: str) -> UserError:
+    """The UserError for a file torch.load(weights_only=True) refused or could not read. torch's own
+    message advises `weights_only=False`; that is never passed on (it would run the file's code)."""
+    text = str(err)
+    unsafe = re.search(r"(?:unsupported GLOBAL|Unsupported global:?)\s*(?:GLOBAL\s*)?([\w.]+)", text, re.IGNORECASE)
+    if isinstance(err, pickle.UnpicklingError) and unsafe:
+        return UserError(
+            f"{what} was refused: it is not {expected}: it holds a Python object ({unsafe.group(1)}) that "
+            "such files never contain, and loading it could run code. Nothing from it was executed.",
+            hint)
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text, re.DOTALL)
+    reason = _first_line(detail.group(1)) if detail else _first_line(err)
+    if "weights_only" in reason:
+        reason = type(err).__name__
+    return UserError(f"{what} is not {expected}, or it is corrupt or truncated: it cannot be read as one "
+                     f"({reason}). Nothing from it was executed.", hint)
+
+
+def _first_line(err: BaseException | str) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__

@@ -333,27 +333,24 @@ def _input_channels(backbone) -> int | None:
 
 
 def _load_weights(backbone, weights: str) -> None:
-    import pickle
     from pathlib import Path
 
     import torch
+
+    from .checkpoint import load_state, unreadable_torch_file
 
     if not Path(weights).is_file():
         raise UserError(f"--weights {weights}: no such file.", "Give a state_dict saved with torch.save.")
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UserError(f"--weights {weights} holds Python objects beyond tensors; it was not loaded "
-                        "(loading could run code).",
-                        "Save the weights with torch.save(model.state_dict(), path).") from err
     except Exception as err:
-        raise UserError(f"--weights {weights} is not a readable torch file ({err}).",
-                        "Save the weights with torch.save(model.state_dict(), path).") from err
+        raise unreadable_torch_file(err, f"--weights {weights}", "a state_dict (a dict of tensors)",
+                                    "Save the weights with torch.save(model.state_dict(), path).") from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"--weights {weights} is not a state_dict (a dict of tensors).",
                         "Save the weights with torch.save(model.state_dict(), path).")
     try:
-        backbone.load_state_dict(state)
+        load_state(backbone, state)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
         raise UserError(f"--weights {weights} do not fit the architecture: {first}",

@@ -2,7 +2,9 @@
 
 import os
 import pickle
+import zipfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,13 +69,48 @@ def test_truncated_and_foreign_files(tmp_path):
     with pytest.raises(UserError, match="truncated|corrupt"):
         checkpoint.load(tmp_path / "cut.pt")
     (tmp_path / "text.pt").write_text("hello")
-    with pytest.raises(UserError, match="not a readable checkpoint"):
+    with pytest.raises(UserError, match="not a gated checkpoint, or it is corrupt"):
         checkpoint.load(tmp_path / "text.pt")
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "state.pt")
     with pytest.raises(UserError, match="not a gated checkpoint"):
         checkpoint.load(tmp_path / "state.pt")
     with pytest.raises(UserError, match="no such file"):
         checkpoint.load(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_junk_in_a_torch_zip_is_called_corrupt_without_weights_only_advice(tmp_path, seed):
+    """A torch-style zip holding random bytes: not a gated checkpoint, never "load it unsafely"."""
+    path = tmp_path / "model.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", np.random.default_rng(seed).bytes(2000))
+        archive.writestr("archive/version", "3\n")
+    with pytest.raises(UserError) as info:
+        checkpoint.load(path)
+    text = str(info.value)
+    assert "not a gated checkpoint, or it is corrupt" in text
+    assert "weights_only" not in text and "will likely succeed" not in text and "could run code" not in text
+
+
+@pytest.mark.slow
+def test_module_versions_survive_the_round_trip(tmp_path):
+    """torchvision's MNASNet refuses a state dict without `_metadata` (module versions)."""
+    torchvision = pytest.importorskip("torchvision")
+    kwargs = {"num_classes": 10}
+    backbone = zoo.build_backbone("torchvision/mnasnet0_5", kwargs)
+    model = GatedModel(backbone, ["layers.8"], arch={"name": "torchvision/mnasnet0_5", "kwargs": kwargs},
+                       num_classes=10, input_shape=(3, 32, 32))
+    model.flops = {"segments": [0, 0], "heads": [0], "baseline": 1}  # not what this test is about
+    loaded = checkpoint.load(checkpoint.save(model, tmp_path / "m.pt"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(x), loaded(x)))
+    # a file written without the versions (older checkpoints) gets this code's module versions
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["backbone"] = dict(payload["backbone"])
+    torch.save(payload, tmp_path / "old.pt")
+    checkpoint.load(tmp_path / "old.pt")
+    assert isinstance(torchvision.models.MNASNet, type)
 
 
 def test_unknown_architecture_names_the_fix(tmp_path):
