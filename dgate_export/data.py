@@ -139,6 +139,18 @@ def _check_arrays(x: np.ndarray, y: np.ndarray, where: str) -> None:
                         "Convert with y.astype(np.int64).")
     if y.size and y.min() < 0:
         raise UserError(f"{where}: y holds negative labels.", "Labels must be class indices 0..classes-1.")
+    check_finite(x, where)
+
+
+def check_finite(x: np.ndarray, where: str) -> None:
+    """Refuse images holding NaN or inf, naming the first rows (gate would train on them and write
+    NaN weights and thresholds)."""
+    if np.isfinite(x.sum(dtype=np.float64)):  # one reduction: finite values cannot sum to NaN or inf
+        return
+    bad = np.nonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0]
+    shown = ", ".join(str(int(i)) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
+    raise UserError(f"{where}: x holds NaN or inf values in {len(bad)} row(s) (rows {shown}).",
+                    "Remove or repair those rows and save the file again.")
 
 
 def _load_npz(path_text: str, split: str, *, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray,

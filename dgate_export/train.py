@@ -21,10 +21,21 @@ from .errors import UserError
 LOSSES = ("ce", "hinge")
 
 
-def _batches(n: int, batch_size: int, rng: np.random.Generator | None):
+def _batches(n: int, batch_size: int, rng: np.random.Generator | None, drop_single: bool = False):
+    """Row indices per batch. `drop_single`: a last batch of one row joins the one before it (BatchNorm
+    cannot train on one sample where the feature map is 1x1)."""
     order = rng.permutation(n) if rng is not None else np.arange(n)
-    for start in range(0, n, batch_size):
-        yield torch.from_numpy(order[start:start + batch_size])
+    starts = _training_batch_starts(n, batch_size) if drop_single else list(range(0, n, batch_size))
+    for i, start in enumerate(starts):
+        stop = starts[i + 1] if i + 1 < len(starts) else n
+        yield torch.from_numpy(order[start:stop])
+
+
+def _training_batch_starts(n: int, batch_size: int) -> list[int]:
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return starts
 
 
 def train_backbone(backbone: nn.Module, train_data: Dataset, *, epochs: int, batch_size: int = 128,
@@ -37,20 +48,28 @@ def train_backbone(backbone: nn.Module, train_data: Dataset, *, epochs: int, bat
     """
     if epochs < 1:
         raise UserError(f"Backbone epochs must be >= 1 (got {epochs}).", "Pass --backbone-epochs 1 or more.")
+    if len(train_data) < 2:
+        raise UserError(f"Training the backbone needs at least 2 training rows; the data leaves {len(train_data)} "
+                        "after the validation split.",
+                        "Use more data or a smaller --val-size, or give trained weights with --weights.")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     x = torch.from_numpy(train_data.x)
     y = torch.from_numpy(train_data.y)
-    steps = math.ceil(len(train_data) / batch_size)
+    steps = len(_training_batch_starts(len(train_data), batch_size))
     optimizer = torch.optim.SGD(backbone.parameters(), lr=lr, momentum=0.9, nesterov=True,
                                 weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps,
-                                                   pct_start=0.25)
+    total = epochs * steps
+    # OneCycleLR divides by the warm-up's length, pct_start * total - 1 steps, which is 0 or less with
+    # fewer than 8 steps (small data): warm up over 3 steps at least, and below 4 steps keep the rate.
+    schedule: torch.optim.lr_scheduler.LRScheduler = (
+        torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=max(0.25, 3 / total))
+        if total >= 4 else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0))
     loss_fn = nn.CrossEntropyLoss()
     backbone.train()
     for epoch in range(epochs):
         seen, right, total_loss = 0, 0, 0.0
-        bar = tqdm(_batches(len(train_data), batch_size, rng), total=steps, disable=not progress,
+        bar = tqdm(_batches(len(train_data), batch_size, rng, drop_single=True), total=steps, disable=not progress,
                    desc=f"backbone epoch {epoch + 1}/{epochs}", unit="batch", leave=True)
         for rows in bar:
             xb, yb = x[rows], y[rows]

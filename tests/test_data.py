@@ -158,3 +158,17 @@ def test_repeat_channels_repeats_normalization():
     data = load_dataset("fashion-mnist", "test", channels=3)
     assert data.x.shape == (10000, 3, 28, 28)
     assert len(data.normalization["mean"]) == 3 and len(data.normalization["std"]) == 3
+
+
+def test_npz_with_nan_or_inf_is_refused_naming_the_rows(tmp_path):
+    x = np.zeros((20, 1, 4, 4), np.float32)
+    x[3, 0, 1, 2] = np.nan
+    x[7, 0, 0, 0] = np.inf
+    x[12, 0, 3, 3] = -np.inf
+    np.savez(tmp_path / "d.npz", x=x, y=np.zeros(20, np.int64))
+    for split in ("train", "test"):
+        with pytest.raises(UserError, match=r"NaN or inf values in 3 row\(s\) \(rows 3, 7, 12\)"):
+            load_dataset(f"npz:{tmp_path / 'd.npz'}", split, val_size=5)
+    huge = np.full((4, 1, 2, 2), 3e38, np.float32)  # finite values whose sum overflows are fine
+    np.savez(tmp_path / "h.npz", x=huge, y=np.zeros(4, np.int64))
+    assert len(load_dataset(f"npz:{tmp_path / 'h.npz'}", "test")) == 4

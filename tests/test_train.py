@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_arch import EXITS, NAME
 
-from dgate_export.data import DEFAULT_FMNIST_DIR, load_dataset
+from dgate_export.data import DEFAULT_FMNIST_DIR, Dataset, load_dataset
 from dgate_export.errors import UserError
 from dgate_export.gated import GatedModel
 from dgate_export.train import cache_gate_features, collect_exit_logits, train_backbone, train_gates
@@ -102,3 +102,26 @@ def test_bad_arguments_are_user_errors(data, backbone):
         train_gates(gated, data[0], loss="l2", progress=False)
     with pytest.raises(UserError, match="epochs"):
         train_backbone(backbone, data[0], epochs=0, progress=False)
+
+
+@pytest.mark.parametrize("rows", [2, 3, 129, 192])
+def test_backbone_trains_on_small_data(rows):
+    """Few steps broke the one-cycle schedule (ZeroDivisionError); a last batch of one row broke
+    BatchNorm at a 1x1 feature map. Every size from 2 rows trains, to finite weights."""
+    x = np.random.default_rng(0).standard_normal((rows, 1, 28, 28)).astype(np.float32)
+    ds = Dataset(x, np.arange(rows, dtype=np.int64) % 10, None, None)
+    torch.manual_seed(0)
+    model = _tiny_with_1x1_batchnorm()
+    train_backbone(model, ds, epochs=2, batch_size=128 if rows > 3 else 2, progress=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _tiny_with_1x1_batchnorm():
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4, 10))
+
+
+def test_backbone_training_needs_two_rows():
+    ds = Dataset(np.zeros((1, 1, 28, 28), np.float32), np.zeros(1, np.int64), None, None)
+    with pytest.raises(UserError, match="at least 2 training rows"):
+        train_backbone(_tiny_with_1x1_batchnorm(), ds, epochs=1, progress=False)
