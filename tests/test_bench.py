@@ -122,3 +122,6 @@ def test_errors_are_clear(bundle, tmp_path):
     assert r.exit_code == 2 and "(1, 28, 28)" in r.text
     r = bench(["--engine", str(bundle)])
     assert r.exit_code == 2 and "exactly one of" in r.text
+    np.savez(npz, x=np.zeros((4, 1, 28, 28), np.float32), y=np.array([0, 9, 99, 3], np.int64))
+    r = bench(["--engine", str(bundle), "--data", f"npz:{npz}", *FAST, "--batch-sizes", "1"])
+    assert r.exit_code == 2 and "outside 0..9" in r.text and "row 2: label 99" in r.text
