@@ -42,6 +42,7 @@ from .manifest import (
     verify_bundle,
     write_manifest,
 )
+from .outputs import check_writable
 
 STEPS = ("load", "split", "export", "check", "parity", "engines", "manifest", "rename")
 PROBE_SIZE = 64  # rows of the parity probe batch (capped by max_batch)
@@ -114,6 +115,7 @@ def build_bundle(
         raise UserError(f"Unknown exporter {exporter!r}.", f"Choose one of: {', '.join(EXPORTERS)}.")
     backend_module = get_backend(backend)  # refuses a backend whose libraries are missing here
     _check_destination(out, force)
+    check_writable(out)
     if not model_path.is_file():
         raise UserError(f"{model_path}: no such file.",
                         "Give the path of a gated model written by `dgate-export gate`.")

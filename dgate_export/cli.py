@@ -395,12 +395,14 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
 
     from .data import check_input_shape
     from .gated import GatedModel
+    from .outputs import check_writable
     from .train import train_backbone, train_gates
     from .zoo import arch_info, build_backbone
 
     max_drop, budget = _target(max_drop, budget)
     if Path(output).is_dir():
         raise UserError(f"-o {output} is a directory.", "Give the file to write, e.g. -o runs/model.pt.")
+    check_writable(output)  # before minutes of training
     try:
         kwargs = json.loads(arch_kwargs) if arch_kwargs else {}
     except json.JSONDecodeError as err:
@@ -471,8 +473,10 @@ def calibrate_cmd(model_path, data, data_dir, repeat_channels, val_size, seed, m
     """
     from . import checkpoint
     from .data import check_input_shape
+    from .outputs import check_writable
 
     max_drop, budget = _target(max_drop, budget)
+    check_writable(output or model_path, "-o" if output else "MODEL")
     model = checkpoint.load(model_path)
     val_size, seed = _recorded_split(model, model_path, val_size, seed)
     gated_on = (model.data_split or {}).get("data")

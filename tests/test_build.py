@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,6 +200,29 @@ def test_unknown_and_missing_backends_are_refused_before_any_work(tmp_path, skip
             build_bundle(path, tmp_path / "out", backend="tensorrt", progress=lines.append)
         assert lines == []  # refused before step 1
     assert _listing(tmp_path) == []
+
+
+def _unwritable(tmp_path) -> list[Path]:
+    """Output paths that cannot be written: under /sys (read-only, for root too), under a file, and
+    (not as root, whom permission bits do not stop) under a read-only folder."""
+    (tmp_path / "a_file").write_text("x")
+    paths = [Path("/sys/dgate-export-test/out"), tmp_path / "a_file" / "sub" / "out"]
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        paths.append(locked / "nested" / "out")
+    return paths
+
+
+def test_unwritable_output_is_refused_before_any_work(tmp_path, skip_ckpt):
+    path, _ = skip_ckpt
+    for out in _unwritable(tmp_path):
+        lines: list[str] = []
+        with pytest.raises(UserError, match="cannot be written"):
+            build_bundle(path, out, progress=lines.append)
+        assert lines == []  # refused before step 1
+    result = CliRunner().invoke(main, ["build", str(path), "-o", "/sys/dgate-export-test/out"])
+    assert result.exit_code == 2 and "cannot be written" in result.output, result.output
 
 
 def test_bad_options_are_refused(tmp_path, skip_ckpt):

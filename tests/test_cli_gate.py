@@ -183,6 +183,17 @@ def test_gate_user_errors(npz, tmp_path, extra, message):
     assert not (tmp_path / "m.pt").exists()
 
 
+def test_unwritable_output_is_refused_before_training(npz, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    for out in ("/sys/dgate-export-test/m.pt", tmp_path / "a_file" / "m.pt"):
+        result = run("gate", "--arch", NAME, "--data", f"npz:{npz}", "--backbone-epochs", 1, "--epochs", 1,
+                     "--no-progress", "-o", out)
+        assert result.exit_code == 2 and "cannot be written" in text(result), result.output
+        assert "training" not in result.output
+    result = run("calibrate", tmp_path / "missing.pt", "--data", f"npz:{npz}", "-o", "/sys/dgate-export-test/m.pt")
+    assert result.exit_code == 2 and "cannot be written" in text(result), result.output
+
+
 def test_gate_weights_of_another_architecture(npz, tmp_path):
     weights = tmp_path / "wide.pth"
     torch.save(TinyCNN(width=16).state_dict(), weights)
