@@ -491,3 +491,124 @@ def calibrate_cmd(model_path, data, data_dir, repeat_channels, val_size, seed, m
                                          max_drop=max_drop, budget=budget, upper_bound=upper_bound,
                                          holdout=holdout, seed=seed, progress=progress)
     _save_gated(model, output or model_path, result, test)
+
+
+def _serving_options(f):
+    """Options shared by `triton` and `serve`: how the repository's models run."""
+    options = [
+        click.option("--instances", default=8, show_default=True, type=click.IntRange(min=1),
+                     help="Instances of the gate model: requests whose early-exit loops run at once (their "
+                          "survivors meet in the segment models' queues)."),
+        click.option("--segment-instances", default=1, show_default=True, type=click.IntRange(min=1),
+                     help="Instances of each segment model."),
+        click.option("--max-queue-delay-us", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="How long a segment model's dynamic batcher waits for more requests to merge."),
+        click.option("--kind", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+                     help="Where the segment models run."),
+        click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
+                     help="ONNX Runtime intra-op threads per segment instance."),
+        click.option("--name", default=None, help="Name of the gate model [default: the bundle's]."),
+        click.option("--unbatched", is_flag=True,
+                     help="Also write NAME_unbatched: the gated chain without dynamic batching (for comparisons)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@main.command("triton")
+@click.argument("bundle", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="The model repository folder to write.")
+@click.option("--platform", type=click.Choice(["auto", "onnxruntime", "tensorrt", "python"]), default="auto",
+              show_default=True, help="How segments run: Triton's ONNX Runtime or TensorRT backend, or python "
+                                      "(ONNX Runtime inside the Python backend, for servers that only have it). "
+                                      "auto: the bundle's backend.")
+@_serving_options
+@click.option("--force", is_flag=True, help="Replace an existing repository (only once the new one is written).")
+def triton_cmd(bundle, output, platform, instances, segment_instances, max_queue_delay_us, kind, threads, name,
+               unbatched, force):
+    """Write a Triton Inference Server model repository for BUNDLE (docs/serving.md).
+
+    One model per segment with dynamic batching (the survivors of concurrent requests are merged at
+    every segment), the un-gated baseline, and the gate model NAME (Python backend, BLS) that answers
+    requests with the same results as GatedRuntime.run.
+    """
+    from .serving import write_repository
+
+    info = write_repository(bundle, output, platform=platform, instances=instances,
+                            segment_instances=segment_instances, max_queue_delay_us=max_queue_delay_us,
+                            kind=kind, threads=threads, name=name, unbatched=unbatched, force=force)
+    click.echo(f"wrote {info.path} (platform {info.platform}): {', '.join(info.models)}")
+    click.echo(f"serve it: tritonserver --model-repository {info.path}   (see {info.path}/README.md)")
+
+
+@main.command("serve")
+@click.argument("bundle", type=click.Path())
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="HTTP port.")
+@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(1, 65535), help="gRPC port.")
+@click.option("--repo", default=None, type=click.Path(),
+              help="Write the model repository here (kept) instead of a temporary folder.")
+@click.option("--platform", type=click.Choice(["auto", "onnxruntime", "tensorrt", "python"]), default="auto",
+              show_default=True, help="auto: onnxruntime or tensorrt where the server has that backend, else python.")
+@_serving_options
+@click.option("--triton-env", default=None, type=click.Path(file_okay=False),
+              help="Python environment holding nvidia-pytriton [default: $DGATE_TRITON_ENV, else .venv-triton].")
+def serve_cmd(bundle, port, grpc_port, repo, platform, instances, segment_instances, max_queue_delay_us, kind,
+              threads, name, unbatched, triton_env):
+    """Serve BUNDLE with a local Triton Inference Server on 127.0.0.1 until Ctrl-C.
+
+    Writes the model repository (see `triton`), starts tritonserver, waits until every model is
+    ready, prints the endpoints and an example request, and stops the server on Ctrl-C.
+    """
+    import shutil
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from .manifest import load_manifest
+    from .serving import TritonServer, find_server, write_repository
+
+    install = find_server(triton_env)  # first: no repository is written for a server that is not there
+    manifest = load_manifest(bundle)
+    if platform == "auto":
+        native = "tensorrt" if manifest.backend == "tensorrt" else "onnxruntime"
+        platform = native if native in install.available else "python"
+    if platform != "python" and platform not in install.available:
+        raise UserError(f"This Triton server has no {platform} backend (it has: "
+                        f"{', '.join(sorted(install.available)) or 'none'}).", "Use --platform python.")
+    work = None
+    if repo is None:
+        work = Path(tempfile.mkdtemp(prefix="dgate-serve-"))
+        repo = work / "repo"
+    server = None
+    try:
+        info = write_repository(bundle, repo, platform=platform, instances=instances,
+                                segment_instances=segment_instances, max_queue_delay_us=max_queue_delay_us,
+                                kind=kind, threads=threads, name=name, unbatched=unbatched, force=work is not None)
+        server = TritonServer(info.path, http_port=port, grpc_port=grpc_port, install=install)
+        click.echo(f"starting tritonserver ({install.binary}) for {info.path} ...")
+        server.start()
+        c, h, w = (int(d) for d in manifest.input.shape[1:])
+        click.echo(f"ready: HTTP http://{server.http_url}  gRPC {server.grpc_url}  models: {', '.join(info.models)}")
+        click.echo(f"server log: {server.log_path}")
+        click.echo("example (tritonclient):\n"
+                   "  import numpy as np, tritonclient.http as httpclient\n"
+                   f"  client = httpclient.InferenceServerClient('{server.http_url}')\n"
+                   f"  x = np.zeros((4, {c}, {h}, {w}), np.float32)\n"
+                   f"  inp = httpclient.InferInput('input', x.shape, 'FP32'); inp.set_data_from_numpy(x)\n"
+                   f"  res = client.infer('{info.name}', [inp])   # parameters={{'thresholds': '...'}} per request\n"
+                   "  res.as_numpy('predictions'), res.as_numpy('exits')\n"
+                   "Ctrl-C stops the server.")
+        try:
+            while server.process is not None and server.process.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            click.echo("stopping tritonserver ...")
+        else:
+            raise UserError(f"tritonserver exited unexpectedly. Its log ends:\n{server.log_tail()}")
+    finally:
+        if server is not None:
+            server.close()
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+    click.echo("stopped")

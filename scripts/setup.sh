@@ -25,3 +25,17 @@ echo "== installing packages into .venv (torch is large: a few minutes the first
 # index; the stubs alone are what mypy needs.
 .venv/bin/python -m pip install -q --no-deps tensorrt-stubs 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import dgate_export, torch, onnxruntime; print('ready: torch', torch.__version__, '| onnxruntime', onnxruntime.__version__)"
+
+# The Triton server for `dgate-export serve` and tests/test_serving.py, in its own venv: the tritonserver
+# that nvidia-pytriton bundles (2.51, Python backend only) needs numpy<2 in its Python backend, and
+# tritonclient's protobuf pin conflicts with .venv's. DGATE_SKIP_TRITON=1 skips it (the serving tests
+# then skip, saying why).
+if [ "${DGATE_SKIP_TRITON:-0}" != "1" ]; then
+  if [ ! -x .venv-triton/bin/python ]; then
+    echo "== creating .venv-triton (Triton Inference Server from nvidia-pytriton, for dgate-export serve)"
+    "$PY" -m venv .venv-triton
+  fi
+  .venv-triton/bin/python -m pip install -q "nvidia-pytriton==0.7.0" "numpy<2" "onnxruntime>=1.20" \
+      "tritonclient[http,grpc]~=2.50" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv-triton/bin/python -c "import pytriton, numpy, onnxruntime, tritonclient.grpc; print('triton env ready: numpy', numpy.__version__)"
+fi

@@ -1,0 +1,120 @@
+"""The gate model of a Triton repository (copied as NAME/1/model.py by `dgate-export triton`).
+
+It runs inside Triton's Python backend, never in this package: `GatedRuntime` (the project's own
+runtime, copied next to this file with the modules it imports) runs its early-exit loop with one
+runner per segment model, and each runner call is a BLS request to that model. So requests get the
+same exits, logits and errors as `GatedRuntime.run` in a process, and the survivors of concurrent
+requests meet in the segment models' dynamic-batching queues.
+
+Per request: input `input` [N, C, H, W] (the bundle's float type) or, where the bundle has a
+normalization, `input_raw` UINT8 raw pixels; optional request parameter `thresholds` (a string of
+comma-separated numbers, or a JSON list). Outputs: logits, predictions, exits, confidence.
+A user mistake (shape, dtype, thresholds) answers that request with INVALID_ARG (HTTP 400); a failed
+segment call fails the requests it was running for and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from dgate_export.errors import UserError  # the copy next to this file
+from dgate_export.manifest import Manifest
+from dgate_export.runtime import GatedRuntime
+
+RAW_INPUT = "input_raw"
+THRESHOLDS = "thresholds"
+
+
+class SegmentError(Exception):
+    """A segment model answered with an error."""
+
+
+class SegmentModel:
+    """A GatedRuntime runner whose `run` is a BLS request to one segment model of the repository.
+
+    The runtime feeds segment k>0 the previous segment's carries for all its rows plus `index`, the
+    survivors' row numbers; the segment models of the repository take the survivors' carries only (see
+    dgate_export/serving/repository.py), so the rows are kept here before the request.
+    """
+
+    def __init__(self, model: str, inputs: list[str], outputs: list[str]):
+        self.model = model
+        self.inputs = inputs
+        self.outputs = outputs
+
+    def run(self, feeds: dict, host=None) -> dict:
+        index = feeds.get("index")
+        tensors = []
+        for name in self.inputs:
+            value = feeds[name]
+            # `index` is strictly increasing (nonzero's output, or 0..n-1 when nobody left): as long as
+            # the carry it indexes, it keeps every row, in order.
+            if index is not None and len(index) != len(value):
+                value = np.take(value, index, axis=0)
+            tensors.append(pb_utils.Tensor(name, np.ascontiguousarray(value)))
+        request = pb_utils.InferenceRequest(model_name=self.model, inputs=tensors,
+                                            requested_output_names=self.outputs)
+        response = request.exec()
+        if response.has_error():
+            raise SegmentError(f"{self.model}: {response.error().message()}")
+        out = {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in self.outputs}
+        if "confidence" in out:
+            out["confidence"] = out["confidence"].reshape(-1)  # [batch] travels as [batch, 1]
+        return out
+
+
+def thresholds_of(request) -> list[float] | None:
+    """The request's `thresholds` parameter, or None; the runtime checks count and values."""
+    params = json.loads(request.parameters() or "{}")
+    value = params.get(THRESHOLDS)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            parsed = json.loads(text) if text.startswith("[") else [float(v) for v in text.split(",") if v.strip()]
+        except ValueError as err:
+            raise UserError(f"The request parameter {THRESHOLDS!r} must be comma-separated numbers, got {value!r}.",
+                            "Send e.g. thresholds=\"0.9,0.95\".") from err
+        return parsed if isinstance(parsed, list) else [parsed]
+    return [value]  # a single number: the runtime says how many it needs
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        here = os.path.dirname(os.path.abspath(__file__))
+        with open(os.path.join(here, "manifest.json"), encoding="utf-8") as f:
+            manifest = Manifest.from_dict(json.load(f))
+        with open(os.path.join(here, "gate.json"), encoding="utf-8") as f:
+            gate = json.load(f)
+        runners = [SegmentModel(s["model"], s["inputs"], s["outputs"]) for s in gate["segments"]]
+        self.runtime = GatedRuntime(manifest, runners)
+        self.has_raw = manifest.input.normalization is not None
+
+    def execute(self, requests):
+        return [self._one(request) for request in requests]
+
+    def _one(self, request):
+        try:
+            x = pb_utils.get_input_tensor_by_name(request, "input")
+            raw = pb_utils.get_input_tensor_by_name(request, RAW_INPUT) if self.has_raw else None
+            if (x is None) == (raw is None):
+                raise UserError("Send exactly one of the inputs 'input' (model input)"
+                                + (f" and {RAW_INPUT!r} (raw pixels)." if self.has_raw else "."))
+            res = self.runtime.run((x if raw is None else raw).as_numpy(), thresholds_of(request))
+        except UserError as err:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), pb_utils.TritonError.INVALID_ARG))
+        except SegmentError as err:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err)))
+        outputs = [pb_utils.Tensor("logits", res.logits.astype(np.float32, copy=False)),
+                   pb_utils.Tensor("predictions", res.predictions.astype(np.int64, copy=False)),
+                   pb_utils.Tensor("exits", res.exits),
+                   pb_utils.Tensor("confidence", res.confidence)]
+        return pb_utils.InferenceResponse(output_tensors=outputs)

@@ -1,0 +1,322 @@
+"""Triton serving: the repository `dgate-export triton` writes, served by a real tritonserver on 127.0.0.1.
+
+The server is the one PyPI's nvidia-pytriton bundles (Python backend only, so --platform python), from
+.venv-triton (scripts/setup.sh) or $DGATE_TRITON_ENV; tests that need it skip with the reason where no
+server is installed. One server per module (starting it costs seconds); requests are sent with
+tritonclient by tests/triton_client.py, run in the server's environment (tritonclient's protobuf pin
+conflicts with the project venv's), and compared with GatedRuntime in this process on the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from tiny_bundle import SHAPE, make_tiny_bundle
+
+from dgate_export.cli import main
+from dgate_export.errors import UserError
+from dgate_export.runtime import GatedRuntime
+from dgate_export.serving import TritonServer, find_server, write_repository
+from dgate_export.serving.repository import drop_index, package_modules
+from dgate_export.serving.server import free_port, mean_batch_size
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT = Path(__file__).resolve().parent / "triton_client.py"
+NORM = {"scale": 1 / 255, "mean": [0.5], "std": [0.25]}
+NEVER = [2.0, 2.0]  # above any confidence: nobody leaves
+BAD = ("400", "StatusCode.INVALID_ARGUMENT")  # INVALID_ARG over HTTP and gRPC
+
+
+@dataclass
+class Served:
+    server: TritonServer
+    runtime: GatedRuntime
+    bundle: Path
+    python: str
+    work: Path
+    name: str = "tiny"
+
+
+def _install_or_skip():
+    try:
+        return find_server()
+    except UserError as err:
+        pytest.skip(f"no Triton server installed here: {err}")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    install = _install_or_skip()
+    root = tmp_path_factory.mktemp("serving")
+    bundle, _ = make_tiny_bundle(root / "tiny", max_batch=16, normalization=NORM)
+    # A short queue delay makes merging likely even on a loaded machine; 8 gate instances keep
+    # 8 requests' loops in flight at once.
+    info = write_repository(bundle, root / "repo", platform="python", instances=8, max_queue_delay_us=2000)
+    server = TritonServer(info.path, install=install).start()
+    try:
+        yield Served(server, GatedRuntime.load(bundle), bundle, str(install.python or sys.executable), root)
+    finally:
+        server.close()
+
+
+def _infer(s: Served, requests: list[dict], arrays: dict[str, np.ndarray], protocol: str = "http",
+           concurrency: int = 1, tag: str = "job") -> tuple[list[dict | None], dict]:
+    """Send `requests` with tritonclient; per request its outputs (or None) and the errors by index."""
+    inputs, out, job_path = s.work / f"{tag}_in.npz", s.work / f"{tag}_out.npz", s.work / f"{tag}.json"
+    np.savez(inputs, **arrays)
+    url = s.server.http_url if protocol == "http" else s.server.grpc_url
+    job = {"url": url, "protocol": protocol, "model": s.name, "concurrency": concurrency, "inputs": str(inputs),
+           "out": str(out), "requests": requests}
+    job_path.write_text(json.dumps(job))
+    proc = subprocess.run([s.python, str(CLIENT), str(job_path)], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    data = np.load(out)
+    results: list[dict | None] = []
+    for i in range(len(requests)):
+        keys = [k for k in data.files if k.startswith(f"{i}/")]
+        results.append({k.split("/", 1)[1]: data[k] for k in keys} if keys else None)
+    errors = {int(k): v for k, v in report["errors"].items()}
+    return results, errors
+
+
+def _request(key: str, x: np.ndarray, thresholds=None, name: str = "input") -> dict:
+    datatype = {"float32": "FP32", "uint8": "UINT8", "int32": "INT32", "float64": "FP64"}[str(x.dtype)]
+    thr = None if thresholds is None else ",".join(repr(float(t)) for t in thresholds)
+    return {"key": key, "input": name, "datatype": datatype, "thresholds": thr}
+
+
+def _assert_same(got: dict | None, want, what: str) -> None:
+    assert got is not None, f"{what}: no response"
+    np.testing.assert_array_equal(got["exits"], want.exits, err_msg=what)
+    np.testing.assert_array_equal(got["predictions"], want.predictions, err_msg=what)
+    np.testing.assert_allclose(got["logits"], want.logits, rtol=0, atol=1e-4, err_msg=what)
+    np.testing.assert_allclose(got["confidence"], want.confidence, rtol=0, atol=1e-5, err_msg=what)
+    assert got["logits"].dtype == np.float32 and got["exits"].dtype == np.int64
+
+
+def _mixed_thresholds(rt: GatedRuntime, x: np.ndarray) -> list[float]:
+    """Thresholds that send about a third of x out at each exit."""
+    c0 = rt.run(x, [0.0, 0.0]).confidence  # everyone leaves at gate 0: its confidences
+    t0 = float(np.quantile(c0, 0.67))
+    stay = x[c0 < t0]
+    c1 = rt.run(stay, [2.0, 0.0]).confidence  # nobody at gate 0, everyone at gate 1
+    return [t0, float(np.median(c1))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_responses_equal_the_runtime(served, protocol):
+    rt = served.runtime
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((12, *SHAPE)).astype(np.float32)
+    big = rng.standard_normal((40, *SHAPE)).astype(np.float32)  # > max_batch 16: the runtime's chunks
+    raw = rng.integers(0, 256, (9, *SHAPE), dtype=np.uint8)
+    mixed = _mixed_thresholds(rt, np.concatenate([x, big]))
+    cases = [("nobody leaves", "x", x, NEVER), ("all leave at gate 0", "x", x, [0.0, 0.0]),
+             ("mixed", "x", x, mixed), ("bundle's thresholds", "x", x, None), ("mixed, 40 rows", "big", big, mixed),
+             ("raw pixels", "raw", raw, mixed)]
+    requests = [_request(key, arr, thr, "input_raw" if key == "raw" else "input") for _, key, arr, thr in cases]
+    results, errors = _infer(served, requests, {"x": x, "big": big, "raw": raw}, protocol, tag=f"eq_{protocol}")
+    assert errors == {}
+    for (what, _, arr, thr), got in zip(cases, results):
+        _assert_same(got, rt.run(arr, thr), what)
+    patterns = [set(r["exits"].tolist()) for r in results[:3]]  # the requests did what their names say
+    assert patterns == [{2}, {0}, {0, 1, 2}]
+    assert set(results[4]["exits"].tolist()) == {0, 1, 2}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bad_requests_get_400_and_the_server_keeps_serving(served, protocol):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, *SHAPE)).astype(np.float32)
+    arrays = {"x": x, "shape": rng.standard_normal((4, 2, 8, 8)).astype(np.float32),
+              "int": np.zeros((4, *SHAPE), np.int32), "u8": np.zeros((4, *SHAPE), np.uint8)}
+    requests = [_request("shape", arrays["shape"]),                 # 2 channels for a 1-channel model
+                _request("int", arrays["int"]),                     # INT32 where FP32 is declared
+                _request("u8", arrays["u8"]),                       # raw pixels under the float input's name
+                _request("x", x, [0.5]),                            # 1 threshold for 2 gates
+                {**_request("x", x), "thresholds": "0.5,abc"},      # not numbers
+                _request("x", x, [0.5, 0.7])]                       # fine
+    results, errors = _infer(served, requests, arrays, protocol, tag=f"bad_{protocol}")
+    assert sorted(errors) == [0, 1, 2, 3, 4]
+    for i in range(5):
+        assert errors[i][0] in BAD, errors[i]
+    assert "thresholds given for a bundle with 2 gates" in errors[3][1]
+    assert "comma-separated numbers" in errors[4][1]
+    _assert_same(results[5], served.runtime.run(x, [0.5, 0.7]), "good request after bad ones")
+
+
+@pytest.mark.slow
+def test_concurrent_single_samples_are_rebatched_and_answered_once(served):
+    """16 concurrent clients send single samples that run every segment: the last segment's executions
+    must merge requests (mean executed batch > 1), and every response must be its own request's."""
+    last = f"{served.name}_seg2"
+    before = served.server.statistics(last)["model_stats"][0]
+    rng = np.random.default_rng(3)
+    n = 160
+    x = rng.standard_normal((n, *SHAPE)).astype(np.float32)
+    arrays = {f"r{i}": x[i : i + 1] for i in range(n)}
+    requests = [_request(f"r{i}", x[i : i + 1], NEVER) for i in range(n)]
+    results, errors = _infer(served, requests, arrays, "grpc", concurrency=16, tag="rebatch")
+    assert errors == {}
+    want = served.runtime.run(x, NEVER)
+    for i, got in enumerate(results):
+        assert got is not None and got["exits"].tolist() == [2]
+        np.testing.assert_allclose(got["logits"], want.logits[i : i + 1], rtol=0, atol=1e-4)
+    after = served.server.statistics(last)["model_stats"][0]
+    rows = int(after["inference_count"]) - int(before["inference_count"])
+    executions = int(after["execution_count"]) - int(before["execution_count"])
+    assert rows == n
+    assert rows / executions > 1.0, f"{rows} rows in {executions} executions: no re-batching"
+
+
+@pytest.mark.slow
+def test_random_sizes_and_thresholds_stress(served):
+    """A small version of benchmarks/serving.py --stress: random sizes and thresholds, concurrently;
+    every request answered once with its own rows' results."""
+    rng = np.random.default_rng(4)
+    rt = served.runtime
+    requests, arrays, wants = [], {}, []
+    for i in range(120):
+        n = int(rng.integers(1, 21))
+        x = rng.standard_normal((n, *SHAPE)).astype(np.float32)
+        thr = rng.uniform(0.3, 0.5, 2).round(4).tolist()
+        arrays[f"r{i}"] = x
+        requests.append(_request(f"r{i}", x, thr))
+        wants.append(rt.run(x, thr))
+    results, errors = _infer(served, requests, arrays, "http", concurrency=16, tag="stress")
+    assert errors == {}
+    for i, (got, want) in enumerate(zip(results, wants)):
+        _assert_same(got, want, f"request {i}")
+
+
+def test_statistics_give_the_mean_batch():
+    stats = {"model_stats": [{"inference_count": 30, "execution_count": 12}]}
+    assert mean_batch_size(stats) == 2.5
+    assert mean_batch_size({"model_stats": [{"inference_count": 0, "execution_count": 0}]}) == 0.0
+
+
+# ------------------------------------------------------------------------------- without a server
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    bundle, _ = make_tiny_bundle(tmp_path_factory.mktemp("tiny"), max_batch=16, normalization=NORM)
+    return bundle
+
+
+def test_gather_free_graph_computes_the_same(tiny, tmp_path):
+    """Segment k>0 without `index` (what the repository ships) equals the bundle's graph gathering all rows."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(5)
+    for k, feeds in ((1, {"prev_carry_0": rng.standard_normal((5, 4, 8, 8)).astype(np.float32)}),
+                     (2, {"prev_carry_0": rng.standard_normal((3, 8, 4, 4)).astype(np.float32),
+                          "prev_carry_1": rng.standard_normal((3, 4, 8, 8)).astype(np.float32)})):
+        dst = tmp_path / f"s{k}.onnx"
+        drop_index(tiny / f"segment{k}.onnx", dst)
+        new = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+        old = ort.InferenceSession(str(tiny / f"segment{k}.onnx"), providers=["CPUExecutionProvider"])
+        assert [i.name for i in new.get_inputs()] == list(feeds)
+        rows = len(next(iter(feeds.values())))
+        want = old.run(None, {**feeds, "index": np.arange(rows, dtype=np.int64)})
+        for a, b in zip(new.run(None, feeds), want):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(UserError, match="not a segment k>0 graph"):
+        drop_index(tiny / "segment0.onnx", tmp_path / "s0.onnx")
+
+
+def test_repository_layout(tiny, tmp_path):
+    info = write_repository(tiny, tmp_path / "repo", platform="python", instances=3, max_queue_delay_us=500,
+                            unbatched=True)
+    repo = info.path
+    assert info.models == ["tiny", "tiny_seg0", "tiny_seg1", "tiny_seg2", "tiny_baseline", "tiny_unbatched",
+                           "tiny_unbatched_seg0", "tiny_unbatched_seg1", "tiny_unbatched_seg2"]
+    assert sorted(p.name for p in repo.iterdir()) == sorted([*info.models, "README.md"])  # nothing else
+    seg1 = (repo / "tiny_seg1" / "config.pbtxt").read_text()
+    assert "max_batch_size: 16" in seg1 and "dynamic_batching { max_queue_delay_microseconds: 500 }" in seg1
+    assert '"prev_carry_0"' in seg1 and '"index"' not in seg1 and '"carry_1"' in seg1
+    assert 'name: "confidence" data_type: TYPE_FP32 dims: [ 1 ] reshape: { shape: [ ] }' in seg1
+    assert "dynamic_batching" not in (repo / "tiny_unbatched_seg1" / "config.pbtxt").read_text()
+    assert "dynamic_batching" in (repo / "tiny_baseline" / "config.pbtxt").read_text()
+    gate = (repo / "tiny" / "config.pbtxt").read_text()
+    assert "max_batch_size: 0" in gate and "count: 3" in gate and '"input_raw" data_type: TYPE_UINT8' in gate
+    links = json.loads((repo / "tiny_unbatched" / "1" / "gate.json").read_text())
+    assert [s["model"] for s in links["segments"]] == ["tiny_unbatched_seg0", "tiny_unbatched_seg1",
+                                                       "tiny_unbatched_seg2"]
+    assert links["segments"][2]["inputs"] == ["prev_carry_0", "prev_carry_1"]
+    vendored = repo / "tiny" / "1" / "dgate_export"
+    assert {"runtime.py", "manifest.py", "confidence.py", "errors.py"} <= {p.name for p in vendored.iterdir()}
+    assert "torch" not in " ".join(package_modules("runtime.py"))
+    assert "--model-repository" in (repo / "README.md").read_text()
+
+
+def test_repository_is_written_atomically(tiny, tmp_path):
+    out = tmp_path / "repo"
+    with pytest.raises(UserError, match="needs a TensorRT bundle"):
+        write_repository(tiny, out, platform="tensorrt", kind="gpu")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    write_repository(tiny, out, platform="python")
+    with pytest.raises(UserError, match="already exists"):
+        write_repository(tiny, out, platform="python")
+    write_repository(tiny, out, platform="onnxruntime", force=True)
+    assert 'platform: "onnxruntime_onnx"' in (out / "tiny_seg0" / "config.pbtxt").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no temp or old folder left
+
+
+def test_cli_triton_and_serve_without_a_server(tiny, tmp_path, monkeypatch):
+    runner = CliRunner()
+    res = runner.invoke(main, ["triton", str(tiny), "-o", str(tmp_path / "r"), "--platform", "python"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "r" / "tiny_seg2" / "1" / "model.onnx").is_file()
+    monkeypatch.setenv("DGATE_TRITON_ENV", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    res = runner.invoke(main, ["serve", str(tiny)])
+    assert res.exit_code == 2
+    assert "No Triton Inference Server is installed here" in res.output and "setup.sh" in res.output
+
+
+@pytest.mark.slow
+def test_serve_command_answers_and_stops_on_ctrl_c(tiny, tmp_path):
+    _install_or_skip()
+    http, grpc = free_port(), free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", str(tiny), "--port", str(http),
+                             "--grpc-port", str(grpc), "--instances", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if line.startswith("ready:") or not line:
+                break
+        assert lines[-1].startswith("ready:"), "".join(lines)
+        assert f"127.0.0.1:{http}" in lines[-1] and f"127.0.0.1:{grpc}" in lines[-1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/tiny/ready", timeout=5) as r:
+            assert r.status == 200
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, output
+    assert "stopped" in output
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/live", timeout=2)
