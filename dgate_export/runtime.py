@@ -37,9 +37,11 @@ Where the backend's runner asks for `batch_buckets` (ONNX Runtime on a GPU), x a
 padded to the next power of two by repeating their last row, and the padded rows' results are
 dropped; `warmup()` runs every segment once at every batch size it will then see.
 
-Input: float arrays are model input (float64 is converted with a warning); integer arrays are raw
+Input: float arrays are model input (float64 is converted with a warning); uint8 arrays are raw
 pixels, normalized with the manifest's input.normalization as x = (raw * scale - mean[c]) / std[c]
-(refused when the bundle has none). fp16 bundles get float16. Anything else is a UserError.
+(refused when the bundle has none); other integer types are refused (no agreed scale). fp16 bundles
+get float16. NaN or inf in the input, or in the outputs (values that overflow inside the network), and
+anything else are a UserError.
 
 Thread safety: `run` keeps no state between calls beyond the read-only runners, thresholds and
 row-number vector (sliced for every batch instead of allocated), and the backends' runners are
@@ -169,7 +171,7 @@ class GatedRuntime:
         x = self._prepare(x)
         n = x.shape[0]
         if n == 1:
-            return self._run_one(x, thr)
+            return self._check_output(self._run_one(x, thr))
         logits = np.empty((n, self.num_classes), dtype=np.float32)
         exits = np.empty(n, dtype=np.int64)
         conf = np.empty(n, dtype=np.float32)
@@ -177,8 +179,8 @@ class GatedRuntime:
         for start in range(0, n, self.max_batch):
             stop = min(start + self.max_batch, n)
             self._run_chunk(x[start:stop], thr, logits[start:stop], exits[start:stop], conf[start:stop], counts)
-        return RunResult(logits=logits, predictions=logits.argmax(axis=1), exits=exits, confidence=conf,
-                         exit_counts=np.array(counts, dtype=np.int64))
+        return self._check_output(RunResult(logits=logits, predictions=logits.argmax(axis=1), exits=exits,
+                                            confidence=conf, exit_counts=np.array(counts, dtype=np.int64)))
 
     def _run_chunk(self, x: np.ndarray, thr: tuple[float, ...], logits: np.ndarray, exits: np.ndarray,
                    conf: np.ndarray, counts: list[int]) -> None:
@@ -210,7 +212,8 @@ class GatedRuntime:
             out = self._runners[k + 1].run(feeds, host=_HOST)
         counts[-1] += len(rows)
         final = out["logits"][: len(rows)] if self._buckets else out["logits"]
-        logits[rows], exits[rows], conf[rows] = final, self.num_gates, confidence_np(self._measure, final)
+        with np.errstate(all="ignore"):  # non-finite logits are reported by _check_output
+            logits[rows], exits[rows], conf[rows] = final, self.num_gates, confidence_np(self._measure, final)
 
     def _pad_rows(self, a: np.ndarray) -> np.ndarray:
         """`a` with its last row repeated up to the batch bucket (the padded rows' results are dropped)."""
@@ -239,7 +242,8 @@ class GatedRuntime:
             feeds["index"] = self._rows[:1]
             out = self._runners[k + 1].run(feeds, host=_HOST)
         final = out["logits"]
-        return self._result_one(final, self.num_gates, confidence_np(self._measure, final).item())
+        with np.errstate(all="ignore"):
+            return self._result_one(final, self.num_gates, confidence_np(self._measure, final).item())
 
     def _result_one(self, logits: np.ndarray, exit_: int, conf: float) -> RunResult:
         counts = [0] * (self.num_gates + 1)
@@ -286,25 +290,46 @@ class GatedRuntime:
             raise UserError(f"Input images are {x.shape[2]}x{x.shape[3]}, the model takes {h}x{w} "
                             f"(shape {x.shape}).", f"Resize the images to {h}x{w}.")
         kind = x.dtype.kind
-        if kind in "iu":
+        if x.dtype == np.uint8:
             if self._norm is None:
                 raise UserError(f"Input has integer dtype {x.dtype}, but this bundle records no "
                                 "input.normalization to turn raw pixels into model input.",
                                 "Normalize the images yourself and pass float32.")
             scale, mean, std = self._norm
             x = (x.astype(np.float32) * scale - mean) / std
+        elif kind in "iu":
+            raise UserError(f"Input has integer dtype {x.dtype}: raw pixels are uint8 (0..255), and other integer "
+                            "types have no agreed scale (16-bit images, signed values).",
+                            "Pass uint8 pixels, or convert and normalize the images yourself and pass float32.")
         elif kind == "f":
             if x.dtype == np.float64:
                 warnings.warn("Input is float64; converting it to the model's float type.", stacklevel=3)
         else:
             raise UserError(f"Input dtype {x.dtype} is not supported.",
-                            "Pass float32 model input, or integer raw pixels when the bundle has a normalization.")
-        x = np.ascontiguousarray(x, dtype=self._float)
+                            "Pass float32 model input, or uint8 raw pixels when the bundle has a normalization.")
+        with np.errstate(over="ignore", invalid="ignore"):  # values too large for the float type become inf
+            x = np.ascontiguousarray(x, dtype=self._float)
         # One reduction instead of a boolean array: NaN and inf make the sum non-finite (so can an
         # overflow of huge finite values, which the exact check then clears).
-        if not np.isfinite(x.sum()) and not np.isfinite(x).all():
+        with np.errstate(over="ignore"):
+            suspect = not np.isfinite(x.sum())
+        if suspect and not np.isfinite(x).all():
             bad = int(x.size - np.isfinite(x).sum())
             raise UserError(f"Input holds {bad} non-finite value(s) (NaN or inf)"
                             f"{' after conversion to float16' if self._float == np.float16 else ''}.",
                             "Clean the input; the model cannot classify NaN or inf.")
         return x
+
+    @staticmethod
+    def _check_output(res: RunResult) -> RunResult:
+        """Refuse results holding NaN or inf: finite input far outside the range the model was trained on
+        overflows inside the network."""
+        if np.isfinite(res.logits.sum(dtype=np.float64)) and np.isfinite(res.confidence.sum(dtype=np.float64)):
+            return res
+        bad = np.nonzero(~(np.isfinite(res.logits).all(axis=1) & np.isfinite(res.confidence)))[0]
+        if not len(bad):  # finite values whose sum overflowed
+            return res
+        shown = ", ".join(str(int(i)) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
+        raise UserError(f"The model's outputs are not finite (NaN or inf) for {len(bad)} input row(s) (rows {shown}): "
+                        "their values overflow inside the network.",
+                        "Check the input's scale: pass normalized float32 model input, or uint8 raw pixels.")

@@ -71,3 +71,16 @@ def test_module_does_not_import_torch():
            "print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("name", CONFIDENCES)
+def test_numpy_measures_stay_in_0_1_on_uniform_and_saturated_rows(name):
+    """Rounding takes entropy of a uniform row to -2.2e-16 and a saturated one past 1 without the clip;
+    a threshold of 0 must let every row leave and 1 every sure row."""
+    rows = np.concatenate([np.zeros((1, 5)), np.full((1, 5), 3.7), np.eye(5)[:1] * 1e4,
+                           np.random.default_rng(0).standard_normal((64, 5)) * 30])
+    for dtype in (np.float32, np.float64):
+        c = confidence(name, rows.astype(dtype))
+        assert c.dtype == np.float32
+        assert (c >= 0).all() and (c <= 1).all(), c
+    assert confidence(name, np.eye(5)[:1] * 1e4)[0] == 1.0

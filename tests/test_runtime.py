@@ -182,6 +182,51 @@ def test_integer_pixels_are_normalized(tiny, rt):
     np.testing.assert_array_equal(got.exits, want.exits)
 
 
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.uint16, np.int32, np.int64, np.uint32])
+def test_integer_input_other_than_uint8_is_refused(rt, dtype):
+    with pytest.raises(UserError, match=f"integer dtype {np.dtype(dtype)}: raw pixels are uint8"):
+        rt.run(np.ones((2, *SHAPE), dtype))
+
+
+def test_input_that_overflows_is_refused_like_nan(rt):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no numpy overflow warnings: one clear error
+        # finite float32 values so large that the network overflows: rows 1 and 3 of 4
+        x = _x(4)
+        x[[1, 3]] = 3e38
+        for rows in (x, x[1:2]):  # batch and batch-1 paths
+            with pytest.raises(UserError, match=r"not finite .*\(rows (1, 3|0)\)"):
+                rt.run(rows)
+        with pytest.warns(UserWarning, match="float64"), pytest.raises(UserError, match="non-finite"):
+            rt.run(np.full((2, *SHAPE), 1e300))  # becomes inf in float32
+
+
+def test_threshold_exactly_on_a_confidence_lets_the_sample_leave(tiny, rt):
+    """Calibration returns observed confidences as thresholds, so real bundles have samples exactly on
+    them: confidence >= threshold must leave, in batches and at batch 1, as in torch."""
+    _, ref = tiny
+    x = _x(48, seed=5)
+    torch_c0, torch_c1 = ref.all_exits(x)
+    ort_c0 = rt.run(x, thresholds=(0.0, 2.0)).confidence  # everyone leaves at gate 0: its confidences
+    ort_c1 = rt.run(x, thresholds=(2.0, 0.0)).confidence
+    for gate, ort_c, torch_c in ((0, ort_c0, torch_c0), (1, ort_c1, torch_c1)):
+        same = np.nonzero((ort_c == torch_c) & (ort_c > ort_c.min()) & (ort_c < ort_c.max()))[0]
+        assert len(same) >= 3, "need rows whose confidence ONNX Runtime and torch compute bit-identically"
+        row = int(same[len(same) // 2])
+        t = float(ort_c[row])
+        # the threshold exactly on the row's float32 confidence, and the double just above it (which
+        # rounds to it in float32, the confidences' type: the runtime compares in float32 as torch does)
+        for threshold in (t, float(np.nextafter(t, 2.0))):
+            assert np.float32(threshold) == ort_c[row]
+            thresholds = (threshold, 2.0) if gate == 0 else (2.0, threshold)
+            res = rt.run(x, thresholds=thresholds)
+            assert res.exits[row] == gate, (gate, threshold)
+            _check(res, ref, x, thresholds)
+            ones = [rt.run(x[i:i + 1], thresholds=thresholds) for i in range(len(x))]
+            np.testing.assert_array_equal(np.concatenate([o.exits for o in ones]), res.exits)
+            np.testing.assert_array_equal(np.concatenate([o.logits for o in ones]), res.logits)
+
+
 def test_integer_pixels_without_normalization_are_refused(tmp_path):
     bundle, _ = make_tiny_bundle(tmp_path / "plain")
     with pytest.raises(UserError, match="no input.normalization"):
