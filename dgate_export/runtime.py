@@ -51,6 +51,7 @@ thread-safe, so many threads may call `run` on one runtime and each gets its own
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -98,6 +99,9 @@ class GatedRuntime:
         self._input_name = manifest.input.name
         # Backends that prefer few distinct shapes get every segment's batch padded to a bucket.
         self._buckets = bool(getattr(runners[0], "batch_buckets", False))
+        # Runners with fixed-address slots (ONNX Runtime's fixed_buffers / cuda_graphs) run the slot loop.
+        self._fixed = all(getattr(r, "fixed_buffers", False) for r in runners)
+        self._bucket_times: list[dict[int, float]] | None = None  # compact-or-pad table, see bucket_times
         self._rows = np.arange(self.max_batch, dtype=np.int64)  # shared by all calls: sliced, never written
         self._rows.flags.writeable = False
         norm = manifest.input.normalization
@@ -170,15 +174,16 @@ class GatedRuntime:
         thr = self._thresholds if thresholds is None else self._check_thresholds(thresholds)
         x = self._prepare(x)
         n = x.shape[0]
-        if n == 1:
+        if n == 1 and not self._fixed:
             return self._check_output(self._run_one(x, thr))
         logits = np.empty((n, self.num_classes), dtype=np.float32)
         exits = np.empty(n, dtype=np.int64)
         conf = np.empty(n, dtype=np.float32)
         counts = [0] * (self.num_gates + 1)
+        run_chunk = self._run_chunk_fixed if self._fixed else self._run_chunk
         for start in range(0, n, self.max_batch):
             stop = min(start + self.max_batch, n)
-            self._run_chunk(x[start:stop], thr, logits[start:stop], exits[start:stop], conf[start:stop], counts)
+            run_chunk(x[start:stop], thr, logits[start:stop], exits[start:stop], conf[start:stop], counts)
         return self._check_output(RunResult(logits=logits, predictions=logits.argmax(axis=1), exits=exits,
                                             confidence=conf, exit_counts=np.array(counts, dtype=np.int64)))
 
@@ -208,27 +213,175 @@ class GatedRuntime:
             else:
                 keep = self._rows[: len(rows)]
             feeds = {dst: out[src] for dst, src in self._links[k + 1]}
-            feeds["index"] = self._pad_rows(keep) if self._buckets else keep
+            if self._buckets:
+                keep = self._pad_rows(keep, self.next_bucket(k + 1, len(out["confidence"]), len(keep)))
+            feeds["index"] = keep
             out = self._runners[k + 1].run(feeds, host=_HOST)
         counts[-1] += len(rows)
         final = out["logits"][: len(rows)] if self._buckets else out["logits"]
         with np.errstate(all="ignore"):  # non-finite logits are reported by _check_output
             logits[rows], exits[rows], conf[rows] = final, self.num_gates, confidence_np(self._measure, final)
 
-    def _pad_rows(self, a: np.ndarray) -> np.ndarray:
-        """`a` with its last row repeated up to the batch bucket (the padded rows' results are dropped)."""
-        b = batch_bucket(len(a), self.max_batch)
+    def _run_chunk_fixed(self, x: np.ndarray, thr: tuple[float, ...], logits: np.ndarray, exits: np.ndarray,
+                         conf: np.ndarray, counts: list[int]) -> None:
+        """The loop over fixed-address slots (docs/architecture.md "Fixed buffers, compact or pad"): per
+        gate one read of the confidences; the logits of the rows that left are read once, at the end."""
+        rows = self._rows[: len(x)]  # original row of each live sample; rows past len(rows) are padding
+        bucket = batch_bucket(len(x), self.max_batch)
+        slot = self._runners[0].slot(bucket)
+        slot.write(self._input_name, x)
+        slot.run()
+        left = []  # (slot, its rows that left there or None for the first len(where), original rows, exit)
+        for k in range(self.num_gates):
+            c = slot.read("confidence")[: len(rows)]
+            leave = c >= thr[k]  # float32 comparison, as the torch reference does
+            n_leave = int(np.count_nonzero(leave))
+            counts[k] += n_leave
+            if n_leave == len(rows):  # everyone left: later segments never run
+                conf[rows] = c
+                left.append((slot, None, rows, k))
+                break
+            if n_leave:
+                pos = leave.nonzero()[0]
+                conf[rows[pos]] = c[pos]
+                left.append((slot, pos, rows[pos], k))
+                keep = (~leave).nonzero()[0]  # row numbers in this segment's batch
+                rows = rows[keep]
+            else:
+                keep = self._rows[: len(rows)]
+            bucket = self.next_bucket(k + 1, bucket, len(keep))
+            slot = self._runners[k + 1].slot(bucket, slot, self._links[k + 1])
+            slot.write("index", keep)
+            slot.run()
+        else:
+            counts[-1] += len(rows)
+            left.append((slot, None, rows, self.num_gates))
+        for slot, pos, where, k in left:  # each slot's buffers are untouched since its run in this chunk
+            lg = slot.read("logits")
+            lg = lg[: len(where)] if pos is None else lg[pos]
+            logits[where], exits[where] = lg, k
+            if k == self.num_gates:
+                with np.errstate(all="ignore"):  # non-finite logits are reported by _check_output
+                    conf[where] = confidence_np(self._measure, lg)
+
+    def next_bucket(self, segment: int, current: int, survivors: int) -> int:
+        """The batch bucket segment `segment` runs at when `survivors` of the `current` bucket's rows go on.
+
+        Without a table (`bucket_times`), compact: the smallest bucket that holds them. With one, the
+        bucket from that one up to `current` whose measured time for this segment is least, `current`
+        (keep the batch, exited rows carried as padding) unless a smaller one is strictly faster.
+        """
+        small = batch_bucket(survivors, self.max_batch)
+        table = self._bucket_times
+        if table is None or small >= current:
+            return small
+        times = table[segment]
+        best = current
+        b = small
+        while b < current:
+            if times.get(b, math.inf) < times.get(best, math.inf):
+                best = b
+            b = batch_bucket(2 * b, self.max_batch)
+        return best
+
+    @property
+    def bucket_times(self) -> list[dict[int, float]] | None:
+        """The compact-or-pad table: per segment, seconds per run at each batch bucket (`profile_buckets`
+        measures it); None compacts at every gate. Setting it checks its shape."""
+        return self._bucket_times
+
+    @bucket_times.setter
+    def bucket_times(self, table: Sequence[dict[int, float]] | None) -> None:
+        if table is not None:
+            if len(table) != self.num_gates + 1:
+                raise UserError(f"bucket_times has {len(table)} entries for {self.num_gates + 1} segments.",
+                                "Give one {bucket: seconds} dict per segment, as profile_buckets() returns.")
+            table = [{int(b): float(t) for b, t in seg.items()} for seg in table]
+        self._bucket_times = table
+
+    def buckets(self) -> list[int]:
+        """The batch buckets a bucketed runtime pads to: powers of two up to max_batch, and max_batch."""
+        return sorted({batch_bucket(1 << i, self.max_batch) for i in range(self.max_batch.bit_length())}
+                      | {self.max_batch})
+
+    def profile_buckets(self, repeats: int = 5) -> list[dict[int, float]]:
+        """Measure every segment's time per run at every batch bucket (median of `repeats`, buckets
+        interleaved so that drift hits all alike) and return the table; `rt.bucket_times = table` makes
+        the runtime decide compact-or-pad by it. Needs a bucketed runtime."""
+        if not self._buckets:
+            raise UserError("profile_buckets needs a bucketed runtime (batch_buckets or fixed_buffers).",
+                            "Load it with batch_buckets=True or fixed_buffers=True.")
+        samples: list[dict[int, list[float]]] = [{b: [] for b in self.buckets()} for _ in self._runners]
+        for _ in range(repeats):
+            for b in self.buckets():
+                for k, seconds in enumerate(self._time_chain(b)):
+                    samples[k][b].append(seconds)
+        return [{b: float(np.median(ts)) for b, ts in seg.items()} for seg in samples]
+
+    def _time_chain(self, b: int) -> list[float]:
+        """Seconds of each segment's run at batch b, every sample going on (the gather an identity)."""
+        x = np.zeros((b, *self.input_shape), dtype=self._float)
+        keep = self._rows[:b]
+        times = []
+        if self._fixed:
+            slot = self._runners[0].slot(b)
+            slot.write(self._input_name, x)
+            t0 = time.perf_counter()
+            slot.run()
+            slot.read("confidence")
+            times.append(time.perf_counter() - t0)
+            for k in range(1, self.num_gates + 1):
+                slot = self._runners[k].slot(b, slot, self._links[k])
+                t0 = time.perf_counter()
+                slot.write("index", keep)
+                slot.run()
+                slot.read("logits" if k == self.num_gates else "confidence")
+                times.append(time.perf_counter() - t0)
+            return times
+        t0 = time.perf_counter()
+        out = self._runners[0].run({self._input_name: x}, host=_HOST)
+        times.append(time.perf_counter() - t0)
+        for k in range(1, self.num_gates + 1):
+            feeds = {dst: out[src] for dst, src in self._links[k]}
+            feeds["index"] = keep
+            t0 = time.perf_counter()
+            out = self._runners[k].run(feeds, host=_HOST)
+            times.append(time.perf_counter() - t0)
+        return times
+
+    def _pad_rows(self, a: np.ndarray, bucket: int | None = None) -> np.ndarray:
+        """`a` with its last row repeated up to `bucket`, by default the batch bucket of len(a) (the padded
+        rows' results are dropped)."""
+        b = batch_bucket(len(a), self.max_batch) if bucket is None else bucket
         return a if b == len(a) else np.concatenate([a, np.repeat(a[-1:], b - len(a), axis=0)])
 
     def warmup(self) -> None:
         """Run every segment once at every batch size it will see (each bucket up to max_batch with
         bucketing, else batch 1 and max_batch), so that first calls pay no one-time costs: ONNX Runtime's
-        CUDA provider prepares its convolutions (cuDNN algorithm search) for each new shape, tens of ms."""
-        sizes = sorted({batch_bucket(1 << i, self.max_batch) for i in range(self.max_batch.bit_length())}
-                       | {self.max_batch} if self._buckets else {1, self.max_batch})
+        CUDA provider prepares its convolutions (cuDNN algorithm search) for each new shape, tens of ms.
+        With fixed buffers, every slot a run can reach (each bucket after each larger one the table allows)
+        is made and run, three times with CUDA graphs: a slot captures its graph on its third run."""
+        sizes = self.buckets() if self._buckets else [1, self.max_batch]
         no_exit = [2.0**30] * self.num_gates  # above any confidence: every segment runs
+        runs = 3 if any(getattr(r, "cuda_graphs", False) for r in self._runners) else 1
         for b in sizes:
-            self.run(np.zeros((b, *self.input_shape), dtype=self._float), thresholds=no_exit)
+            for _ in range(runs if self._fixed else 1):
+                self.run(np.zeros((b, *self.input_shape), dtype=self._float), thresholds=no_exit)
+        if not self._fixed:
+            return
+        chain = {}  # (segment, bucket): the slot the runs above used
+        for b in sizes:
+            slot = chain[0, b] = self._runners[0].slot(b)
+            for k in range(1, self.num_gates + 1):
+                slot = chain[k, b] = self._runners[k].slot(b, slot, self._links[k])
+        for k in range(1, self.num_gates + 1):
+            for up in sizes:
+                upstream = chain[k - 1, up]  # its output buffers are those of every slot of its size
+                for b in sorted({self.next_bucket(k, up, n) for n in range(1, up + 1)}):
+                    slot = self._runners[k].slot(b, upstream, self._links[k])
+                    slot.write("index", self._rows[:1])
+                    while slot.runs < runs:
+                        slot.run()
 
     def _run_one(self, x: np.ndarray, thr: tuple[float, ...]) -> RunResult:
         """The same loop for one sample with Python scalars: at batch 1, numpy calls between segment runs

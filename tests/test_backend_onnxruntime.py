@@ -143,3 +143,72 @@ def test_cuda_keeps_carries_on_the_device(tiny):
     np.testing.assert_allclose(out["logits"], want["logits"], rtol=1e-3, atol=1e-4)
     nxt = gpu1.run({"prev_carry_0": out["carry_0"], "index": np.array([2, 0], dtype=np.int64)})
     np.testing.assert_allclose(nxt["carry_1"], want["carry_0"][[2, 0]], rtol=1e-3, atol=1e-4)
+
+
+def test_slots_bind_fixed_buffers_once(tiny):
+    """fixed_buffers: a slot per (rows, upstream rows) with buffers made once; carries are read from the
+    upstream slot's output buffers in place, results equal a plain run, reads on the CPU are no copies."""
+    bundle, _ = tiny
+    seg0 = backend.Runner(bundle / "segment0.onnx", {"fixed_buffers": True})
+    seg1 = backend.Runner(bundle / "segment1.onnx", {"fixed_buffers": True})
+    plain0, plain1 = backend.Runner(bundle / "segment0.onnx", {}), backend.Runner(bundle / "segment1.onnx", {})
+    assert seg0.fixed_buffers and seg0.batch_buckets and not plain0.batch_buckets
+    x = np.random.default_rng(0).standard_normal((8, 1, 8, 8)).astype(np.float32)
+    s0 = seg0.slot(8)
+    assert seg0.slot(8) is s0
+    s1 = seg1.slot(4, s0, [("prev_carry_0", "carry_0")])
+    assert seg1.slot(4, s0, [("prev_carry_0", "carry_0")]) is s1 and seg1.slot(8, s0, []) is not s1
+    addresses = {name: v.data_ptr() for name, v in {**s0.values, **s1.values}.items()}
+    for seed in range(2):
+        x = np.random.default_rng(seed).standard_normal((8, 1, 8, 8)).astype(np.float32)
+        index = np.array([7, 2, 5], dtype=np.int64)  # 3 rows in a slot of 4: padded with row 0
+        s0.write("input", x)
+        s0.run()
+        s1.write("index", index)
+        s1.run()
+        want0 = plain0.run({"input": x})
+        want1 = plain1.run({"prev_carry_0": want0["carry_0"], "index": np.array([7, 2, 5, 0], np.int64)})
+        for slot, want in ((s0, want0), (s1, want1)):
+            for name, value in want.items():
+                np.testing.assert_array_equal(slot.read(name), value, err_msg=name)
+        assert s1.read("logits") is s1.read("logits")  # the buffer itself on the CPU
+        assert {name: v.data_ptr() for name, v in {**s0.values, **s1.values}.items()} == addresses
+    assert (s0.runs, s1.runs) == (2, 2)
+
+    # A plain run() of host arrays at a bucket size goes through a slot too (the un-gated baseline), and
+    # its outputs are copies that the next run does not change.
+    first = seg0.run({"input": x}, host={"logits"})
+    assert seg0.slot(8).runs == 3 and isinstance(first["carry_0"], ort.OrtValue)
+    kept = first["logits"].copy()
+    seg0.run({"input": x[::-1].copy()})
+    np.testing.assert_array_equal(first["logits"], kept)
+    odd = seg0.run({"input": x[:3]})  # 3 rows: no slot, a plain run
+    np.testing.assert_array_equal(odd["logits"], want0["logits"][:3])
+
+
+def test_cuda_graphs_need_the_cuda_provider(tiny):
+    bundle, _ = tiny
+    with pytest.raises(UserError, match="cuda_graphs needs ONNX Runtime's CUDA provider"):
+        backend.Runner(bundle / "segment0.onnx", {"cuda_graphs": True})
+    options = backend._with_cuda_graph({"providers": ["cuda"], "provider_options": {"cuda": {"device_id": 1}}})
+    assert options["provider_options"] == {"cuda": {"device_id": 1, "enable_cuda_graph": "1"}}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="needs onnxruntime-gpu and a CUDA GPU")
+def test_cuda_graph_slots_replay_with_new_inputs(tiny):
+    """A slot with a CUDA graph: captured on its third run, then replayed; new inputs written in place
+    give new outputs (the graph reads the bound buffers), equal to the CPU's."""
+    bundle, _ = tiny
+    cpu = backend.Runner(bundle / "segment0.onnx", {})
+    gpu = backend.Runner(bundle / "segment0.onnx", {"providers": ["cuda"], "cuda_graphs": True,
+                                                     "provider_options": {"cuda": {"use_tf32": "0"}}})
+    slot = gpu.slot(4)
+    for seed in range(5):
+        x = np.random.default_rng(seed).standard_normal((4, 1, 8, 8)).astype(np.float32)
+        slot.write("input", x)
+        slot.run()
+        np.testing.assert_allclose(slot.read("logits"), cpu.run({"input": x})["logits"], rtol=1e-3, atol=1e-4)
+    plain = gpu.run({"input": x[:3]}, host={"logits"})  # outside the slots: no graph (gpu_graph_id -1)
+    np.testing.assert_allclose(plain["logits"], cpu.run({"input": x[:3]})["logits"], rtol=1e-3, atol=1e-4)

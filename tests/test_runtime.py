@@ -28,10 +28,14 @@ def tiny(tmp_path_factory):
     return make_tiny_bundle(tmp_path_factory.mktemp("tiny"), max_batch=16, normalization=NORM)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["plain", "buckets"])
+MODES = {"plain": {}, "buckets": {"batch_buckets": True}, "fixed": {"fixed_buffers": True}}
+
+
+@pytest.fixture(scope="module", params=list(MODES))
 def rt(tiny, request):
-    """The runtime as on CPU, and with every segment's batch padded to a power of two (as on a GPU)."""
-    return GatedRuntime.load(tiny[0], batch_buckets=request.param)
+    """The runtime as on CPU, with every segment's batch padded to a power of two (as on a GPU), and
+    running from fixed-address buffers bound once per (segment, bucket) (what CUDA graphs need)."""
+    return GatedRuntime.load(tiny[0], **MODES[request.param])
 
 
 def _x(n: int, seed: int = 0) -> np.ndarray:
@@ -92,10 +96,74 @@ def _batch_sizes(runner, feed: str):
         del runner.run
 
 
+def _slot_runs(runner) -> dict[tuple[int, int | None], int]:
+    """{(rows, upstream rows): runs} of the slots a fixed-buffer runner made in this thread."""
+    slots = getattr(runner._local, "slots", {})
+    return {(rows, up and up[1]): slot.runs for (rows, up), slot in slots.items()}
+
+
 def test_warmup_runs_every_bucket(tiny, rt):
+    if rt._fixed:  # every slot a run can reach: each bucket after each larger or equal one
+        rt.warmup()
+        runs = _slot_runs(rt._runners[2])
+        assert sorted(runs) == [(b, up) for b in (1, 2, 4, 8, 16) for up in (1, 2, 4, 8, 16) if b <= up]
+        assert min(runs.values()) >= 1
+        return
     with _batch_sizes(rt._runners[1], "index") as seen:
         rt.warmup()
     assert seen == ([1, 2, 4, 8, 16] if rt._buckets else [1, 16])
+
+
+# Tables of seconds per run by bucket (1..16) for the three segments: compacting pays, never pays, or
+# pays for segment 1 only (segment 2 is fastest at 8 rows, so 2-8 survivors of 16 run at 8).
+TABLES = {
+    "compact": [{b: b * 1e-3 for b in (1, 2, 4, 8, 16)}] * 3,
+    "pad": [{b: 1.0 for b in (1, 2, 4, 8, 16)}] * 3,
+    "mixed": [{b: 1.0 for b in (1, 2, 4, 8, 16)}, {b: b * 1e-3 for b in (1, 2, 4, 8, 16)},
+              {1: 3.0, 2: 3.0, 4: 2.0, 8: 1.0, 16: 2.0}],
+}
+
+
+def test_next_bucket_follows_the_table(tiny):
+    rt = GatedRuntime.load(tiny[0], fixed_buffers=True)
+    assert [rt.next_bucket(1, 16, n) for n in (1, 3, 9, 16)] == [1, 4, 16, 16]  # no table: compact
+    rt.bucket_times = TABLES["pad"]  # ties: keep the batch
+    assert [rt.next_bucket(k, 16, n) for k in (1, 2) for n in (1, 3, 9)] == [16] * 6
+    rt.bucket_times = TABLES["mixed"]
+    assert [rt.next_bucket(1, 16, n) for n in (1, 3, 9)] == [1, 4, 16]
+    assert [rt.next_bucket(2, 16, n) for n in (1, 2, 3, 5, 8, 9)] == [8, 8, 8, 8, 8, 16]
+    assert [rt.next_bucket(2, 4, n) for n in (1, 3)] == [4, 4]  # 4 (2 s) beats 1 and 2 (3 s)
+    with pytest.raises(UserError, match="3 segments"):
+        rt.bucket_times = TABLES["pad"][:2]
+
+
+@pytest.mark.parametrize("mode", ["buckets", "fixed"])
+@pytest.mark.parametrize("table", list(TABLES))
+def test_compact_or_pad_gives_the_same_results(tiny, mode, table):
+    """Whatever the table decides, every exit pattern gives the torch reference's results, and the
+    segments ran at the buckets the table chose."""
+    _, ref = tiny
+    rt = GatedRuntime.load(tiny[0], **MODES[mode])
+    rt.bucket_times = TABLES[table]
+    x = _x(16, seed=7)
+    c0, c1 = ref.all_exits(_x(512, seed=99))
+    some = (_between(c0, 0.6), _between(c1, 0.4))
+    for thresholds in [(2.0, 2.0), (0.0, 2.0), (2.0, 0.0), some]:
+        before = _slot_runs(rt._runners[2]) if rt._fixed else {}
+        with _batch_sizes(rt._runners[2], "index") as seen:
+            res = rt.run(x, thresholds=thresholds)
+        _check(res, ref, x, thresholds)
+        if rt._fixed:
+            after = _slot_runs(rt._runners[2])
+            seen = [rows for rows, runs in after.items() if runs != before.get(rows, 0)]
+            seen = [rows for rows, _ in seen]
+        if thresholds == some:  # survivors of 16 at gate 0, then at gate 1
+            conf0, conf1 = ref.all_exits(x)
+            n1, n2 = int((conf0 < some[0]).sum()), int(((conf0 < some[0]) & (conf1 < some[1])).sum())
+            b1 = rt.next_bucket(1, 16, n1)
+            assert 0 < n2 < n1 < 16 and seen == [rt.next_bucket(2, b1, n2)]
+            if table == "pad":
+                assert seen == [16]
 
 
 def test_buckets_with_a_max_batch_that_is_not_a_power_of_two(tmp_path):

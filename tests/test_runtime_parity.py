@@ -108,6 +108,31 @@ def test_runtime_matches_torch_reference(case, n):
             assert res.exit_counts[int(name.rsplit("-", 1)[1])] == n
 
 
+_FIXED: dict = {}
+
+
+@pytest.mark.parametrize("n", [7, 64])
+def test_fixed_buffers_match_torch_reference(case, n):
+    """The fixed-address path (what CUDA graphs need), on ONNX Runtime's CPU provider: compacting at
+    every gate and carrying exited rows as padding both give the reference's exits and logits."""
+    model, rt, x, some = case
+    root = rt.manifest.root
+    fixed = _FIXED[root] = _FIXED.get(root) or GatedRuntime.load(root, fixed_buffers=True)  # one per bundle
+    assert fixed._fixed
+    batch = x[:n] if n != 7 else x[20:27]
+    pad = [{b: 1.0 for b in fixed.buckets()}] * (model.num_gates + 1)  # no bucket faster: never compact
+    for name, thresholds in _plans(model.num_gates, some).items():
+        ref = model.early_exit(torch.from_numpy(batch), thresholds)
+        scale = max(1.0, float(ref.logits.abs().max()))
+        for times in (None, pad):
+            fixed.bucket_times = times
+            res = fixed.run(batch, thresholds=thresholds)
+            what = f"{name}, {'pad' if times else 'compact'}"
+            np.testing.assert_array_equal(res.exits, ref.exits.numpy(), err_msg=what)
+            np.testing.assert_allclose(res.logits, ref.logits.numpy(), rtol=1e-4, atol=1e-4 * scale, err_msg=what)
+            np.testing.assert_allclose(res.confidence, ref.confidence.numpy(), rtol=1e-4, atol=1e-5, err_msg=what)
+
+
 def test_some_thresholds_use_every_exit(case):
     _, rt, x, some = case
     counts = rt.run(x, thresholds=some).exit_counts
@@ -138,5 +163,26 @@ def test_cuda_runtime_matches_torch_reference(case, n):
         assert gpu.baseline_runner().providers[0] == "CUDAExecutionProvider"
         for _ in _check_against_torch(model, gpu, x, some, n, tol=1e-3):
             pass
+    finally:
+        gpu.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_ep(), reason="needs onnxruntime-gpu and a CUDA GPU")
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_cuda_graphs_runtime_matches_torch_reference(case, n):
+    """Fixed buffers with CUDA graphs on the CUDA provider (each slot captured, then replayed), after a
+    warmup that captures every slot: the same exits and logits as the torch reference, compacting at
+    every gate and with the measured compact-or-pad table."""
+    model, rt, x, some = case
+    gpu = GatedRuntime.load(rt.manifest.root, providers=["cuda"], cuda_graphs=True,
+                            provider_options={"cuda": {"use_tf32": "0"}})
+    try:
+        gpu.warmup()
+        for times in (None, gpu.profile_buckets(repeats=2)):
+            gpu.bucket_times = times
+            for _ in range(2):  # the second pass replays what the first captured
+                for _ in _check_against_torch(model, gpu, x, some, n, tol=1e-3):
+                    pass
     finally:
         gpu.close()

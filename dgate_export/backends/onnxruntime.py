@@ -12,6 +12,8 @@ Runner options (all optional; `GatedRuntime.load(..., **options)` passes them th
 | `allow_spinning` | `False` | idle pool threads busy-wait for the next job. A gated run alternates K+1 sessions, and each session's spinning threads steal the cores the next session needs. |
 | `graph_optimization_level` | `"all"` | `disable`, `basic`, `extended`, `layout`, `all`. |
 | `batch_buckets` | on with `cuda`/`tensorrt`, off on CPU | the runtime pads each segment's batch to the next power of two (padded rows' results dropped), so a session sees at most 9 batch sizes up to 256. |
+| `fixed_buffers` | off | every (segment, batch bucket) runs from buffers allocated once and bound once by I/O binding (`Runner.slot`); implies `batch_buckets`. Works on every provider (CI tests it on the CPU); what CUDA graphs need. |
+| `cuda_graphs` | off | CUDA provider only, implies `fixed_buffers`: the session is made with `enable_cuda_graph` and each slot captures and replays its own graph (`gpu_graph_id`). |
 
 Why buckets on a GPU: the CUDA provider prepares every convolution once per new input shape (cuDNN
 algorithm search: tens of ms), and batch compaction gives every segment a different batch size on
@@ -44,9 +46,11 @@ import contextlib
 import hashlib
 import os
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..errors import UserError
 
@@ -69,7 +73,8 @@ _MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
 # What every backend receives from build / GatedRuntime; meaningless to an ORT session.
 _PASSED = {"precision", "max_batch", "opt_batch", "backend_info"}
 _KNOWN_OPTIONS = {"providers", "provider_options", "intra_op_num_threads", "inter_op_num_threads",
-                  "execution_mode", "allow_spinning", "graph_optimization_level", "batch_buckets"} | _PASSED
+                  "execution_mode", "allow_spinning", "graph_optimization_level", "batch_buckets",
+                  "fixed_buffers", "cuda_graphs"} | _PASSED
 
 # One thread per session by default: a chain of small sessions pays for waking a pool on every
 # operator of every call; see the module docstring.
@@ -210,10 +215,13 @@ class Runner:
     def __init__(self, path: Path, options: dict | None = None):
         options = dict(options or {})
         ort = self._ort = _ort()
-        path = Path(path)
+        path = self.path = Path(path)
         if not path.is_file():
             raise UserError(f"The ONNX Runtime engine {path} does not exist.",
                             "Rebuild the bundle with `dgate-export build`.")
+        self.cuda_graphs = bool(options.get("cuda_graphs", False))
+        if self.cuda_graphs:
+            options = _with_cuda_graph(options)
         providers, self._on_device = _providers(options, ort)
         try:
             self._session = ort.InferenceSession(os.fspath(path), session_options(options, ort),
@@ -238,7 +246,9 @@ class Runner:
                             f"(it would run on {', '.join(self.providers)}).",
                             "Check that the CUDA / cuDNN / TensorRT libraries onnxruntime-gpu needs are "
                             "installed and on the library path; or leave `providers` out to run on the CPU.")
-        self.batch_buckets = bool(options.get("batch_buckets", self._on_device))  # read by GatedRuntime
+        # Read by GatedRuntime: fixed buffers exist per bucket, so they imply buckets.
+        self.fixed_buffers = self.cuda_graphs or bool(options.get("fixed_buffers", False))
+        self.batch_buckets = self.fixed_buffers or bool(options.get("batch_buckets", self._on_device))
         # On a GPU with buckets: one session per batch size (see the module docstring), made on first use.
         self._per_size = self._on_device and self.batch_buckets
         self._sessions: dict[int, Any] = {}  # the first size seen gets the session made here
@@ -252,9 +262,23 @@ class Runner:
             self._device_id = int(cuda.get("device_id", 0))
         # I/O bindings hold per-call state, so each thread gets its own.
         self._local = threading.local()
+        self._inputs = {i.name: _spec(i, path) for i in self._session.get_inputs()}
+        self._outputs = {o.name: _spec(o, path) for o in self._session.get_outputs()}
+        self._graph_ids: dict[int, int] = {}  # per session: the last gpu_graph_id given out (ids start at 1)
+        self._plain_options = None
+        if self.cuda_graphs:  # runs outside the slots must neither capture nor replay a graph
+            self._plain_options = ort.RunOptions()
+            self._plain_options.add_run_config_entry("gpu_graph_id", "-1")
 
     def run(self, feeds: dict[str, Any], host: Collection[str] | None = None) -> dict[str, Any]:
         """Run the session; outputs named in `host` (all when None) come back as numpy arrays."""
+        if self.fixed_buffers and self._fits_a_slot(feeds):
+            slot = self.slot(len(next(iter(feeds.values()))))
+            for name, value in feeds.items():
+                slot.write(name, value)
+            slot.run()
+            return {name: slot.read(name).copy() if host is None or name in host else slot.values[name]
+                    for name in self.output_names}
         if not self._on_device:
             if any(isinstance(v, self._ort.OrtValue) for v in feeds.values()):
                 feeds = {k: v.numpy() if isinstance(v, self._ort.OrtValue) else v for k, v in feeds.items()}
@@ -267,7 +291,11 @@ class Runner:
         if not self._per_size:
             return self._session
         v = feeds.get("index", next(iter(feeds.values())))  # "index" sets a later segment's batch size
-        rows = int(v.shape()[0]) if isinstance(v, self._ort.OrtValue) else len(v)
+        return self._session_for_rows(int(v.shape()[0]) if isinstance(v, self._ort.OrtValue) else len(v))
+
+    def _session_for_rows(self, rows: int) -> Any:
+        if not self._per_size:
+            return self._session
         session = self._sessions.get(rows)
         if session is None:
             with self._lock:
@@ -298,7 +326,7 @@ class Runner:
                 else:
                     binding.bind_output(name, "cuda", self._device_id)
             binding.synchronize_inputs()
-            session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding, self._plain_options)
             binding.synchronize_outputs()
             values = binding.get_outputs()
             return {name: (v.numpy() if host is None or name in host else v)
@@ -307,7 +335,165 @@ class Runner:
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
 
+    # ------------------------------------------------------------------------ fixed-address slots
+
+    def _fits_a_slot(self, feeds: dict[str, Any]) -> bool:
+        """Host arrays only, all with the same rows, a batch bucket: e.g. the un-gated baseline's input."""
+        if set(feeds) != set(self._inputs) or not all(isinstance(v, np.ndarray) for v in feeds.values()):
+            return False
+        rows = {len(v) for v in feeds.values()}
+        return len(rows) == 1 and rows.pop() in _BUCKETS
+
+    def slot(self, rows: int, upstream: Slot | None = None,
+             links: Sequence[tuple[str, str]] = ()) -> Slot:
+        """This thread's slot of `rows` rows (a batch bucket), made and bound on first use.
+
+        `links` are (input, upstream output) pairs: those inputs are bound to the `upstream` slot's output
+        buffers (the previous segment's carries), so a slot exists per (rows, upstream runner, upstream rows).
+        Every other input has a buffer of its own that `Slot.write` fills.
+        """
+        key = (rows, None if upstream is None else (id(upstream.runner), upstream.rows))
+        slots = getattr(self._local, "slots", None)
+        if slots is None:
+            slots = self._local.slots = {}
+        slot = slots.get(key)
+        if slot is None:
+            slot = slots[key] = Slot(self, rows, upstream, links)
+        return slot
+
+    def _buffers(self, rows: int) -> dict[str, Any]:
+        """This thread's output buffers at `rows`, shared by all its slots of that size."""
+        per_rows = getattr(self._local, "buffers", None)
+        if per_rows is None:
+            per_rows = self._local.buffers = {}
+        if rows not in per_rows:
+            per_rows[rows] = {name: self._new_buffer(spec, rows) for name, spec in self._outputs.items()}
+        return per_rows[rows]
+
+    def _new_buffer(self, spec: tuple[np.dtype, tuple[int, ...]], rows: int) -> tuple[Any, np.ndarray]:
+        """(OrtValue, host array) of one tensor at `rows` rows. On the CPU the OrtValue wraps the host
+        array (the same memory); on a GPU the host array is the staging copy."""
+        dtype, shape = spec
+        host = np.zeros((rows, *shape), dtype=dtype)  # zeros: padding rows stay finite numbers
+        if not self._on_device:
+            return self._ort.OrtValue.ortvalue_from_numpy(host), host
+        value = self._ort.OrtValue.ortvalue_from_shape_and_type(host.shape, dtype, "cuda", self._device_id)
+        value.update_inplace(host)
+        return value, host
+
+    def _next_graph_id(self, session: Any) -> int:
+        with self._lock:
+            graph_id = self._graph_ids.get(id(session), 0) + 1
+            self._graph_ids[id(session)] = graph_id
+        return graph_id
+
     def close(self) -> None:
         """Drop the session (its memory goes when no run is using it); the runner is unusable after."""
         self._session = self._run_direct = None
         self._sessions = {}
+
+
+_BUCKETS = frozenset(1 << i for i in range(31))
+_ONNX_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+               "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def _spec(arg: Any, path: Path) -> tuple[np.dtype, tuple[int, ...]]:
+    """(dtype, shape without the batch axis) of a session input or output, for preallocated buffers."""
+    dims = list(arg.shape)[1:]
+    if arg.type not in _ONNX_TYPES or not all(isinstance(d, int) and d >= 0 for d in dims):
+        dims = [-1]  # not preallocatable; only a slot (fixed_buffers) refuses it, see Slot
+    return np.dtype(_ONNX_TYPES.get(arg.type, np.float32)), tuple(dims)
+
+
+def _with_cuda_graph(options: dict) -> dict:
+    """`options` with the CUDA provider's enable_cuda_graph set; cuda_graphs needs the CUDA provider first."""
+    asked = options.get("providers") or ["cpu"]
+    asked = [asked] if isinstance(asked, str) else list(asked)
+    first = PROVIDER_ALIASES.get(str(asked[0]).lower(), asked[0])
+    if first != "CUDAExecutionProvider":
+        raise UserError(f"cuda_graphs needs ONNX Runtime's CUDA provider first in `providers`, got {asked}.",
+                        "Pass providers=['cuda'] (onnxruntime-gpu), or leave cuda_graphs out.")
+    per_provider = dict(options.get("provider_options") or {})
+    key = next((k for k in (asked[0], "cuda", "CUDAExecutionProvider") if k in per_provider), asked[0])
+    per_provider[key] = {**dict(per_provider.get(key) or {}), "enable_cuda_graph": "1"}
+    return {**options, "provider_options": per_provider}
+
+
+class Slot:
+    """One segment at one batch bucket, run from buffers allocated once and bound once (I/O binding).
+
+    Inputs linked to an upstream slot read that slot's output buffers in place (carries never move);
+    the other inputs (`input`, `index`) have buffers of their own, filled by `write`. Outputs go to the
+    runner's per-thread buffers of this size, which `read` returns as host arrays (on the CPU: the
+    buffer itself, no copy; on a GPU: one device-to-host copy). Nothing is allocated per run and no
+    shape depends on the data, so on the CUDA provider with `cuda_graphs` each slot captures one CUDA
+    graph (its own gpu_graph_id) on its third run and replays it after.
+    """
+
+    def __init__(self, runner: Runner, rows: int, upstream: Slot | None, links: Sequence[tuple[str, str]]):
+        ort = runner._ort
+        self.runner = runner
+        self.rows = rows
+        self.runs = 0
+        self._session = runner._session_for_rows(rows)
+        self._on_device = runner._on_device
+        self._lock = runner._lock if runner.cuda_graphs else None  # one capture / replay at a time
+        self.upstream = upstream  # kept alive: its buffers are bound here
+        linked = dict(links)
+        self.values: dict[str, Any] = {}  # own buffers: inputs that are not linked, and outputs
+        self._host: dict[str, np.ndarray] = {}  # CPU: the buffers; GPU: staging for writes
+        self._written: set[str] = set()
+        binding = self._binding = self._session.io_binding()
+        for name, spec in runner._inputs.items():
+            if name in linked:
+                if upstream is None:
+                    raise ValueError(f"input {name} is linked but no upstream slot was given")
+                binding.bind_ortvalue_input(name, upstream.values[linked[name]])
+                continue
+            self._check(name, spec)
+            value, host = runner._new_buffer(spec, rows)
+            self.values[name] = value
+            self._host[name] = host
+            binding.bind_ortvalue_input(name, value)
+        for name, (value, host) in runner._buffers(rows).items():
+            self._check(name, runner._outputs[name])
+            binding.bind_ortvalue_output(name, value)
+            self.values[name] = value
+            self._host[name] = host
+        self._options = None
+        if runner.cuda_graphs:
+            self._options = ort.RunOptions()
+            self._options.add_run_config_entry("gpu_graph_id", str(runner._next_graph_id(self._session)))
+
+    def _check(self, name: str, spec: tuple[np.dtype, tuple[int, ...]]) -> None:
+        if -1 in spec[1]:
+            raise UserError(f"{name} of {self.runner.path.name} has a shape that depends on more than the batch "
+                            "size, so fixed_buffers / cuda_graphs cannot preallocate it.",
+                            "Leave fixed_buffers and cuda_graphs off for this bundle.")
+
+    def write(self, name: str, rows: np.ndarray) -> None:
+        """Copy `rows` (at most self.rows of them) into input `name`; the rows after them are padding: an
+        index is padded with 0 (a valid row), other inputs keep earlier (finite) rows."""
+        buf = self._host[name]
+        n = len(rows)
+        buf[:n] = rows
+        if name == "index" and n < self.rows:
+            buf[n:] = 0
+        if self._on_device:
+            self.values[name].update_inplace(buf)
+
+    def run(self) -> None:
+        if self._lock is None:
+            self._session.run_with_iobinding(self._binding, self._options)
+        else:
+            with self._lock:
+                self._session.run_with_iobinding(self._binding, self._options)
+        self.runs += 1
+
+    def read(self, name: str) -> np.ndarray:
+        """Output `name` of the last run, all self.rows rows, as a host array. On the CPU it is the buffer
+        itself: valid until the next run of a slot of this runner, size and thread."""
+        if not self._on_device:
+            return self._host[name]
+        return self.values[name].numpy()

@@ -302,6 +302,9 @@ class Runner:
         self._drive = "index" if "index" in self.input_names else self.input_names[0]
         self._can_pad = self._probe_outputs()
         self.cuda_graphs = self.settings.cuda_graphs
+        # Read by GatedRuntime: under CUDA graphs it pads every batch to a bucket itself (so a graph per
+        # bucket serves every size) and decides per gate whether to compact (its bucket_times table).
+        self.batch_buckets = self.cuda_graphs
         self._lock = threading.Lock()
         self._local = threading.local()
         self._states: list[_State] = []
