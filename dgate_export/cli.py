@@ -214,6 +214,54 @@ def inspect_cmd(path):
                         "Give a bundle directory (engines/NAME) or a gated checkpoint (model.pt).")
 
 
+@main.command("score")
+@click.argument("bundle", type=click.Path())
+@click.option("--data", required=True,
+              help="fashion-mnist or npz:PATH (its test split; an npz with only `x` is scored without labels).")
+@click.option("--data-dir", default=None, type=click.Path(), help="Folder of the Fashion-MNIST IDX files.")
+@click.option("--repeat-channels", is_flag=True, help="Repeat 1-channel data to the model's channel count.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N rows.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Parquet file to write (predictions.parquet).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Score on Ray Data: alone, on a local Ray instance started for the job; with ADDRESS "
+                   "(ray://HOST:10001, auto), on that cluster. [default: in-process]")
+@click.option("--actors", type=click.IntRange(min=1), default=None,
+              help="Ray: actors in the pool [default: as many as the cluster's CPUs hold].")
+@click.option("--cpus-per-actor", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Ray: CPUs each actor reserves (and ONNX Runtime threads it uses).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Rows per batch.")
+@click.option("--thresholds", default=None, help="Override the bundle's thresholds: a,b,c (one per gate).")
+@click.option("--logits", is_flag=True, help="Also write each row's class scores (column logits).")
+@click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete).")
+@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
+def score_cmd(bundle, data, data_dir, repeat_channels, limit, output, ray_address, actors, cpus_per_actor,
+              batch_size, thresholds, logits, force, progress):
+    """Classify every row of DATA with BUNDLE into a parquet file, in-process or on Ray Data.
+
+    One output row per input row, in input order: row, prediction, exit (0..K-1 the gate taken, K the
+    full network), confidence, label (when the data has labels), logits (with --logits). Prints exit
+    fractions, accuracy when labels exist, and samples/s. The file appears only once it is complete.
+    """
+    from .data import check_input_shape, load_images
+    from .manifest import load_manifest
+    from .score import score
+
+    manifest = load_manifest(bundle)  # a clear error before any data is read
+    if ray_address is None and (actors is not None or cpus_per_actor != 1.0):
+        raise UserError("--actors and --cpus-per-actor apply to --ray only.", "Add --ray, or drop them.")
+    chw = tuple(int(d) for d in manifest.input.shape[1:])
+    x, y = load_images(data, data_dir=data_dir, channels=chw[0] if repeat_channels else None)
+    if limit:
+        x, y = x[:limit], (None if y is None else y[:limit])
+    check_input_shape(x, chw, where=f"data set {data!r}")
+    summary = score(bundle, x, y, output, ray=ray_address, actors=actors, cpus_per_actor=cpus_per_actor,
+                    batch_size=batch_size, thresholds=_float_list(thresholds, "--thresholds") if thresholds else None,
+                    logits=logits, force=force, progress=progress, describe=f"of {data} with {bundle}")
+    for line in summary.lines():
+        click.echo(line)
+    click.echo(f"wrote {output} (columns {', '.join(summary.columns)})")
+
+
 # --- gate and calibrate ------------------------------------------------------------------------------
 
 _CONFIDENCES = ("max-softmax", "margin", "entropy")  # = confidence.CONFIDENCES (kept literal: fast --help)

@@ -262,3 +262,26 @@ def check_input_shape(x: np.ndarray, expected_chw: tuple[int, int, int] | list[i
     if len(got) == 3 and len(expected) == 3 and got[0] == expected[0] and got[1:] != expected[1:]:
         hint += f" (resize the images to {expected[1]}x{expected[2]}, or build the model for {got[1]}x{got[2]})"
     raise UserError(f"The model expects input of shape {expected} per sample; {where} has {got}.", hint + ".")
+
+
+def load_images(spec: str, *, data_dir: str | Path | None = None,
+                channels: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows to classify (`score`): (x, labels or None). An npz holding `x` without `y` gives unlabelled
+    images, float32 model input or integer raw pixels (which the runtime normalizes with the bundle's
+    input.normalization); anything else is `load_dataset(spec, "test")`, the split `bench` measures."""
+    if spec.startswith("npz:") and Path(spec[4:]).is_file():
+        try:
+            with np.load(spec[4:], allow_pickle=False) as archive:
+                keys = set(archive.files)
+                x = archive["x"] if "x" in keys and "y" not in keys else None
+        except (OSError, ValueError) as err:
+            raise UserError(f"Cannot read {spec[4:]} as a NumPy .npz archive: {err}.",
+                            "Save it with np.savez(path, x=...).") from err
+        if x is not None:
+            if x.ndim != 4 or x.dtype.kind not in "fiu":
+                raise UserError(f"{spec[4:]}: x has shape {x.shape} and dtype {x.dtype}; expected [N, C, H, W] "
+                                "float32 model input or integer raw pixels.", "Save the images in NCHW layout.")
+            x, _ = _repeat_channels(x, None, channels, spec)
+            return np.ascontiguousarray(x), None
+    ds = load_dataset(spec, "test", data_dir=data_dir, channels=channels)
+    return ds.x, ds.y

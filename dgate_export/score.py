@@ -1,0 +1,267 @@
+"""Offline scoring: classify every row of a data set with a bundle and write the predictions (parquet).
+
+    summary = score("engines/model", x, labels, "predictions.parquet")                  # in-process
+    summary = score("engines/model", x, labels, "predictions.parquet", ray="local")     # Ray Data
+
+In-process, one GatedRuntime classifies `batch_size` rows at a time. With `ray`, a Ray instance is
+started for the job (`"local"`) or joined (an address such as `ray://head:10001` or `auto`; an
+already initialized Ray is used as it is), and a pool of actors classifies the rows
+(`dgate_export.integrations.ray`).
+
+The output has one row per input row, in input order: `row` (the input's row number), `prediction`,
+`exit` (0..K-1: the gate taken, K: the full network), `confidence` (at the exit taken), `label` when
+the data has labels, and `logits` (a list of class scores) on request. Batches are checked as they
+arrive: each must continue the row numbers where the previous one stopped, so a lost or duplicated row
+fails the job instead of writing a wrong file. The file is written under a temporary name next to the
+output and renamed at the end; a failed job leaves nothing behind. No torch is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import UserError
+from .manifest import Manifest, load_manifest
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11 on
+
+PYARROW_HINT = "Install it: `pip install 'dgate-export[ray]'` (or `pip install pyarrow` for in-process scoring)."
+_ROW_GROUP = 65536  # rows per parquet row group
+
+
+@dataclass
+class ScoreSummary:
+    rows: int
+    exit_counts: np.ndarray  # int64 [K+1]
+    exit_names: list[str]  # the gates' exit modules, then "full network"
+    correct: int | None  # correct predictions, when the data has labels
+    seconds: float  # from the first batch submitted to the last row written
+    startup_seconds: float = 0.0  # starting or joining Ray (not in `seconds`)
+    where: str = "in-process"
+    columns: list[str] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float | None:
+        return None if self.correct is None else self.correct / max(self.rows, 1)
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else float("inf")
+
+    def lines(self) -> list[str]:
+        fractions = ", ".join(f"{name} {count / max(self.rows, 1):.1%}"
+                              for name, count in zip(self.exit_names, self.exit_counts))
+        out = [f"scored {self.rows} rows {self.where}",
+               f"exits: {fractions}"]
+        if self.accuracy is not None:
+            out.append(f"accuracy: {self.accuracy:.2%} ({self.correct}/{self.rows} labels)")
+        startup = f"; Ray start-up {self.startup_seconds:.1f} s not included" if self.startup_seconds else ""
+        out.append(f"speed: {self.samples_per_s:.0f} samples/s ({self.seconds:.2f} s{startup})")
+        return out
+
+
+class PredictionWriter:
+    """Write prediction batches into `path` atomically, checking that they cover rows 0..rows-1 in order."""
+
+    def __init__(self, path: str | Path, rows: int, num_exits: int, *, force: bool = False):
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError as err:
+            raise UserError(f"Writing parquet needs pyarrow, which is not installed here ({err}).",
+                            PYARROW_HINT) from err
+        self._pa, self._pq = pa, pq
+        self.path = Path(path)
+        check_output(self.path, force)
+        self.rows, self.num_exits = rows, num_exits
+        self.next_row = 0
+        self.exit_counts = np.zeros(num_exits, dtype=np.int64)
+        self.correct: int | None = None
+        self.columns: list[str] = []
+        self._buffer: list[Any] = []
+        self._buffered = 0
+        self._writer: Any = None
+        self._tmp: Path | None = None
+
+    def __enter__(self) -> Self:
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self._tmp = Path(tmp)
+        return self
+
+    def write(self, batch: dict[str, np.ndarray]) -> None:
+        rows = np.asarray(batch["row"])
+        n = len(rows)
+        if not np.array_equal(rows, np.arange(self.next_row, self.next_row + n)):
+            got = f"rows {rows[0]}..{rows[-1]}" if n else "an empty batch"
+            raise RuntimeError(f"Predictions arrived out of order: expected rows from {self.next_row}, got {got} "
+                               "(a row lost or duplicated); nothing was written.")
+        self.next_row += n
+        exits = np.asarray(batch["exit"])
+        self.exit_counts += np.bincount(exits, minlength=self.num_exits)[: self.num_exits]
+        if "label" in batch:
+            hits = int(np.count_nonzero(np.asarray(batch["prediction"]) == np.asarray(batch["label"])))
+            self.correct = (self.correct or 0) + hits
+        pa = self._pa
+        columns = {"row": pa.array(rows, pa.int64()), "prediction": pa.array(batch["prediction"], pa.int64()),
+                   "exit": pa.array(exits, pa.int64()), "confidence": pa.array(batch["confidence"], pa.float32())}
+        if "label" in batch:
+            columns["label"] = pa.array(batch["label"], pa.int64())
+        if "logits" in batch:
+            logits = np.asarray(batch["logits"], dtype=np.float32)
+            columns["logits"] = pa.FixedSizeListArray.from_arrays(pa.array(logits.ravel()), logits.shape[1])
+        table = pa.table(columns)
+        self.columns = table.column_names
+        self._buffer.append(table)
+        self._buffered += n
+        if self._buffered >= _ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        table = self._pa.concat_tables(self._buffer)
+        if self._writer is None:
+            self._writer = self._pq.ParquetWriter(str(self._tmp), table.schema)
+        self._writer.write_table(table, row_group_size=_ROW_GROUP)
+        self._buffer, self._buffered = [], 0
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        assert self._tmp is not None
+        try:
+            if exc_type is None:
+                if self.next_row != self.rows:
+                    raise RuntimeError(f"The job returned {self.next_row} predictions for {self.rows} rows; "
+                                       "nothing was written.")
+                self._flush()
+            if self._writer is not None:
+                self._writer.close()
+            if exc_type is None:
+                os.replace(self._tmp, self.path)
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+
+def check_output(path: Path, force: bool) -> None:
+    """Refuse an output that cannot be written, before any work."""
+    if path.is_dir():
+        raise UserError(f"-o {path} is a directory.", "Give the file to write, e.g. -o predictions.parquet.")
+    if not path.parent.is_dir():
+        raise UserError(f"-o {path}: the folder {path.parent} does not exist.", "Create it first.")
+    if path.exists() and not force:
+        raise UserError(f"{path} exists.", "Pass --force to replace it (only once the new one is complete).")
+
+
+def exit_names(manifest: Manifest) -> list[str]:
+    return [seg.gate.exit for seg in manifest.segments if seg.gate is not None] + ["full network"]
+
+
+def score(bundle: str | Path, x: np.ndarray, labels: np.ndarray | None, output: str | Path, *,
+          ray: str | None = None, actors: int | None = None, cpus_per_actor: float = 1.0, batch_size: int = 256,
+          thresholds: Sequence[float] | None = None, logits: bool = False, force: bool = False,
+          progress: bool = True, describe: str = "") -> ScoreSummary:
+    """Classify x [N, C, H, W] with `bundle` into `output` (see the module docstring); `ray`: None
+    (in-process), "local" or a Ray address."""
+    from tqdm import tqdm
+
+    manifest = load_manifest(bundle)  # a clear error before anything starts
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"The batch size must be a positive integer, got {batch_size!r}.")
+    if labels is not None and len(labels) != len(x):
+        raise UserError(f"{len(labels)} labels for {len(x)} rows.", "Give one label per row.")
+    if len(x) == 0:
+        raise UserError("The data has no rows.", "Give at least one row to score.")
+    names = exit_names(manifest)
+    writer = PredictionWriter(output, len(x), len(names), force=force)
+    clock: dict[str, float] = {}
+    if ray is None:
+        batches = _in_process(bundle, x, labels, batch_size, thresholds, logits, clock)
+        where = "in-process"
+    else:
+        batches = _on_ray(ray, bundle, x, labels, actors, cpus_per_actor, batch_size, thresholds, logits, clock)
+        where = "on Ray Data ({})"
+    with writer, tqdm(total=len(x), unit="rows", desc="scoring", disable=not progress, leave=False) as bar:
+        for batch in batches:
+            writer.write(batch)
+            bar.update(len(batch["row"]))
+    seconds = time.perf_counter() - clock["start"]
+    if ray is not None:
+        where = where.format(f"{clock['actors']:.0f} actors, {'a local Ray instance' if ray == 'local' else ray}")
+    return ScoreSummary(rows=len(x), exit_counts=writer.exit_counts, exit_names=names, correct=writer.correct,
+                        seconds=seconds, startup_seconds=clock.get("startup", 0.0),
+                        where=f"{describe} {where}".strip(), columns=writer.columns)
+
+
+def _in_process(bundle: str | Path, x: np.ndarray, labels: np.ndarray | None, batch_size: int,
+                thresholds: Sequence[float] | None, logits: bool, clock: dict[str, float]) -> Iterator[dict]:
+    from .runtime import GatedRuntime
+
+    runtime = GatedRuntime.load(bundle, thresholds=thresholds)
+    clock["start"] = time.perf_counter()
+    try:
+        for start in range(0, len(x), batch_size):
+            stop = min(start + batch_size, len(x))
+            r = runtime.run(x[start:stop])
+            batch = {"row": np.arange(start, stop, dtype=np.int64), "prediction": r.predictions, "exit": r.exits,
+                     "confidence": r.confidence}
+            if labels is not None:
+                batch["label"] = labels[start:stop]
+            if logits:
+                batch["logits"] = r.logits
+            yield batch
+    finally:
+        runtime.close()
+
+
+def _on_ray(address: str, bundle: str | Path, x: np.ndarray, labels: np.ndarray | None, actors: int | None,
+            cpus_per_actor: float, batch_size: int, thresholds: Sequence[float] | None, logits: bool,
+            clock: dict[str, float]) -> Iterator[dict]:
+    from .integrations.ray import dataset_from_arrays, pool_size, require_ray, score_dataset, user_error_in
+
+    ray = require_ray()
+    started = time.perf_counter()
+    own = not ray.is_initialized()  # a caller's own Ray (e.g. a notebook's) is used and left running
+    if own:
+        quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
+        try:
+            if address == "local":
+                ray.init(**quiet)
+            else:
+                ray.init(address=address, **quiet)
+        except (ConnectionError, ValueError, RuntimeError) as err:
+            raise UserError(f"Could not start or reach Ray at {address!r}: {err}",
+                            "Check the address (ray://HOST:10001 or auto), or drop it to start a local instance.") from err
+    data_logger = logging.getLogger("ray.data")
+    level = data_logger.level
+    data_logger.setLevel(logging.CRITICAL)  # Ray Data's progress and errors: ours say the same in one place
+    try:
+        clock["startup"] = time.perf_counter() - started
+        clock["actors"] = actors or pool_size(ray.cluster_resources(), cpus_per_actor)
+        clock["start"] = time.perf_counter()  # putting the rows into Ray's object store counts as scoring
+        ds = dataset_from_arrays(x, labels, block_rows=batch_size)
+        out = score_dataset(ds, bundle, actors=actors, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
+                            thresholds=thresholds, logits=logits)
+        out.context.enable_progress_bars = False
+        try:
+            yield from out.iter_batches(batch_size=None, batch_format="numpy")
+        except Exception as err:
+            found = user_error_in(err)
+            if found is None:
+                raise
+            raise found from None
+    finally:
+        data_logger.setLevel(level)
+        if own:
+            ray.shutdown()

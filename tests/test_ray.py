@@ -1,0 +1,170 @@
+"""Offline scoring on Ray Data (dgate_export.integrations.ray, `dgate-export score --ray`).
+
+On a local Ray instance with 2 CPUs, started and stopped once for the module: Fashion-MNIST's test split
+scored by a demo-sized bundle (the demo's ResNet-20 with a stride-2 stem, random weights, thresholds that
+split every gate) gives exactly GatedRuntime.run's predictions and exits, row by row, with 1 and 2
+actors; an actor killed mid-job loses and duplicates no row; a damaged bundle fails the job with the
+runtime's message and writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from export_models import gated
+
+from dgate_export import checkpoint
+from dgate_export.build import build_bundle, probe_thresholds
+from dgate_export.cli import main
+from dgate_export.data import load_dataset
+from dgate_export.errors import UserError
+from dgate_export.runtime import GatedRuntime
+
+ray = pytest.importorskip("ray", reason="the ray extra (pip install 'dgate-export[ray]') is not installed")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from dgate_export.integrations.ray import (
+    BundleClassifier,
+    dataset_from_arrays,
+    score_dataset,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    return load_dataset("fashion-mnist", "test")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, fmnist):
+    """The demo's architecture (ResNet-20, stride-2 stem, 3 gates), random weights, thresholds at which
+    every gate lets some of the probed rows leave and some go on."""
+    torch.manual_seed(0)
+    model = gated("resnet20", input_shape=(1, 28, 28), num_classes=10, kwargs={"stem_stride": 2})
+    with torch.no_grad():
+        exits = model(torch.from_numpy(fmnist.x[:512]))
+    model.thresholds = probe_thresholds([torch.softmax(lg, 1).amax(1).numpy() for lg in exits[:-1]])
+    tmp = tmp_path_factory.mktemp("ray")
+    return build_bundle(checkpoint.save(model, tmp / "model.pt"), tmp / "bundle", exporter="torchscript",
+                        progress=None)
+
+
+@pytest.fixture(scope="module")
+def reference(bundle, fmnist):
+    runtime = GatedRuntime.load(bundle)
+    result = runtime.run(fmnist.x)
+    assert (np.bincount(result.exits, minlength=4) > 100).all(), result.exit_counts  # every exit is taken
+    return result
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _collect(ds) -> dict[str, np.ndarray]:
+    batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def test_one_actor_gives_the_runtime_results_in_input_order(local_ray, bundle, fmnist, reference):
+    out = _collect(score_dataset(dataset_from_arrays(fmnist.x, fmnist.y), bundle, actors=1, batch_size=500))
+    assert sorted(out) == ["confidence", "exit", "label", "prediction", "row"]
+    assert np.array_equal(out["row"], np.arange(len(fmnist.x)))
+    assert np.array_equal(out["prediction"], reference.predictions)
+    assert np.array_equal(out["exit"], reference.exits)
+    assert np.array_equal(out["confidence"], reference.confidence)
+    assert np.array_equal(out["label"], fmnist.y)
+
+
+def test_cli_with_two_actors_writes_the_runtime_results_in_input_order(local_ray, bundle, fmnist, reference,
+                                                                       tmp_path):
+    out = tmp_path / "predictions.parquet"
+    result = CliRunner().invoke(main, ["score", str(bundle), "--data", "fashion-mnist", "-o", str(out), "--ray",
+                                       "--actors", "2", "--logits", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out)
+    assert table.column_names == ["row", "prediction", "exit", "confidence", "label", "logits"]
+    assert np.array_equal(table["row"].to_numpy(), np.arange(len(fmnist.x)))
+    assert np.array_equal(table["prediction"].to_numpy(), reference.predictions)
+    assert np.array_equal(table["exit"].to_numpy(), reference.exits)
+    logits = np.stack(table["logits"].to_numpy(zero_copy_only=False))
+    assert np.array_equal(logits, reference.logits)
+    assert "2 actors" in result.output
+    fractions = np.bincount(reference.exits, minlength=4) / len(fmnist.x)
+    assert f"layer1 {fractions[0]:.1%}" in result.output and f"full network {fractions[3]:.1%}" in result.output
+    accuracy = np.mean(reference.predictions == fmnist.y)
+    assert f"accuracy: {accuracy:.2%}" in result.output
+    assert "samples/s" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.parquet"]  # no temporary file left
+
+
+class _SlowClassifier(BundleClassifier):
+    """The real classifier, slowed down so that the job lasts long enough to kill an actor mid-job; each
+    instance leaves a file named after its process id in `pid_dir`."""
+
+    pid_dir = ""
+
+    def __init__(self, bundle, **kwargs):
+        super().__init__(bundle, **kwargs)
+        Path(self.pid_dir, str(os.getpid())).touch()
+
+    def __call__(self, batch):
+        time.sleep(0.2)
+        return super().__call__(batch)
+
+
+def test_an_actor_killed_mid_job_loses_and_duplicates_no_row(local_ray, bundle, fmnist, reference, tmp_path):
+    import sys
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this file
+    classifier = type("Slow", (_SlowClassifier,), {"pid_dir": str(tmp_path)})
+    n = 4000
+    out = score_dataset(dataset_from_arrays(fmnist.x[:n]), bundle, actors=2, batch_size=250, classifier=classifier)
+    rows, predictions, exits, killed, received_at_kill = [], [], [], None, 0
+    for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+        rows.append(batch["row"])
+        predictions.append(batch["prediction"])
+        exits.append(batch["exit"])
+        if killed is None:
+            killed = int(min(tmp_path.iterdir(), key=lambda p: p.stat().st_mtime).name)
+            os.kill(killed, signal.SIGKILL)
+            received_at_kill = sum(map(len, rows))
+    assert killed is not None and received_at_kill < n  # the kill came mid-job
+    assert len(list(tmp_path.iterdir())) == 3  # two actors, and the one Ray started in place of the killed one
+    assert np.array_equal(np.concatenate(rows), np.arange(n))
+    assert np.array_equal(np.concatenate(predictions), reference.predictions[:n])
+    assert np.array_equal(np.concatenate(exits), reference.exits[:n])
+
+
+@pytest.mark.parametrize("on_ray", [True, False], ids=["ray", "in-process"])
+def test_a_damaged_bundle_fails_the_job_with_the_runtime_message(local_ray, bundle, tmp_path, on_ray):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    with open(bad / "segment1.onnx", "r+b") as f:  # one byte changed: the sha256 no longer matches
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    out = tmp_path / "predictions.parquet"
+    args = ["score", str(bad), "--data", "fashion-mnist", "--limit", "1000", "-o", str(out), "--no-progress"]
+    result = CliRunner().invoke(main, args + (["--ray", "--actors", "1"] if on_ray else []))
+    assert result.exit_code == 2, result.output
+    with pytest.raises(UserError) as runtime_error:
+        GatedRuntime.load(bad)
+    assert "segment1.onnx (mismatch)" in str(runtime_error.value)
+    assert " ".join(result.output.split()) == f"error: {runtime_error.value}"  # that paragraph and nothing else
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # nothing written, no temporary file

@@ -1,0 +1,156 @@
+"""`dgate-export score` in-process on the tiny bundle, the prediction file's guarantees, and the parts of
+the Ray integration that need no Ray instance (pool sizing, error recovery, the missing extra). Scoring
+on a Ray instance is tested in test_ray.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from tiny_bundle import SHAPE, TinyGated, make_tiny_bundle
+
+from dgate_export.build import probe_thresholds
+from dgate_export.cli import main
+from dgate_export.errors import UserError
+from dgate_export.integrations.ray import pool_size, require_ray, user_error_in
+from dgate_export.runtime import GatedRuntime
+from dgate_export.score import PredictionWriter
+
+pq = pytest.importorskip("pyarrow.parquet")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("score")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((100, *SHAPE), dtype=np.float32)
+    thresholds = probe_thresholds(TinyGated(seed=0).all_exits(x))  # every gate splits the rows
+    bundle, _ = make_tiny_bundle(tmp / "bundle", thresholds=thresholds, max_batch=16, seed=0)
+    y = rng.integers(0, 3, 100).astype(np.int64)
+    np.savez(tmp / "labelled.npz", x=x, y=y)
+    np.savez(tmp / "images.npz", x=x)
+    return bundle, x, y, tmp
+
+
+def _score(*args):
+    return CliRunner().invoke(main, ["score", *map(str, args), "--no-progress"])
+
+
+def test_in_process_writes_the_runtime_results_in_order(tiny, tmp_path):
+    bundle, x, y, data = tiny
+    want = GatedRuntime.load(bundle).run(x)
+    assert len(set(want.exits)) == 3  # every exit is taken
+    out = tmp_path / "p.parquet"
+    r = _score(bundle, "--data", f"npz:{data / 'labelled.npz'}", "-o", out, "--batch-size", "7", "--logits")
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(out)
+    assert t.column_names == ["row", "prediction", "exit", "confidence", "label", "logits"]
+    assert np.array_equal(t["row"].to_numpy(), np.arange(100))
+    assert np.array_equal(t["prediction"].to_numpy(), want.predictions)
+    assert np.array_equal(t["exit"].to_numpy(), want.exits)
+    assert np.array_equal(t["confidence"].to_numpy(), want.confidence)
+    assert np.array_equal(t["label"].to_numpy(), y)
+    assert np.array_equal(np.stack(t["logits"].to_numpy(zero_copy_only=False)), want.logits)
+    counts = np.bincount(want.exits, minlength=3)
+    assert f"exits: g0 {counts[0] / 100:.1%}, g1 {counts[1] / 100:.1%}, full network {counts[2] / 100:.1%}" in r.output
+    assert f"accuracy: {np.mean(want.predictions == y):.2%}" in r.output
+    assert "in-process" in r.output and "samples/s" in r.output
+
+
+def test_thresholds_and_unlabelled_images(tiny, tmp_path):
+    bundle, x, _, data = tiny
+    t0 = float(np.median(TinyGated(seed=0).all_exits(x)[0]))
+    want = GatedRuntime.load(bundle, thresholds=[t0, 0.0]).run(x)
+    assert set(want.exits) == {0, 1}  # gate 1 takes every row gate 0 lets through
+    out = tmp_path / "p.parquet"
+    r = _score(bundle, "--data", f"npz:{data / 'images.npz'}", "-o", out, "--thresholds", f"{t0!r},0")
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(out)
+    assert t.column_names == ["row", "prediction", "exit", "confidence"]  # no labels, no accuracy
+    assert np.array_equal(t["exit"].to_numpy(), want.exits) and "accuracy" not in r.output
+
+
+def test_an_existing_output_is_kept_without_force(tiny, tmp_path):
+    bundle, _, _, data = tiny
+    out = tmp_path / "p.parquet"
+    out.write_bytes(b"keep me")
+    r = _score(bundle, "--data", f"npz:{data / 'labelled.npz'}", "-o", out)
+    assert r.exit_code == 2 and "--force" in r.output and out.read_bytes() == b"keep me"
+    r = _score(bundle, "--data", f"npz:{data / 'labelled.npz'}", "-o", out, "--force")
+    assert r.exit_code == 0 and pq.read_table(out).num_rows == 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.parquet"]
+
+
+@pytest.mark.parametrize("second", [[4, 5], [3, 4], [5, 6], []], ids=["ok", "duplicate", "lost", "short"])
+def test_the_writer_refuses_lost_or_duplicated_rows(tmp_path, second):
+    out = tmp_path / "p.parquet"
+
+    def batch(rows):
+        n = len(rows)
+        return {"row": np.array(rows, np.int64), "prediction": np.zeros(n, np.int64), "exit": np.zeros(n, np.int64),
+                "confidence": np.ones(n, np.float32)}
+
+    def write():
+        with PredictionWriter(out, 6, 2) as writer:
+            writer.write(batch([0, 1, 2, 3]))
+            if second:
+                writer.write(batch(second))
+
+    if second == [4, 5]:
+        write()
+        assert pq.read_table(out)["row"].to_pylist() == list(range(6))
+        return
+    with pytest.raises(RuntimeError, match="lost or duplicated|predictions for 6 rows"):
+        write()
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary file
+
+
+def test_actors_need_ray(tiny, tmp_path):
+    bundle, _, _, data = tiny
+    r = _score(bundle, "--data", f"npz:{data / 'labelled.npz'}", "-o", tmp_path / "p.parquet", "--actors", "2")
+    assert r.exit_code == 2 and "--ray" in r.output
+
+
+def test_a_missing_ray_extra_says_which_extra_to_install(tiny, tmp_path, monkeypatch):
+    bundle, _, _, data = tiny
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    with pytest.raises(UserError, match=r"dgate-export\[ray\]"):
+        require_ray()
+    r = _score(bundle, "--data", f"npz:{data / 'labelled.npz'}", "-o", tmp_path / "p.parquet", "--ray")
+    assert r.exit_code == 2 and "pip install 'dgate-export[ray]'" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pool_size_follows_the_resources():
+    assert pool_size({"CPU": 2}) == 2
+    assert pool_size({"CPU": 8, "GPU": 2}, cpus_per_actor=0.5) == 16
+    assert pool_size({"CPU": 8, "GPU": 2}, cpus_per_actor=1, gpus_per_actor=1) == 2
+    assert pool_size({"CPU": 3}, cpus_per_actor=1.5) == 2
+    with pytest.raises(UserError, match="hold no actor"):
+        pool_size({"CPU": 1}, cpus_per_actor=2)
+    with pytest.raises(UserError, match="hold no actor"):
+        pool_size({"CPU": 4}, gpus_per_actor=1)
+
+
+def test_user_errors_are_recovered_from_ray_tracebacks():
+    text = ("ray::MapWorker(MapBatches(BundleClassifier)).submit() (pid=1)\n  File \"x.py\", line 1\n"
+            "dgate_export.errors.UserError: The bundle b is damaged. Rebuild it.\n\n"
+            "The above exception was the direct cause of the following exception:\n\nUserCodeException: UDF failed")
+    found = user_error_in(RuntimeError(text))
+    assert isinstance(found, UserError) and str(found) == "The bundle b is damaged. Rebuild it."
+    assert user_error_in(RuntimeError("ValueError: something else")) is None
+    plain = UserError("as is")
+    assert user_error_in(plain) is plain
+
+
+def test_scoring_imports_no_torch(tiny):
+    code = ("import sys\n"
+            "import dgate_export.score, dgate_export.integrations.ray\n"
+            "bad = [m for m in ('torch', 'torchvision', 'onnx', 'tensorrt') if m in sys.modules]\n"
+            "print('heavy:', bad)\n")
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "heavy: []" in out.stdout
