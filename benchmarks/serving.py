@@ -10,8 +10,11 @@ segment; (c) `unbatched`: the same gate model over copies of the segments withou
 (one request per execution). Closed loops at 1, 4, 16, 64 concurrent clients with requests of 1 and
 16 rows, and open loops at fixed request rates (fractions of the baseline's closed-loop rate at
 concurrency 16, size 1); the three models take turns point by point (side by side, same minute).
-For each point: throughput (samples/s), latency p50/p90/p99 (ms), and each model's mean executed batch
-size from Triton's statistics (rows / executions: above the request size, requests were merged).
+For each point: throughput (samples/s), latency p50/p90/p99 (ms), each model's mean executed batch
+size from Triton's statistics (rows / executions: above the request size, requests were merged), and
+samples per server CPU-second (CPU time of tritonserver and its Python backend processes, read from
+/proc): on a shared machine a configuration with more busy processes gets a larger share of the cores,
+which inflates its wall-clock throughput but not its throughput per CPU-second.
 
 Ideal speed-up = baseline FLOPs / expected FLOPs of the gated chain on the request rows (Fashion-MNIST
 test images, the bundle's thresholds), from the manifest's per-segment FLOPs (as `bench` computes it).
@@ -68,7 +71,8 @@ def _model_names(name: str, segments: int) -> dict[str, tuple[str, list[str]]]:
 def _run_load(python: str, server: TritonServer, x: np.ndarray, items: list[dict], work: Path,
               warmup: float) -> list[dict]:
     np.savez(work / "pool.npz", x=x)
-    job = {"url": server.grpc_url, "inputs": str(work / "pool.npz"), "warmup_seconds": warmup, "items": items}
+    job = {"url": server.grpc_url, "inputs": str(work / "pool.npz"), "warmup_seconds": warmup, "items": items,
+           "server_pid": server.process.pid if server.process else None}
     (work / "load.json").write_text(json.dumps(job))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([python, str(LOAD), str(work / "load.json")], stdout=subprocess.PIPE, env=env, check=False,
@@ -84,7 +88,9 @@ def _summary(r: dict) -> dict:
     out = {k: r[k] for k in ("model", "loop", "size", "seconds") if k in r}
     out.update({k: r[k] for k in ("concurrency", "rate", "sent", "unanswered") if k in r})
     out.update({"requests": len(r["latencies"]), "errors": len(r["errors"]),
-                "throughput": r["rows"] / r["elapsed"], "latency_ms": lat, "mean_batch": batches})
+                "throughput": r["rows"] / r["elapsed"], "latency_ms": lat, "mean_batch": batches,
+                "server_cpu_seconds": r["server_cpu_seconds"],
+                "samples_per_cpu_second": r["rows"] / r["server_cpu_seconds"] if r["server_cpu_seconds"] else None})
     return out
 
 
@@ -129,6 +135,7 @@ def stress(python: str, server: TritonServer, rt: GatedRuntime, x: np.ndarray, n
 
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -143,6 +150,7 @@ def plot(results: list[dict], path: Path) -> None:
                 ax.annotate(str(p["concurrency"]), (p["latency_ms"]["p99"], p["throughput"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("p99 latency (ms, log)")
         ax.set_ylabel("throughput (samples/s)")
         ax.set_title(f"closed loop, {size} row(s) per request (labels: concurrency)")
@@ -159,7 +167,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="per load point")
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--sizes", default="1,16")
-    ap.add_argument("--rate-fractions", default="0.25,0.5,0.75",
+    ap.add_argument("--rate-fractions", default="0.5,1,2",
                     help="open-loop request rates as fractions of the baseline's closed-loop rate (c16, size 1)")
     ap.add_argument("--instances", type=int, default=16, help="gate model instances")
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per segment/baseline instance")
@@ -232,6 +240,9 @@ def goal(results: list[dict], ideal: float) -> list[dict]:
                     and b["size"] == r["size"] and b["concurrency"] == r["concurrency"])
         out.append({"size": r["size"], "concurrency": r["concurrency"],
                     "speedup": r["throughput"] / base["throughput"], "target_speedup": 0.8 * ideal,
+                    "speedup_per_cpu_second": (r["samples_per_cpu_second"] / base["samples_per_cpu_second"]
+                                               if r["samples_per_cpu_second"] and base["samples_per_cpu_second"]
+                                               else None),
                     "throughput_met": r["throughput"] >= 0.8 * ideal * base["throughput"],
                     "p99_ms": r["latency_ms"]["p99"], "baseline_p99_ms": base["latency_ms"]["p99"],
                     "p99_met": r["latency_ms"]["p99"] <= base["latency_ms"]["p99"]})
@@ -239,13 +250,15 @@ def goal(results: list[dict], ideal: float) -> list[dict]:
 
 
 def print_table(results: list[dict]) -> None:
-    print("| mode | loop | size | conc. / rate | samples/s | p50 ms | p90 ms | p99 ms | mean executed batch per model |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| mode | loop | size | conc. / rate | samples/s | samples per server CPU-s | p50 ms | p90 ms | p99 ms "
+          "| mean executed batch per model |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in results:
         lat = r["latency_ms"]
         batches = ", ".join(f"{b:.1f}" if b else "-" for b in r["mean_batch"].values())
         load = r.get("concurrency", r.get("rate"))
-        print(f"| {r['mode']} | {r['loop']} | {r['size']} | {load} | {r['throughput']:.0f} | "
+        per_cpu = f"{r['samples_per_cpu_second']:.0f}" if r["samples_per_cpu_second"] else "-"
+        print(f"| {r['mode']} | {r['loop']} | {r['size']} | {load} | {r['throughput']:.0f} | {per_cpu} | "
               f"{lat.get('median', float('nan')):.1f} | {lat.get('p90', float('nan')):.1f} | "
               f"{lat.get('p99', float('nan')):.1f} | {batches} |")
 

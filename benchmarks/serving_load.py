@@ -3,7 +3,8 @@ tritonclient lives) and drives a server over gRPC on 127.0.0.1.
 
     .venv-triton/bin/python benchmarks/serving_load.py JOB.json > RESULT.json
 
-JOB.json: {"url", "inputs": NPZ with x [M, C, H, W] float32, "warmup_seconds", "items": [...]}; each item
+JOB.json: {"url", "inputs": NPZ with x [M, C, H, W] float32, "warmup_seconds", "server_pid" (its session's
+CPU time is read around every item), "items": [...]}; each item
 {"model", "loop": "closed"|"open", "size": rows per request, "seconds", "concurrency" (closed) or
 "rate" (open: requests per second), "stats": [models whose statistics are read before and after]}.
 Closed loop: `concurrency` clients, each sends its next request when the last one returns. Open loop:
@@ -15,6 +16,7 @@ Requests take consecutive rows of x at random offsets.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -36,6 +38,26 @@ def _stats(client, models: list[str]) -> dict[str, list[int]]:
         s = client.get_inference_statistics(m, as_json=True)["model_stats"][0]
         out[m] = [int(s.get("inference_count", 0)), int(s.get("execution_count", 0))]
     return out
+
+
+def server_cpu_seconds(sid: int | None) -> float:
+    """CPU time (user + system) of every live process in the server's session (tritonserver and its
+    Python backend stubs): throughput per server CPU-second does not depend on how much of the shared
+    machine the server got."""
+    if not sid:
+        return 0.0
+    ticks = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # fields after the name: state ppid pgrp session ... utime(11) stime(12)
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def closed(url: str, model: str, x: np.ndarray, size: int, concurrency: int, seconds: float, seed: int) -> dict:
@@ -125,10 +147,12 @@ def main(path: str) -> None:
             closed(url, model, x, 16, 4, job.get("warmup_seconds", 2.0), seed=10_000 + i)
             warmed.add(model)
         before = _stats(stats_client, item["stats"])
+        cpu = server_cpu_seconds(job.get("server_pid"))
         if item["loop"] == "closed":
             out = closed(url, model, x, item["size"], item["concurrency"], item["seconds"], seed=i)
         else:
             out = open_loop(url, model, x, item["size"], item["rate"], item["seconds"], seed=i)
+        out["server_cpu_seconds"] = server_cpu_seconds(job.get("server_pid")) - cpu
         after = _stats(stats_client, item["stats"])
         out["stats"] = {m: [after[m][0] - before[m][0], after[m][1] - before[m][1]] for m in item["stats"]}
         results.append({**item, **out})

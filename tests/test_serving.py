@@ -62,7 +62,14 @@ def served(tmp_path_factory):
     bundle, _ = make_tiny_bundle(root / "tiny", max_batch=16, normalization=NORM)
     # A short queue delay makes merging likely even on a loaded machine; 8 gate instances keep
     # 8 requests' loops in flight at once.
-    info = write_repository(bundle, root / "repo", platform="python", instances=8, max_queue_delay_us=2000)
+    info = write_repository(bundle, root / "repo", platform="python", instances=8, max_queue_delay_us=2000,
+                            unbatched=True)
+    # A segment that fails: the unbatched chain's last segment refuses batches of more than 2 rows (Triton
+    # rejects them), and its gate model gets one instance (it only serves the failure test).
+    for model, old, new in (("tiny_unbatched_seg2", "max_batch_size: 16", "max_batch_size: 2"),
+                            ("tiny_unbatched", "count: 8", "count: 1")):
+        config = info.path / model / "config.pbtxt"
+        config.write_text(config.read_text().replace(old, new))
     server = TritonServer(info.path, install=install).start()
     try:
         yield Served(server, GatedRuntime.load(bundle), bundle, str(install.python or sys.executable), root)
@@ -71,12 +78,12 @@ def served(tmp_path_factory):
 
 
 def _infer(s: Served, requests: list[dict], arrays: dict[str, np.ndarray], protocol: str = "http",
-           concurrency: int = 1, tag: str = "job") -> tuple[list[dict | None], dict]:
+           concurrency: int = 1, tag: str = "job", model: str | None = None) -> tuple[list[dict | None], dict]:
     """Send `requests` with tritonclient; per request its outputs (or None) and the errors by index."""
     inputs, out, job_path = s.work / f"{tag}_in.npz", s.work / f"{tag}_out.npz", s.work / f"{tag}.json"
     np.savez(inputs, **arrays)
     url = s.server.http_url if protocol == "http" else s.server.grpc_url
-    job = {"url": url, "protocol": protocol, "model": s.name, "concurrency": concurrency, "inputs": str(inputs),
+    job = {"url": url, "protocol": protocol, "model": model or s.name, "concurrency": concurrency, "inputs": str(inputs),
            "out": str(out), "requests": requests}
     job_path.write_text(json.dumps(job))
     proc = subprocess.run([s.python, str(CLIENT), str(job_path)], capture_output=True, text=True, timeout=300, check=False,
@@ -158,6 +165,26 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(served, protocol):
     assert "thresholds given for a bundle with 2 gates" in errors[3][1]
     assert "comma-separated numbers" in errors[4][1]
     _assert_same(results[5], served.runtime.run(x, [0.5, 0.7]), "good request after bad ones")
+
+
+@pytest.mark.slow
+def test_a_segment_failure_fails_only_the_requests_it_touched(served):
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((5, *SHAPE)).astype(np.float32)
+    arrays = {"x": x, "one": x[:1]}
+    requests = [_request("x", x, NEVER),         # 5 rows reach the broken segment: fails
+                _request("x", x, [0.0, 0.0]),    # everyone leaves at gate 0: never touches it
+                _request("one", x[:1], NEVER),   # 1 row reaches it: within its limit
+                _request("x", x, NEVER)]         # fails again: the failure did not stick
+    results, errors = _infer(served, requests, arrays, "http", concurrency=4, tag="fail", model="tiny_unbatched")
+    assert sorted(errors) == [0, 3]
+    for i in (0, 3):
+        assert errors[i][0] not in BAD and "tiny_unbatched_seg2" in errors[i][1], errors[i]
+    _assert_same(results[1], served.runtime.run(x, [0.0, 0.0]), "request that left at gate 0")
+    _assert_same(results[2], served.runtime.run(x[:1], NEVER), "request within the segment's limit")
+    good, errors = _infer(served, [_request("x", x, NEVER)], arrays, "grpc", tag="after_fail")  # the other chain
+    assert errors == {}
+    _assert_same(good[0], served.runtime.run(x, NEVER), "the re-batching chain after the failures")
 
 
 @pytest.mark.slow
