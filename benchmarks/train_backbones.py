@@ -17,6 +17,7 @@ touched here. The sidecar records val_size, and gate_networks.py reads it from t
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import sys
@@ -42,7 +43,81 @@ PARTIAL = ROOT / "runs" / "train"
 NETWORKS = {
     "resnet56": {"stem_stride": 1},
     "densenet_bc": {"stem_stride": 1},
+    "resnet101": {"num_classes": 10},
+    "densenet201": {"num_classes": 10},
 }
+# The d-gate paper's own networks, as torchvision builds them (ImageNet stem: 7x7 stride-2 convolution
+# and a max-pool), 3-channel input (the gray channel repeated), on Fashion-MNIST resized to 32x32 as
+# CIFAR: torchvision's DenseNet-201 cannot take 28x28 (its third transition would pool a 1x1 map).
+TORCHVISION = {"resnet101": "torchvision/resnet101", "densenet201": "torchvision/densenet201"}
+CHANNELS = {"resnet101": 3, "densenet201": 3}
+DATA = {"resnet101": "fashion-mnist-32", "densenet201": "fashion-mnist-32"}
+FMNIST32 = ROOT / "runs" / "data" / "fashion-mnist-32.npz"
+# What `dgate-export gate` gets for the paper's networks (gate_networks.gate_with_cli): 5000 of the
+# backbone's training rows to train the gates on, 5000 of its held-out validation rows to calibrate on,
+# the whole test split. A subset because each pass over 50 000 images through ResNet-101 or DenseNet-201
+# costs minutes of a core that 8 agents share.
+FMNIST32_GATE = ROOT / "runs" / "data" / "fashion-mnist-32-gate.npz"
+GATE_ROWS = {"train": 5000, "val": 5000}
+
+
+def arch_name(network: str) -> str:
+    """The zoo name of a benchmark network (`torchvision/NAME` for the paper's networks)."""
+    return TORCHVISION.get(network, network)
+
+
+def data_spec(network: str) -> str:
+    """`load_dataset` spec of a network's data: Fashion-MNIST as is, or resized to 32x32."""
+    if DATA.get(network) == "fashion-mnist-32":
+        return "npz:" + str(fashion_mnist_32())
+    return "fashion-mnist"
+
+
+@torch.no_grad()
+def to_32(x: np.ndarray) -> np.ndarray:
+    """[N, C, 28, 28] -> [N, C, 32, 32], bilinear (half-pixel centres)."""
+    out = torch.nn.functional.interpolate(torch.from_numpy(x), size=(32, 32), mode="bilinear", align_corners=False)
+    return out.numpy().astype(np.float32)
+
+
+def fashion_mnist_32(path: Path = FMNIST32) -> Path:
+    """Fashion-MNIST resized to 32x32 (normalized as `load_dataset("fashion-mnist")`, then bilinear),
+    written once to an npz with x_train/y_train/x_test/y_test: `load_dataset("npz:PATH", split,
+    val_size=..., seed=...)` then cuts the same seeded validation rows out of the 60 000 as for the
+    28x28 data. One channel; `channels=3` (--repeat-channels) repeats it."""
+    if path.is_file():
+        return path
+    from dgate_export.data import FMNIST_CLASSES, _fashion_mnist
+
+    arrays = {}
+    for part in ("train", "test"):
+        x, labels = _fashion_mnist(part, None)  # normalized, [N, 1, 28, 28], the file's row order
+        arrays[f"x_{part}"], arrays[f"y_{part}"] = to_32(x), labels
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays, class_names=np.array(FMNIST_CLASSES))
+    tmp.replace(path)
+    return path
+
+
+def fashion_mnist_32_gate(val_size: int, seed: int, path: Path = FMNIST32_GATE) -> Path:
+    """The gating data of the paper's networks (GATE_ROWS), cut from `fashion_mnist_32` with the
+    backbone's validation split (val_size, seed), written once to an npz with x_train/x_val/x_test."""
+    if path.is_file():
+        return path
+    full = "npz:" + str(fashion_mnist_32())
+    arrays = {}
+    for split in ("train", "val", "test"):
+        ds = load_dataset(full, split, val_size=val_size, seed=seed)
+        rows = np.arange(len(ds))
+        if split in GATE_ROWS:  # seeded, then in file order
+            rows = np.sort(np.random.default_rng([seed, len(ds)]).permutation(len(ds))[:GATE_ROWS[split]])
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = ds.x[rows], ds.y[rows]
+        names = ds.class_names
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays, class_names=np.array(names))
+    tmp.replace(path)
+    return path
 
 
 def _order(n: int, epoch: int, seed: int) -> np.ndarray:
@@ -73,14 +148,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--save-every", type=int, default=25, help="steps between resumable checkpoints")
     parser.add_argument("--fresh", action="store_true", help="ignore a partial checkpoint")
+    parser.add_argument("--stop-at", default=None, metavar="HH:MM",
+                        help="UTC time at which to stop early and write the weights as they are (recorded)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     kwargs = NETWORKS[args.network]
-    model = build_backbone(args.network, kwargs)
-    train = load_dataset("fashion-mnist", "train", val_size=args.val_size, seed=args.seed)
-    val = load_dataset("fashion-mnist", "val", val_size=args.val_size, seed=args.seed)
+    model = build_backbone(arch_name(args.network), kwargs)
+    spec = data_spec(args.network)
+    train = load_dataset(spec, "train", val_size=args.val_size, seed=args.seed)
+    val = load_dataset(spec, "val", val_size=args.val_size, seed=args.seed, channels=CHANNELS.get(args.network))
+    channels = CHANNELS.get(args.network, 1)
+    # 1-channel rows in memory, repeated per batch (a 3-channel copy of 50 000 32x32 images is 600 MB).
     x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
     n = len(train)
     steps_per_epoch = math.ceil(n / args.batch_size)
@@ -112,10 +192,20 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter() - spent
     seen = right = 0
     loss_sum = 0.0
+    stop_at = None
+    if args.stop_at:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        hh, mm = (int(v) for v in args.stop_at.split(":"))
+        stop_at = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+        if stop_at < now:
+            stop_at += datetime.timedelta(days=1)
     while step < total:
+        if stop_at is not None and datetime.datetime.now(datetime.timezone.utc) >= stop_at:
+            print(f"--stop-at {args.stop_at}: stopping at step {step}/{total}", flush=True)
+            break
         epoch, i = divmod(step, steps_per_epoch)
         rows = torch.from_numpy(_order(n, epoch, args.seed)[i * args.batch_size:(i + 1) * args.batch_size])
-        out = model(x[rows])
+        out = model(x[rows].expand(-1, channels, -1, -1))
         loss = loss_fn(out, y[rows])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -145,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "network": args.network, "arch_kwargs": kwargs, "seed": args.seed, "epochs": args.epochs,
         "steps": total, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+        "steps_done": step, "cut_short": step < total, "data": DATA.get(args.network, "fashion-mnist"),
         "train_samples": n, "val_size": args.val_size, "val_accuracy": val_acc, "train_minutes": round(seconds / 60, 1),
         "threads": args.threads, "torch": torch.__version__,
         "command": "python benchmarks/train_backbones.py " + " ".join(argv if argv is not None else sys.argv[1:]),
