@@ -281,9 +281,18 @@ class _GateCommand(click.Command):
 
 
 def _calibration_target_options(command):
-    """--max-drop, --budget, --upper-bound and --holdout: what the thresholds are chosen for (gate, calibrate)."""
+    """--max-drop, --guarantee, --delta, --budget, --upper-bound and --holdout: what the thresholds are chosen
+    for (gate, calibrate)."""
     options = [
-        click.option("--max-drop", type=float, default=None, help="Allowed accuracy drop on validation (default 0.01)."),
+        click.option("--max-drop", type=float, default=None,
+                     help="Allowed accuracy drop (default 0.01): on new data with probability >= 1 - delta "
+                          "(--guarantee ltt), or on the validation rows (--guarantee none)."),
+        click.option("--guarantee", type=click.Choice(["ltt", "none"]), default="ltt", show_default=True,
+                     help="ltt: Learn then Test, the --max-drop promise holds on new data from the same "
+                          "distribution with probability >= 1 - delta (exact binomial bounds); none: the drop "
+                          "is held on the validation rows only (or its --upper-bound)."),
+        click.option("--delta", type=float, default=0.1, show_default=True,
+                     help="--guarantee ltt: the promise may fail with probability at most delta, in (0, 1)."),
         click.option("--budget", type=float, default=None, help="Expected FLOPs as a fraction of the un-gated model."),
         click.option("--upper-bound", type=float, default=None, metavar="LEVEL",
                      help="Hold the drop's one-sided upper confidence bound at LEVEL (e.g. 0.9) to --max-drop, not "
@@ -333,7 +342,7 @@ def _load_splits(data: str, data_dir, channels: int | None, val_size: int, seed:
 
 
 def _calibrate_and_report(model, splits: dict, *, confidence: str, max_drop, budget, upper_bound, holdout,
-                          seed: int, progress: bool):
+                          seed: int, progress: bool, guarantee: str = "ltt", delta: float = 0.1):
     """Choose thresholds on the validation split, apply them to `model`, report validation and test."""
     from .calibrate import calibrate as choose_thresholds
     from .calibrate import evaluate, print_report
@@ -344,7 +353,8 @@ def _calibrate_and_report(model, splits: dict, *, confidence: str, max_drop, bud
     val_logits, val_y = collect_exit_logits(model, splits["val"], progress=progress)
     result = choose_thresholds(val_logits, val_y, confidence=confidence, costs=costs,
                                baseline_flops=flops["baseline"], max_drop=max_drop, budget=budget,
-                               upper_bound=upper_bound, holdout=holdout, seed=seed)
+                               upper_bound=upper_bound, holdout=holdout, seed=seed, guarantee=guarantee,
+                               delta=delta)
     model.thresholds = list(result.thresholds)
     model.confidence = confidence
     test_logits, test_y = collect_exit_logits(model, splits["test"], progress=progress)
@@ -429,7 +439,8 @@ def _load_weights(backbone, weights: str) -> None:
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Gated model to write (model.pt).")
 def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val_size, epochs, backbone_epochs,
-         batch_size, head, confidence, loss, max_drop, budget, upper_bound, holdout, seed, progress, output):
+         batch_size, head, confidence, loss, max_drop, guarantee, delta, budget, upper_bound, holdout, seed, progress,
+         output):
     """Attach d-gates to a backbone, train them, calibrate their thresholds, save model.pt.
 
     The backbone stays frozen while the gates train. Thresholds are chosen on the validation split
@@ -496,7 +507,7 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
     click.echo("gate training accuracy: " + ", ".join(f"{e} {a:.2%}" for e, a in zip(exit_names, gate_acc)))
     result, test = _calibrate_and_report(model, splits, confidence=confidence, max_drop=max_drop, budget=budget,
                                          upper_bound=upper_bound, holdout=holdout, seed=seed,
-                                         progress=progress)
+                                         progress=progress, guarantee=guarantee, delta=delta)
     _save_gated(model, output, result, test)
 
 
@@ -512,8 +523,8 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
               help="Switch the confidence measure (default: the model's).")
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @click.option("-o", "--output", default=None, type=click.Path(), help="Write here instead of overwriting MODEL.")
-def calibrate_cmd(model_path, data, data_dir, repeat_channels, val_size, seed, max_drop, budget, upper_bound,
-                  holdout, confidence, progress, output):
+def calibrate_cmd(model_path, data, data_dir, repeat_channels, val_size, seed, max_drop, guarantee, delta, budget,
+                  upper_bound, holdout, confidence, progress, output):
     """Choose new thresholds for a gated model (accuracy drop or FLOPs budget) without retraining.
 
     The validation split must be the one `gate` held out (same --data), so that thresholds are never
@@ -537,7 +548,8 @@ def calibrate_cmd(model_path, data, data_dir, repeat_channels, val_size, seed, m
         check_input_shape(ds.x, model.input_shape, where=f"data set {data!r} ({ds.split})")
     result, test = _calibrate_and_report(model, splits, confidence=confidence or model.confidence,
                                          max_drop=max_drop, budget=budget, upper_bound=upper_bound,
-                                         holdout=holdout, seed=seed, progress=progress)
+                                         holdout=holdout, seed=seed, progress=progress, guarantee=guarantee,
+                                         delta=delta)
     _save_gated(model, output or model_path, result, test)
 
 

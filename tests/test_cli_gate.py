@@ -45,7 +45,7 @@ def text(result) -> str:
 def gated(npz, tmp_path_factory):
     out = tmp_path_factory.mktemp("gate") / "model.pt"
     result = run("gate", "--arch", NAME, "--data", f"npz:{npz}", "--backbone-epochs", 2, "--epochs", 5,
-                 "--max-drop", 0.01, "--no-progress", "-o", out)
+                 "--max-drop", 0.01, "--guarantee", "none", "--no-progress", "-o", out)
     assert result.exit_code == 0, result.output
     return out, result.output
 
@@ -94,7 +94,7 @@ def test_calibrate_with_an_upper_bound_on_the_drop(gated, npz, tmp_path):
     plain = json.loads(out.with_suffix(".curve.json").read_text())
     again = tmp_path / "bound.pt"
     result = run("calibrate", out, "--data", f"npz:{npz}", "--max-drop", 0.01, "--upper-bound", 0.9,
-                 "--no-progress", "-o", again)
+                 "--guarantee", "none", "--no-progress", "-o", again)
     assert result.exit_code == 0, result.output
     curve = json.loads(again.with_suffix(".curve.json").read_text())
     assert curve["upper_bound"] == 0.9 and "upper confidence bound" in curve["method"]
@@ -102,7 +102,8 @@ def test_calibrate_with_an_upper_bound_on_the_drop(gated, npz, tmp_path):
     assert curve["validation"]["accuracy_drop"] <= plain["validation"]["accuracy_drop"] + 1e-9
     assert curve["validation"]["expected_flops"] >= plain["validation"]["expected_flops"] - 1e-6
     held = tmp_path / "held.pt"
-    result = run("calibrate", out, "--data", f"npz:{npz}", "--holdout", 0.5, "--no-progress", "-o", held)
+    result = run("calibrate", out, "--data", f"npz:{npz}", "--holdout", 0.5, "--guarantee", "none", "--no-progress",
+                 "-o", held)
     assert result.exit_code == 0, result.output
     curve = json.loads(held.with_suffix(".curve.json").read_text())
     assert curve["holdout"] == 0.5 and "held out" in result.output
@@ -126,21 +127,39 @@ def test_calibrate_uses_the_split_the_model_records(gated, npz, tmp_path):
         assert f"Leave out {flag}" in text(result)
         assert not (tmp_path / "x.pt").exists()
     # the recorded values themselves are accepted, and the split travels on to the new file
-    result = run("calibrate", out, "--data", f"npz:{npz}", "--val-size", 5000, "--no-progress", "-o", tmp_path / "y.pt")
+    result = run("calibrate", out, "--data", f"npz:{npz}", "--val-size", 5000, "--guarantee", "none", "--no-progress",
+                 "-o", tmp_path / "y.pt")
     assert result.exit_code == 0, result.output
     assert checkpoint.load(tmp_path / "y.pt").data_split == model.data_split
     assert "warning" not in result.output
     moved = tmp_path / "moved.npz"
     moved.write_bytes(npz.read_bytes())
-    result = run("calibrate", out, "--data", f"npz:{moved}", "--no-progress", "-o", tmp_path / "w.pt")
+    result = run("calibrate", out, "--data", f"npz:{moved}", "--guarantee", "none", "--no-progress",
+                 "-o", tmp_path / "w.pt")
     assert result.exit_code == 0, result.output
     assert f"was gated on --data npz:{npz}, this calibrates on npz:{moved}" in text(result)
     # a checkpoint written before the split was recorded takes the given values
     model.data_split = None
     old = checkpoint.save(model, tmp_path / "old.pt")
     assert checkpoint.load(old).data_split is None
-    result = run("calibrate", old, "--data", f"npz:{npz}", "--seed", 3, "--no-progress", "-o", tmp_path / "z.pt")
+    result = run("calibrate", old, "--data", f"npz:{npz}", "--seed", 3, "--guarantee", "none", "--no-progress",
+                 "-o", tmp_path / "z.pt")
     assert result.exit_code == 0, result.output
+
+
+def test_calibrate_promise_too_strong_for_the_rows_says_how_many_are_needed(gated, npz, tmp_path):
+    """800 validation rows cannot carry a one-point promise at 90%: an error, nothing written."""
+    out, _ = gated
+    for extra, message in (([], "validation rows"), (["--delta", 1.5], "delta 1.5 is not a probability"),
+                           (["--delta", 0], "not a probability in (0, 1)"),
+                           (["--upper-bound", 0.9], "--guarantee none")):
+        result = run("calibrate", out, "--data", f"npz:{npz}", "--max-drop", 0.01, *extra, "--no-progress", "-o",
+                     tmp_path / "x.pt")
+        assert result.exit_code == 2, result.output
+        assert message in text(result) and "Traceback" not in result.output
+        assert not tmp_path.joinpath("x.pt").exists() and not list(tmp_path.iterdir())
+    assert "No gated thresholds keep the accuracy drop within 0.01 with probability 0.9" in text(
+        run("calibrate", out, "--data", f"npz:{npz}", "--no-progress", "-o", tmp_path / "x.pt"))
 
 
 def test_calibrate_impossible_budget_says_what_is_possible(gated, npz, tmp_path):
@@ -219,5 +238,6 @@ def test_demo_settings_on_full_fashion_mnist(tmp_path):
     test = json.loads(out.with_suffix(".curve.json").read_text())["test"]
     assert test["samples"] == 10000
     assert test["accuracy_ungated"] > 0.8
-    assert test["accuracy"] >= test["accuracy_ungated"] - 0.02  # calibrated for 0.01 on validation
+    assert test["accuracy"] >= test["accuracy_ungated"] - 0.01  # the promise, kept on the test split
+    assert "With probability at least 90%" in " ".join(result.output.split())
     assert test["flops_reduction"] > 0.1
