@@ -36,6 +36,11 @@ The loop (docs/architecture.md "The runtime loop"), for each chunk of at most ma
 Where the backend's runner asks for `batch_buckets` (ONNX Runtime on a GPU), x and every `keep` are
 padded to the next power of two by repeating their last row, and the padded rows' results are
 dropped; `warmup()` runs every segment once at every batch size it will then see.
+Where every runner has `fixed_buffers` (ONNX Runtime's fixed_buffers / cuda_graphs options), the same
+loop runs over slots bound once per (segment, bucket) (`_run_chunk_fixed`; batch 1 too): per gate one
+read of the confidences, the exited rows' logits read once per chunk. With a compact-or-pad table
+(`bucket_times`, measured by `profile_buckets()`), `next_bucket` keeps a batch padded where compacting
+would not be faster. docs/architecture.md "Fixed buffers, compact or pad".
 
 Input: float arrays are model input (float64 is converted with a warning); uint8 arrays are raw
 pixels, normalized with the manifest's input.normalization as x = (raw * scale - mean[c]) / std[c]
@@ -312,6 +317,9 @@ class GatedRuntime:
             raise UserError("profile_buckets needs a bucketed runtime (batch_buckets or fixed_buffers).",
                             "Load it with batch_buckets=True or fixed_buffers=True.")
         samples: list[dict[int, list[float]]] = [{b: [] for b in self.buckets()} for _ in self._runners]
+        for b in self.buckets():  # unrecorded: first runs (and CUDA graph captures) are not typical
+            for _ in range(3):
+                self._time_chain(b)
         for _ in range(repeats):
             for b in self.buckets():
                 for k, seconds in enumerate(self._time_chain(b)):

@@ -383,3 +383,14 @@ def test_runtime_imports_no_torch(tiny):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert "heavy: []" in out.stdout
+
+
+def test_profile_buckets_measures_every_segment_and_bucket(tiny):
+    rt = GatedRuntime.load(tiny[0], fixed_buffers=True)
+    table = rt.profile_buckets(repeats=2)
+    assert [sorted(seg) for seg in table] == [[1, 2, 4, 8, 16]] * 3
+    assert all(t > 0 for seg in table for t in seg.values())
+    rt.bucket_times = table
+    assert rt.bucket_times == table
+    with pytest.raises(UserError, match="bucketed runtime"):
+        GatedRuntime.load(tiny[0]).profile_buckets()

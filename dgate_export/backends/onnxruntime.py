@@ -38,6 +38,17 @@ segment here (thread CPU time): `InferenceSession.run` 20 us, its underlying bin
 I/O binding rebound per call 30 us (it only wins when the bindings never change), `run_with_ort_values`
 76 us. With a CUDA or TensorRT provider, `run` uses I/O binding: outputs not named in `host` stay on
 the device as `OrtValue`s that another Runner takes as feeds, so carries never cross the bus.
+
+With `fixed_buffers` (or `cuda_graphs`), `Runner.slot(rows, upstream, links)` gives this thread's
+`Slot` for a batch bucket: every buffer allocated once (on the CPU numpy arrays that the OrtValues
+wrap, so reads are no copies; on a GPU device OrtValues written with `update_inplace`) and bound once
+to an IOBinding; carries are bound to the upstream slot's output buffers. `run()` of host arrays at a
+bucket size (the un-gated baseline in `bench`) goes through a slot as well. With `cuda_graphs` the
+sessions are made with the CUDA provider's `enable_cuda_graph`, every slot has its own `gpu_graph_id`
+(ONNX Runtime captures it on the slot's third run and replays it after), slots run one at a time per
+Runner, and runs outside slots pass `gpu_graph_id=-1` (no capture, no replay).
+Measured on the 2-core machine (shared, loaded), ResNet-56 bundle: see benchmarks/README.md "Runtime
+modes".
 """
 
 from __future__ import annotations
