@@ -138,6 +138,7 @@ class Calibration:
     holdout: float | None = None      # fraction of the rows held out of the choice
     held_out: Evaluation | None = None  # the thresholds on those rows
     guarantee: Guarantee | None = None  # how Learn then Test chose them (max_drop, guarantee "ltt")
+    cost: dict | None = None            # what was minimized when not FLOPs (calibrate --cost: measured time)
 
     def promise(self) -> str:
         """The promise in one plain sentence."""
@@ -157,7 +158,7 @@ class Calibration:
                 "method": self.method, "upper_bound": self.upper_bound, "holdout": self.holdout,
                 "held_out": self.held_out.to_dict() if self.held_out is not None else None,
                 "guarantee": asdict(self.guarantee) if self.guarantee is not None else None,
-                "promise": self.promise(), "curve": self.curve}
+                "promise": self.promise(), "cost": self.cost, "curve": self.curve}
 
 
 def holdout_rows(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -139,11 +139,7 @@ def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes,
     if cuda_graphs and (backend or manifest.backend) != "tensorrt":
         raise UserError("--cuda-graphs applies to TensorRT bundles only.", "Drop it for ONNX Runtime.")
     runner_options: dict = {"cuda_graphs": True} if cuda_graphs else {}
-    if providers:
-        if (backend or manifest.backend) != "onnxruntime":
-            raise UserError(f"--providers applies to ONNX Runtime only; this run is on {backend or manifest.backend}.",
-                            "Drop --providers, or add --backend onnxruntime to run the bundle's ONNX graphs.")
-        runner_options["providers"] = [p.strip() for p in providers.split(",") if p.strip()]
+    runner_options.update(_runner_options(manifest.backend, backend, providers))
     report = bench_mod.run_bench(bundle, x, y, options, data_info=info, backend=backend,
                                  runner_options=runner_options or None)
     bench_mod.check_report(report)
@@ -152,6 +148,46 @@ def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes,
         click.echo(f"wrote {bench_mod.write_json(report, json_path)}")
     if plot_path:
         click.echo(f"wrote {bench_mod.plot_report(report, plot_path)}")
+
+
+@main.command("profile")
+@click.argument("bundle", type=click.Path())
+@click.option("--batch-size", "batch_sizes", default="1", show_default=True,
+              help="Batch size(s) to time, comma-separated (calibrate --cost uses one: the size you serve at).")
+@click.option("--backend", default=None, help="Run on another backend than the bundle's (e.g. onnxruntime).")
+@click.option("--providers", default=None, metavar="LIST",
+              help="ONNX Runtime: execution providers in priority order, e.g. cuda [default: cpu].")
+@click.option("--min-seconds", default=2.0, show_default=True, help="Timed seconds per exit and batch size, at least.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Profile to write (JSON).")
+def profile_cmd(bundle, batch_sizes, backend, providers, min_seconds, output):
+    """Measure the time of leaving at each exit of BUNDLE, relative to its un-gated baseline.
+
+    Every sample is sent out at exit k (k = 0..K), timed interleaved with the baseline on the same
+    backend (bench --exit-times' measurement). `calibrate --cost profile.json` then chooses thresholds
+    for the least expected measured time instead of the least FLOPs, under the same accuracy promise.
+    """
+    from . import profile as profile_mod
+    from .manifest import load_manifest
+    from .outputs import check_writable
+
+    check_writable(output, "-o")
+    manifest = load_manifest(bundle)
+    options = _runner_options(manifest.backend, backend, providers)
+    result = profile_mod.measure(bundle, _int_list(batch_sizes, "--batch-size"), backend=backend,
+                                 runner_options=options, min_seconds=min_seconds)
+    for entry in result["batches"]:
+        cells = ", ".join(f"exit {k} {c:.3f}" for k, c in enumerate(entry["exit_time_costs"]))
+        click.echo(f"batch {entry['batch_size']}: time of leaving at each exit / un-gated: {cells}")
+    click.echo(f"wrote {profile_mod.write_profile(result, output)}")
+
+
+def _runner_options(bundle_backend: str, backend: str | None, providers: str | None) -> dict:
+    if not providers:
+        return {}
+    if (backend or bundle_backend) != "onnxruntime":
+        raise UserError(f"--providers applies to ONNX Runtime only; this run is on {backend or bundle_backend}.",
+                        "Drop --providers, or add --backend onnxruntime to run the bundle's ONNX graphs.")
+    return {"providers": [p.strip() for p in providers.split(",") if p.strip()]}
 
 
 @main.command()
@@ -342,8 +378,11 @@ def _load_splits(data: str, data_dir, channels: int | None, val_size: int, seed:
 
 
 def _calibrate_and_report(model, splits: dict, *, confidence: str, max_drop, budget, upper_bound, holdout,
-                          seed: int, progress: bool, guarantee: str = "ltt", delta: float = 0.1):
-    """Choose thresholds on the validation split, apply them to `model`, report validation and test."""
+                          seed: int, progress: bool, guarantee: str = "ltt", delta: float = 0.1,
+                          time_cost: tuple[list[float], dict] | None = None):
+    """Choose thresholds on the validation split, apply them to `model`, report validation and test.
+    With `time_cost` (relative exit times from a profile, and its description) the expected measured time
+    is minimized instead of FLOPs."""
     from .calibrate import calibrate as choose_thresholds
     from .calibrate import evaluate, print_report
     from .train import collect_exit_logits
@@ -351,10 +390,14 @@ def _calibrate_and_report(model, splits: dict, *, confidence: str, max_drop, bud
     flops = model.flops or model.count_flops()
     costs = model.exit_costs()
     val_logits, val_y = collect_exit_logits(model, splits["val"], progress=progress)
-    result = choose_thresholds(val_logits, val_y, confidence=confidence, costs=costs,
-                               baseline_flops=flops["baseline"], max_drop=max_drop, budget=budget,
-                               upper_bound=upper_bound, holdout=holdout, seed=seed, guarantee=guarantee,
-                               delta=delta)
+    result = choose_thresholds(val_logits, val_y, confidence=confidence,
+                               costs=time_cost[0] if time_cost else costs,
+                               baseline_flops=1.0 if time_cost else flops["baseline"], max_drop=max_drop,
+                               budget=budget, upper_bound=upper_bound, holdout=holdout, seed=seed,
+                               guarantee=guarantee, delta=delta)
+    if time_cost:
+        _measured_time_figures(result, val_logits, val_y, confidence, costs, flops["baseline"], time_cost,
+                               holdout, seed)
     model.thresholds = list(result.thresholds)
     model.confidence = confidence
     test_logits, test_y = collect_exit_logits(model, splits["test"], progress=progress)
@@ -365,7 +408,39 @@ def _calibrate_and_report(model, splits: dict, *, confidence: str, max_drop, bud
         click.echo(f"note: {splits['test'].spec} has no separate test arrays (x_test, y_test): the test "
                    "figures include rows used for training and calibration.")
     click.echo(f"calibration: {result.method}")
+    if result.cost:
+        click.echo(f"expected measured time: {result.cost['expected']:.3f} x the un-gated model's "
+                   f"({result.cost['description']})")
     return result, test
+
+
+def _measured_time_figures(result, val_logits, val_y, confidence: str, flops_costs, baseline_flops: float,
+                           time_cost: tuple[list[float], dict], holdout, seed: int) -> None:
+    """After a calibration on measured times: keep the time figures in result.cost, put the FLOPs figures of
+    the same rows back in the report, and refuse thresholds that are slower than the un-gated model."""
+    import numpy as np
+
+    from .calibrate import evaluate, holdout_rows
+
+    costs, info = time_cost
+    expected = result.validation.expected_flops  # in units of the un-gated model's time
+    if expected >= 1.0:
+        raise UserError(
+            f"On this target ({info['description']}) the cheapest thresholds that keep the promise would take "
+            f"{expected:.3f} x the un-gated model's time: gating would slow it down (the first exit alone costs "
+            f"{costs[0]:.3f}, the whole gated chain {costs[-1]:.3f}). Nothing was written.",
+            "Disable the gates (thresholds above 1, e.g. bench --thresholds "
+            f"{','.join(['1.01'] * (len(costs) - 1))}) or serve the un-gated baseline on this target; or "
+            "profile another batch size or backend, where gating pays.")
+    rows = np.arange(len(val_y))
+    if holdout is not None:
+        rows, out = holdout_rows(len(val_y), holdout, seed)
+        result.held_out = evaluate([lg[out] for lg in val_logits], val_y[out], confidence=confidence,
+                                   thresholds=result.thresholds, costs=flops_costs, baseline_flops=baseline_flops)
+    result.validation = evaluate([lg[rows] for lg in val_logits], val_y[rows], confidence=confidence,
+                                 thresholds=result.thresholds, costs=flops_costs, baseline_flops=baseline_flops)
+    result.cost = dict(info, unit="measured time / un-gated", exit_costs=list(costs), expected=float(expected))
+    result.method += f"; cost: {info['description']} (the curve's costs are relative times)"
 
 
 def _save_gated(model, output: str, result, test) -> None:
@@ -521,10 +596,14 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
 @_calibration_target_options
 @click.option("--confidence", default=None, type=click.Choice(_CONFIDENCES),
               help="Switch the confidence measure (default: the model's).")
+@click.option("--cost", "cost_path", default=None, type=click.Path(dir_okay=False), metavar="PROFILE",
+              help="Minimize the expected measured time of `dgate-export profile`'s PROFILE (JSON) instead of FLOPs; "
+                   "--budget is then a fraction of the un-gated model's time.")
+@click.option("--cost-batch", default=None, type=int, help="The batch size of PROFILE to use [its only one].")
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @click.option("-o", "--output", default=None, type=click.Path(), help="Write here instead of overwriting MODEL.")
 def calibrate_cmd(model_path, data, data_dir, repeat_channels, val_size, seed, max_drop, guarantee, delta, budget,
-                  upper_bound, holdout, confidence, progress, output):
+                  upper_bound, holdout, confidence, cost_path, cost_batch, progress, output):
     """Choose new thresholds for a gated model (accuracy drop or FLOPs budget) without retraining.
 
     The validation split must be the one `gate` held out (same --data), so that thresholds are never
@@ -537,6 +616,16 @@ def calibrate_cmd(model_path, data, data_dir, repeat_channels, val_size, seed, m
     max_drop, budget = _target(max_drop, budget)
     check_writable(output or model_path, "-o" if output else "MODEL")
     model = checkpoint.load(model_path)
+    time_cost = None
+    if cost_path:
+        from .profile import load_costs
+
+        flops = model.flops or model.count_flops()
+        time_cost = load_costs(cost_path, batch_size=cost_batch, model_structure={
+            "exits": list(model.exits), "segment_flops": [int(f) for f in flops["segments"]],
+            "head_flops": [int(f) for f in flops["heads"]]})
+    elif cost_batch is not None:
+        raise UserError("--cost-batch chooses a batch size of a --cost profile.", "Add --cost profile.json.")
     val_size, seed = _recorded_split(model, model_path, val_size, seed)
     gated_on = (model.data_split or {}).get("data")
     if gated_on and gated_on != data:  # a moved npz is the same data; another data set is not
@@ -549,7 +638,7 @@ def calibrate_cmd(model_path, data, data_dir, repeat_channels, val_size, seed, m
     result, test = _calibrate_and_report(model, splits, confidence=confidence or model.confidence,
                                          max_drop=max_drop, budget=budget, upper_bound=upper_bound,
                                          holdout=holdout, seed=seed, progress=progress, guarantee=guarantee,
-                                         delta=delta)
+                                         delta=delta, time_cost=time_cost)
     _save_gated(model, output or model_path, result, test)
 
 

@@ -11,6 +11,7 @@ from dgate_export import checkpoint, zoo
 from dgate_export.bench import LATENCY_KEYS, SCHEMA, check_report
 from dgate_export.build import build_bundle
 from dgate_export.cli import main
+from dgate_export.errors import UserError
 from dgate_export.gated import GatedModel
 
 FAST = ["--warmup-ms", "5", "--min-iterations", "3", "--min-seconds", "0.05"]
@@ -125,3 +126,71 @@ def test_errors_are_clear(bundle, tmp_path):
     np.savez(npz, x=np.zeros((4, 1, 28, 28), np.float32), y=np.array([0, 9, 99, 3], np.int64))
     r = bench(["--engine", str(bundle), "--data", f"npz:{npz}", *FAST, "--batch-sizes", "1"])
     assert r.exit_code == 2 and "outside 0..9" in r.text and "row 2: label 99" in r.text
+
+
+def test_profile_and_calibrate_on_measured_time(bundle, tmp_path):
+    """profile writes bench --exit-times' measurement with what it was measured on; calibrate --cost checks
+    that it describes this model and batch size, and refuses thresholds slower than the un-gated model."""
+    from dgate_export import profile as profile_mod
+    from dgate_export.manifest import load_manifest, write_manifest
+
+    out = tmp_path / "profile.json"
+    result = CliRunner().invoke(main, ["profile", str(bundle), "--batch-size", "1,8", "--min-seconds", "0.05",
+                                       "-o", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    prof = json.loads(out.read_text())
+    manifest = load_manifest(bundle)
+    assert prof["schema"] == profile_mod.SCHEMA and [b["batch_size"] for b in prof["batches"]] == [1, 8]
+    assert prof["bundle"]["fingerprint"] == profile_mod.fingerprint(manifest)
+    assert prof["bundle"]["exits"] == ["layer1", "layer2.0"] and len(prof["machine"]["load_average"]) == 6
+    for entry in prof["batches"]:
+        assert len(entry["exit_time_costs"]) == 3 and min(entry["exit_time_costs"]) > 0
+    costs, info = profile_mod.load_costs(out, batch_size=8, manifest=manifest)
+    assert costs == prof["batches"][1]["exit_time_costs"] and info["batch_size"] == 8
+    # re-calibrated thresholds keep the fingerprint; other engines do not
+    manifest.segments[0].gate.threshold = 0.123
+    write_manifest(bundle, manifest)
+    assert profile_mod.fingerprint(load_manifest(bundle)) == prof["bundle"]["fingerprint"]
+    other = dict(prof, bundle=dict(prof["bundle"], fingerprint="0" * 64))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    for path, kwargs, message in (
+            (tmp_path / "other.json", {"batch_size": 1, "manifest": manifest}, "another bundle"),
+            (out, {"batch_size": 256, "manifest": manifest}, "not at 256"),
+            (out, {"batch_size": None, "manifest": manifest}, "--cost-batch"),
+            (out, {"batch_size": 1, "model_structure": {"exits": ["layer1"], "segment_flops": [1, 2],
+                                                          "head_flops": [1]}}, "other exits or FLOPs"),
+            (tmp_path / "missing.json", {"batch_size": 1}, "no such file"),
+            (bundle / "manifest.json", {"batch_size": 1}, "not a dgate-profile/1 profile")):
+        with pytest.raises(UserError, match=message):
+            profile_mod.load_costs(path, **kwargs)
+
+    # calibrate --cost on the bundle's checkpoint: a profile made up to tell time from FLOPs apart
+    model_path = bundle.parent / "model.pt"
+    data = tmp_path / "data.npz"
+    from dgate_export.data import load_dataset
+    val, test = load_dataset("fashion-mnist", "val").subset(600, seed=0), load_dataset("fashion-mnist", "test")
+    np.savez(data, x_train=val.x[:10], y_train=val.y[:10], x_val=val.x, y_val=val.y, x_test=test.x[:300],
+             y_test=test.y[:300])
+
+    def calibrate(costs, *target_args):
+        prof["batches"] = [{"batch_size": 1, "exit_time_costs": costs}]
+        out.write_text(json.dumps(prof))
+        target = tmp_path / "timed.pt"
+        res = CliRunner().invoke(main, ["calibrate", str(model_path), "--data", f"npz:{data}", "--val-size", "600",
+                                        *target_args, "--cost", str(out), "--no-progress", "-o", str(target)])
+        return res, target
+
+    res, target = calibrate([0.5, 0.8, 1.05], "--budget", "0.7")
+    assert res.exit_code == 0, res.output
+    curve = json.loads(target.with_suffix(".curve.json").read_text())
+    assert curve["cost"]["expected"] <= 0.7 + 1e-9 and "measured time at batch 1" in curve["method"]
+    assert "expected measured time: " in res.output
+    # FLOPs figures of the same thresholds in the report
+    assert curve["validation"]["baseline_flops"] == checkpoint.load(model_path).flops["baseline"]
+    target.unlink()
+    target.with_suffix(".curve.json").unlink()
+    target.with_suffix(".curve.png").unlink()
+    res, target = calibrate([1.02, 1.1, 1.2], "--max-drop", "0.05", "--guarantee", "none")  # no exit pays for itself
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "gating would slow it down" in text and "Disable the gates" in text
+    assert not target.exists() and not target.with_suffix(".curve.json").exists()
