@@ -262,11 +262,23 @@ def drop_index(src: Path, dst: Path) -> None:
 
 
 def _build_plan(onnx_path: Path, work: Path, manifest: Manifest) -> Path:
-    """A TensorRT engine of a gather-free segment graph, built with the bundle's precision and batch range."""
+    """A TensorRT engine of a gather-free segment graph, built with the settings the bundle's engines
+    record (precision, batch range, TF32, hardware compatibility, workspace) and their timing cache.
+    Not run here: no TensorRT where this was written (docs/serving.md)."""
     from .. import backends
 
     module = backends.get_backend("tensorrt")  # a clear error where TensorRT is missing
-    entry = module.build(onnx_path, work, {"precision": manifest.precision, "max_batch": manifest.max_batch})
+    info = manifest.backend_info
+    options: dict = {"precision": manifest.precision, "max_batch": manifest.max_batch}
+    for key in ("opt_batch", "workspace_mb", "tf32"):
+        if info.get(key) is not None:
+            options[key] = info[key]
+    if info.get("hardware_compatibility") not in (None, "NONE"):  # common.HW_NONE (no tensorrt import here)
+        options["hardware_compatible"] = True
+    cache = info.get("timing_cache")
+    if cache and manifest.path(cache).is_file() and not (work / cache).exists():
+        shutil.copyfile(manifest.path(cache), work / cache)  # the builder starts from out_dir's cache
+    entry = module.build(onnx_path, work, options)
     return work / entry["file"]
 
 
