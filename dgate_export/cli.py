@@ -717,6 +717,9 @@ def serve_cmd(bundle, port, grpc_port, repo, platform, instances, segment_instan
     from .manifest import load_manifest
     from .serving import TritonServer, find_server, write_repository
 
+    if repo is not None and Path(repo).exists():
+        raise UserError(f"--repo {repo} already exists; serve writes a fresh repository there.",
+                        "Choose another --repo, remove it, or leave --repo out (a temporary folder is used).")
     install = find_server(triton_env)  # first: no repository is written for a server that is not there
     manifest = load_manifest(bundle)
     if platform == "auto":

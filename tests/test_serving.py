@@ -330,6 +330,8 @@ def test_cli_triton_and_serve_without_a_server(tiny, tmp_path, monkeypatch):
     res = runner.invoke(main, ["serve", str(tiny)])
     assert res.exit_code == 2
     assert "No Triton Inference Server is installed here" in res.output and "setup.sh" in res.output
+    res = runner.invoke(main, ["serve", str(tiny), "--repo", str(tmp_path / "r")])  # exists: refused first
+    assert res.exit_code == 2 and "already exists" in res.output
 
 
 @pytest.mark.slow
