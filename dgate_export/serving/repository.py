@@ -378,8 +378,9 @@ the `python` platform):
     docker run --gpus all --rm -p 8000:8000 -p 8001:8001 -v $PWD/{folder}:/models \\
         nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository /models
 
-On this machine, `dgate-export serve BUNDLE --repo DIR` starts a local server on 127.0.0.1 with the
-`tritonserver` that PyPI's nvidia-pytriton bundles (Python backend only: `--platform python`).
+Without a container, `dgate-export serve BUNDLE` writes such a repository and starts a local server on
+127.0.0.1 with the `tritonserver` that PyPI's nvidia-pytriton bundles (Python backend only: `--platform
+python`); it sets up that server's Python backend (docs/serving.md of dgate-export).
 
 ## Request and response (KServe v2, HTTP or gRPC)
 
