@@ -524,7 +524,7 @@ def _manifest(model, built: _Built, engines: list[dict], backend_info: dict, *, 
         segments=segments,
         baseline=baseline,
         source={"checkpoint": model_path.name, "sha256": sha256_file(model_path), "arch": model.arch["name"],
-                "exits": list(model.exits), "parity": parity.to_dict()},
+                "exits": list(model.exits), "data_split": model.data_split, "parity": parity.to_dict()},
         tools=_tool_versions(exporter),
         backend_info=backend_info,
     )

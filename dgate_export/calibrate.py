@@ -584,16 +584,9 @@ def _learn_then_test(conf, correct, costs, max_drop: float, delta: float, search
 # --- the entry point ---------------------------------------------------------------------------------
 
 
-def calibrate(exit_logits, labels, *, confidence: str = "max-softmax", costs, baseline_flops: float,
-              max_drop: float | None = None, budget: float | None = None, refine: bool = True,
-              upper_bound: float | None = None, holdout: float | None = None, seed: int = 0,
-              guarantee: str = "ltt", delta: float = DEFAULT_DELTA,
-              search_fraction: float = SEARCH_FRACTION) -> Calibration:
-    """Thresholds for `max_drop` or `budget` (exactly one) on the validation split. With max_drop and
-    guarantee "ltt" (the default) the expected drop on new data is <= max_drop with probability >=
-    1 - delta (Learn then Test, module doc); with guarantee "none" the drop is held on these rows only,
-    or with `upper_bound` (e.g. 0.9) its normal-approximation upper bound at that level. With `holdout`
-    (e.g. 0.3) that fraction of the rows (seeded by `seed`) is kept out of the choice and reported on."""
+def check_target(*, max_drop: float | None, budget: float | None, guarantee: str, delta: float,
+                 upper_bound: float | None = None, search_fraction: float = SEARCH_FRACTION) -> None:
+    """Refuse a calibration target that makes no sense (UserError), before any work."""
     if (max_drop is None) == (budget is None):
         raise UserError("Give exactly one calibration target: max_drop or budget.",
                         "Use --max-drop 0.01 (accuracy) or --budget 0.5 (FLOPs), not both.")
@@ -617,6 +610,20 @@ def calibrate(exit_logits, labels, *, confidence: str = "max-softmax", costs, ba
         raise UserError("--upper-bound (a normal approximation on the validation rows) replaces the default "
                         "guarantee, whose promise is exact.",
                         "Drop --upper-bound, or add --guarantee none to use it.")
+
+
+def calibrate(exit_logits, labels, *, confidence: str = "max-softmax", costs, baseline_flops: float,
+              max_drop: float | None = None, budget: float | None = None, refine: bool = True,
+              upper_bound: float | None = None, holdout: float | None = None, seed: int = 0,
+              guarantee: str = "ltt", delta: float = DEFAULT_DELTA,
+              search_fraction: float = SEARCH_FRACTION) -> Calibration:
+    """Thresholds for `max_drop` or `budget` (exactly one) on the validation split. With max_drop and
+    guarantee "ltt" (the default) the expected drop on new data is <= max_drop with probability >=
+    1 - delta (Learn then Test, module doc); with guarantee "none" the drop is held on these rows only,
+    or with `upper_bound` (e.g. 0.9) its normal-approximation upper bound at that level. With `holdout`
+    (e.g. 0.3) that fraction of the rows (seeded by `seed`) is kept out of the choice and reported on."""
+    check_target(max_drop=max_drop, budget=budget, guarantee=guarantee, delta=delta, upper_bound=upper_bound,
+                 search_fraction=search_fraction)
     held = None
     if holdout is not None:
         none = np.zeros(0, dtype=np.int64)

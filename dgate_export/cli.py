@@ -587,7 +587,11 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
 
 
 @main.command("calibrate")
-@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.argument("model_path", metavar="[MODEL]", type=click.Path(), required=False)
+@click.option("--engine", "bundle", default=None, type=click.Path(file_okay=False),
+              help="Calibrate this bundle instead of MODEL: run its own segments (its precision, its backend) on "
+                   "the validation rows and rewrite only the thresholds (and a record of the choice) in its "
+                   "manifest.json.")
 @click.option("--data", required=True, help="fashion-mnist or npz:PATH (the same data the gates were trained on).")
 @click.option("--data-dir", default=None, type=click.Path(), help="Folder of the Fashion-MNIST IDX files.")
 @click.option("--repeat-channels", is_flag=True, help="Repeat 1-channel data to the model's channel count.")
@@ -602,18 +606,33 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
 @click.option("--cost-batch", default=None, type=int, help="The batch size of PROFILE to use [its only one].")
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @click.option("-o", "--output", default=None, type=click.Path(), help="Write here instead of overwriting MODEL.")
-def calibrate_cmd(model_path, data, data_dir, repeat_channels, val_size, seed, max_drop, guarantee, delta, budget,
-                  upper_bound, holdout, confidence, cost_path, cost_batch, progress, output):
-    """Choose new thresholds for a gated model (accuracy drop or FLOPs budget) without retraining.
+def calibrate_cmd(model_path, bundle, data, data_dir, repeat_channels, val_size, seed, max_drop, guarantee, delta,
+                  budget, upper_bound, holdout, confidence, cost_path, cost_batch, progress, output):
+    """Choose new thresholds for a gated MODEL, or a bundle (--engine), without retraining.
 
     The validation split must be the one `gate` held out (same --data), so that thresholds are never
-    chosen on rows the gates were trained on: MODEL records its size and seed, and they are used.
+    chosen on rows the gates were trained on: MODEL (and a bundle built from it) records its size and
+    seed, and they are used.
     """
     from . import checkpoint
     from .data import check_input_shape
     from .outputs import check_writable
 
     max_drop, budget = _target(max_drop, budget)
+    if bundle is not None:
+        given = {"MODEL": model_path, "-o": output, "--holdout": holdout, "--confidence": confidence}
+        extra = [k for k, v in given.items() if v is not None]
+        if extra:
+            raise UserError(f"calibrate --engine rewrites the bundle's manifest in place; {', '.join(extra)} "
+                            "do not apply (the confidence measure is built into its graphs).",
+                            f"Drop {', '.join(extra)}.")
+        _calibrate_engine(bundle, data, data_dir, repeat_channels, val_size, seed, max_drop=max_drop, budget=budget,
+                          guarantee=guarantee, delta=delta, upper_bound=upper_bound, cost_path=cost_path,
+                          cost_batch=cost_batch)
+        return
+    if model_path is None:
+        raise UserError("calibrate needs a gated MODEL (model.pt) or --engine BUNDLE.",
+                        "e.g. dgate-export calibrate model.pt --data fashion-mnist.")
     check_writable(output or model_path, "-o" if output else "MODEL")
     model = checkpoint.load(model_path)
     time_cost = None
@@ -640,6 +659,49 @@ def calibrate_cmd(model_path, data, data_dir, repeat_channels, val_size, seed, m
                                          holdout=holdout, seed=seed, progress=progress, guarantee=guarantee,
                                          delta=delta, time_cost=time_cost)
     _save_gated(model, output or model_path, result, test)
+
+
+def _calibrate_engine(bundle, data, data_dir, repeat_channels, val_size, seed, *, max_drop, budget, guarantee, delta,
+                      upper_bound, cost_path, cost_batch) -> None:
+    from types import SimpleNamespace
+
+    from .calibrate import print_report
+    from .data import check_input_shape
+    from .manifest import verify_bundle
+    from .recalibrate import recalibrate
+
+    manifest = verify_bundle(bundle)
+    split_of = SimpleNamespace(data_split=(manifest.source or {}).get("data_split"))
+    val_size, seed = _recorded_split(split_of, f"{bundle} (built from {(manifest.source or {}).get('checkpoint')})",
+                                     val_size, seed)
+    gated_on = (split_of.data_split or {}).get("data")
+    if gated_on and gated_on != data:
+        click.echo(f"warning: {bundle} was gated on --data {gated_on}, this calibrates on {data}: its validation "
+                   "rows must be ones the gates were never trained on.", err=True)
+    chw = tuple(int(d) for d in manifest.input.shape[1:])
+    splits = _load_splits(data, data_dir, chw[0] if repeat_channels else None, val_size, seed)
+    for name in ("val", "test"):
+        check_input_shape(splits[name].x, list(chw), where=f"data set {data!r} ({name})")
+    time_cost = None
+    if cost_path:
+        from .profile import load_costs
+
+        time_cost = load_costs(cost_path, batch_size=cost_batch, manifest=manifest)
+    elif cost_batch is not None:
+        raise UserError("--cost-batch chooses a batch size of a --cost profile.", "Add --cost profile.json.")
+    result, test, old = recalibrate(bundle, splits["val"], splits["test"], max_drop=max_drop, budget=budget,
+                                    guarantee=guarantee, delta=delta, upper_bound=upper_bound, seed=seed,
+                                    time_cost=time_cost,
+                                    data_record={"spec": data, "val_size": val_size, "seed": seed,
+                                                 "rows": len(splits["val"])})
+    exits = [s.gate.exit for s in manifest.segments if s.gate is not None]
+    print_report(result, test, exits)
+    click.echo(f"calibration: {result.method}")
+    if result.cost:
+        click.echo(f"expected measured time: {result.cost['expected']:.3f} x the un-gated model's "
+                   f"({result.cost['description']})")
+    click.echo(f"thresholds {[round(t, 4) for t in old]} -> {[round(t, 4) for t in result.thresholds]}; "
+               f"rewrote {bundle}/manifest.json (artifacts unchanged, hashes verified)")
 
 
 def _serving_options(f):

@@ -152,6 +152,7 @@ class Manifest:
     backend_info: dict[str, Any] = field(default_factory=dict)
     opset: int | None = None
     source: dict[str, Any] | None = None  # where the bundle came from: checkpoint file, sha256, arch
+    calibration: dict[str, Any] | None = None  # how `calibrate --engine` chose the thresholds (None: from source)
     format: str = FORMAT
     root: Path | None = field(default=None, compare=False)  # the bundle directory once loaded; not written
 
@@ -186,6 +187,7 @@ class Manifest:
             "source": self.source,
             "tools": dict(self.tools),
             "backend_info": dict(self.backend_info),
+            **({"calibration": self.calibration} if self.calibration is not None else {}),
         }
 
     @classmethod
@@ -468,6 +470,7 @@ def _parse_manifest(data: Any) -> Manifest:
         backend_info=dict(_get(data, "backend_info", "manifest", dict)),
         opset=opset,
         source=_get(data, "source", "manifest", dict, optional=True),
+        calibration=_get(data, "calibration", "manifest", dict, optional=True),
         format=FORMAT,
     )
 

@@ -166,11 +166,7 @@ def test_profile_and_calibrate_on_measured_time(bundle, tmp_path):
 
     # calibrate --cost on the bundle's checkpoint: a profile made up to tell time from FLOPs apart
     model_path = bundle.parent / "model.pt"
-    data = tmp_path / "data.npz"
-    from dgate_export.data import load_dataset
-    val, test = load_dataset("fashion-mnist", "val").subset(600, seed=0), load_dataset("fashion-mnist", "test")
-    np.savez(data, x_train=val.x[:10], y_train=val.y[:10], x_val=val.x, y_val=val.y, x_test=test.x[:300],
-             y_test=test.y[:300])
+    data = small_npz(tmp_path)
 
     def calibrate(costs, *target_args):
         prof["batches"] = [{"batch_size": 1, "exit_time_costs": costs}]
@@ -194,3 +190,79 @@ def test_profile_and_calibrate_on_measured_time(bundle, tmp_path):
     text = " ".join(res.output.split())
     assert res.exit_code == 2 and "gating would slow it down" in text and "Disable the gates" in text
     assert not target.exists() and not target.with_suffix(".curve.json").exists()
+
+
+def small_npz(tmp_path):
+    """600 validation and 300 test rows of Fashion-MNIST as an npz."""
+    from dgate_export.data import load_dataset
+
+    data = tmp_path / "data.npz"
+    val, test = load_dataset("fashion-mnist", "val").subset(600, seed=0), load_dataset("fashion-mnist", "test")
+    np.savez(data, x_train=val.x[:10], y_train=val.y[:10], x_val=val.x, y_val=val.y, x_test=test.x[:300],
+             y_test=test.y[:300])
+    return data
+
+
+@pytest.mark.slow
+def test_calibrate_engine_rewrites_only_the_thresholds(bundle, tmp_path):
+    """calibrate --engine fits the thresholds to the bundle's own confidences (fp32 here, then an fp16 build of
+    the same model), rewrites them and a record in manifest.json, and the bundle still verifies."""
+    from dgate_export.calibrate import calibrate_scores
+    from dgate_export.manifest import load_manifest, verify_bundle
+    from dgate_export.recalibrate import exit_scores
+    from dgate_export.runtime import GatedRuntime
+
+    data = small_npz(tmp_path)
+    model_path = bundle.parent / "model.pt"
+    before = load_manifest(bundle).to_dict()
+    raw = (bundle / "manifest.json").read_bytes()
+
+    def run(*args):
+        res = CliRunner().invoke(main, ["calibrate", *map(str, args)])
+        res.text = " ".join(res.output.split())
+        return res
+
+    # user mistakes change nothing
+    for args, message in (([model_path, "--engine", bundle], "MODEL"), (["--engine", bundle, "-o", "x.pt"], "-o"),
+                          (["--engine", bundle, "--delta", 2], "delta"),
+                          (["--engine", bundle, "--cost", tmp_path / "none.json"], "no such file")):
+        res = run(*args, "--data", f"npz:{data}", "--val-size", 600, "--budget", 0.6)
+        assert res.exit_code == 2 and message in res.text, res.output
+        assert (bundle / "manifest.json").read_bytes() == raw
+    res = run("--engine", bundle, "--data", f"npz:{data}", "--val-size", 600, "--budget", 0.6)
+    assert res.exit_code == 0, res.output
+    after = verify_bundle(bundle)  # every artifact's sha256 still holds
+    record = after.calibration
+    assert record["mode"] == "budget" and record["data"]["rows"] == 600 and record["on"]["precision"] == "fp32"
+    assert record["previous_thresholds"] == [g["gate"]["threshold"] for g in before["segments"][:-1]]
+    changed = after.to_dict()
+    for seg in changed["segments"]:
+        if seg["gate"]:
+            seg["gate"]["threshold"] = before["segments"][seg["index"]]["gate"]["threshold"]
+    assert {k: v for k, v in changed.items() if k != "calibration"} == before  # nothing else moved
+    # the thresholds are calibrate's choice on the runtime's own confidences, and keep the budget when run
+    val = __import__("dgate_export.data", fromlist=["load_dataset"]).load_dataset(f"npz:{data}", "val")
+    rt = GatedRuntime.load(bundle)
+    conf, correct = exit_scores(rt, val.x, val.y)
+    costs = [float(c) for c in np.cumsum([s.flops + (s.gate.head_flops if s.gate else 0) for s in after.segments])]
+    expected = calibrate_scores(conf, correct, confidence=after.confidence, costs=costs,
+                                baseline_flops=after.baseline.flops, budget=0.6)
+    assert after.thresholds == expected.thresholds
+    ran = rt.run(val.x)
+    assert float(np.dot(ran.exit_counts, costs)) / len(val.y) <= 0.6 * after.baseline.flops + 1e-6
+    rt.close()
+
+    # fp16: the bundle's confidences differ from the torch model's, and so do the thresholds fitted to them
+    fp16 = build_bundle(model_path, tmp_path / "fp16", precision="fp16", max_batch=64, progress=lambda *a, **k: None)
+    res = run("--engine", fp16, "--data", f"npz:{data}", "--val-size", 600, "--max-drop", 0.0, "--guarantee", "none")
+    assert res.exit_code == 0, res.output
+    torch_fit = run(model_path, "--data", f"npz:{data}", "--val-size", 600, "--max-drop", 0.0, "--guarantee", "none",
+                    "-o", tmp_path / "torch_fit.pt")
+    assert torch_fit.exit_code == 0, torch_fit.output
+    fp16_thresholds = verify_bundle(fp16).thresholds
+    torch_thresholds = checkpoint.load(tmp_path / "torch_fit.pt").thresholds
+    rt16 = GatedRuntime.load(fp16)
+    conf16, _ = exit_scores(rt16, val.x, val.y)
+    rt16.close()
+    assert not np.array_equal(conf16, conf)  # fp16 arithmetic moved the confidences
+    assert fp16_thresholds != pytest.approx(torch_thresholds, abs=1e-6)
