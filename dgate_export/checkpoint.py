@@ -44,6 +44,7 @@ def save(model: GatedModel, path: str | os.PathLike) -> Path:
         "normalization": model.normalization,
         "flops": model.flops,
         "data_split": model.data_split,
+        "feature_layouts": list(model.feature_layouts),
         "backbone": _cpu_state(model.backbone),
         "heads": _cpu_state(model.heads),
     }
@@ -133,6 +134,8 @@ def load(path: str | os.PathLike) -> GatedModel:
         normalization=payload.get("normalization"),
         flops=payload.get("flops"),
         data_split=payload.get("data_split"),  # None in files written before it was recorded
+        # files written before layouts were recorded: their heads pooled every exit as NCHW
+        feature_layout=payload.get("feature_layouts", "nchw"),
     )
     try:
         load_state(model.heads, payload["heads"])
@@ -151,7 +154,8 @@ def describe(path: str | os.PathLike) -> None:
     console = Console()
     console.print(f"[bold]{path}[/]: {model.arch['name']} {model.arch['kwargs'] or ''}, "
                   f"input {list(model.input_shape)}, {model.num_classes} classes, "
-                  f"confidence {model.confidence}, head {model.head_spec['name']}")
+                  f"confidence {model.confidence}, head {model.head_spec['name']}, feature layouts "
+                  f"{', '.join(model.feature_layouts)}")
     table = Table(title="segments (FLOPs per sample, 2 x MACs)")
     for col in ("segment", "ends at", "params", "FLOPs", "head FLOPs", "threshold", "cost if exiting here"):
         table.add_column(col, justify="right" if col not in ("ends at",) else "left")

@@ -506,6 +506,10 @@ def _load_weights(backbone, weights: str) -> None:
 @click.option("--head", default="linear", show_default=True, type=click.Choice(["linear", "mlp", "grid"]),
               help="Gate head: global pooling + linear (the paper's), + one hidden layer, or grid pooling "
                    "(4x4 cells) + one hidden layer.")
+@click.option("--feature-layout", default="auto", show_default=True, metavar="LAYOUT[,LAYOUT...]",
+              help="Layout of the exits' outputs, one for all or one per exit: auto (detected from the exit's "
+                   "modules), nchw (channels first), nhwc (channels last, e.g. Swin), tokens-cls ([N, tokens, "
+                   "hidden] with a class token first, e.g. ViT) or tokens-mean (averaged over tokens).")
 @click.option("--confidence", default="max-softmax", show_default=True, type=click.Choice(_CONFIDENCES))
 @click.option("--loss", default="ce", show_default=True, type=click.Choice(["ce", "hinge"]),
               help="Gate loss: cross-entropy or multi-class hinge.")
@@ -514,8 +518,8 @@ def _load_weights(backbone, weights: str) -> None:
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Gated model to write (model.pt).")
 def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val_size, epochs, backbone_epochs,
-         batch_size, head, confidence, loss, max_drop, guarantee, delta, budget, upper_bound, holdout, seed, progress,
-         output):
+         batch_size, head, feature_layout, confidence, loss, max_drop, guarantee, delta, budget, upper_bound, holdout,
+         seed, progress, output):
     """Attach d-gates to a backbone, train them, calibrate their thresholds, save model.pt.
 
     The backbone stays frozen while the gates train. Thresholds are chosen on the validation split
@@ -543,6 +547,7 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
         raise UserError(f"--arch-kwargs is not valid JSON ({err}).", 'Write it like \'{"width": 8}\'.') from err
     if not isinstance(kwargs, dict):
         raise UserError("--arch-kwargs must be a JSON object.", 'Write it like \'{"width": 8}\'.')
+    layouts = [v.strip() for v in feature_layout.split(",") if v.strip()] or ["auto"]
     info = arch_info(arch)
     exit_names = [e.strip() for e in exits.split(",") if e.strip()] if exits else list(info.default_exits)
     if not exit_names:
@@ -562,7 +567,8 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
     num_classes = max(ds.num_classes for ds in splits.values())
     gate_options = {"arch": {"name": arch, "kwargs": kwargs}, "num_classes": num_classes,
                         "input_shape": tuple(train.x.shape[1:]), "head": head, "confidence": confidence,
-                        "class_names": train.class_names, "normalization": train.normalization}
+                        "class_names": train.class_names, "normalization": train.normalization,
+                        "feature_layout": layouts[0] if len(layouts) == 1 else layouts}
     # Check the exits (names, order, branches) and the output size before minutes of training.
     GatedModel.attach(backbone, exit_names, **gate_options)
 

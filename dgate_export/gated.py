@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .gates import check_confidence, confidence_torch, make_head
+from .gates import LAYOUT_HELP, check_confidence, check_layout, confidence_torch, detect_layouts, make_head
 from .split import split_backbone
 
 
@@ -41,6 +41,7 @@ class GatedModel(nn.Module):
         normalization: dict | None = None,
         flops: dict | None = None,
         data_split: dict | None = None,
+        feature_layout: str | list[str] = "auto",
     ):
         super().__init__()
         self.backbone = backbone.eval()
@@ -66,14 +67,37 @@ class GatedModel(nn.Module):
                 f"The backbone outputs shape {list(out.shape[1:])} per sample, not {self.num_classes} class scores.",
                 "Set num_classes in --arch-kwargs to match the data.",
             )
+        shapes = [tuple(int(d) for d in c[0].shape[1:]) for c in carries[:-1]]
+        self.feature_layouts = self._layouts(feature_layout, shapes, example)
         self.heads = nn.ModuleList(
-            make_head(head, tuple(c[0].shape[1:]), self.num_classes, **self.head_spec["kwargs"])
-            for c in carries[:-1]
+            make_head(head, shape, self.num_classes, layout, **self.head_spec["kwargs"])
+            for shape, layout in zip(shapes, self.feature_layouts)
         )
         self.thresholds = list(thresholds) if thresholds is not None else [1.01] * self.num_gates
         if len(self.thresholds) != self.num_gates:
             raise UserError(f"{len(self.thresholds)} thresholds given for {self.num_gates} gates.")
         self.eval()
+
+    def _layouts(self, given: str | list[str], shapes: list[tuple[int, ...]], example: torch.Tensor) -> list[str]:
+        """Each exit's output layout: given (one for all exits, or one per exit), or "auto": detected from
+        the exit's modules (gates.detect_layouts), else from a square image's shape; else refused."""
+        layouts = [given] * self.num_gates if isinstance(given, str) else list(given)
+        if len(layouts) != self.num_gates:
+            raise UserError(f"{len(layouts)} feature layouts given for {self.num_gates} exits.",
+                            "Give one layout for all exits, or one per exit.")
+        detected = detect_layouts(self.backbone, self.exits, example) if "auto" in layouts else []
+        for k, layout in enumerate(layouts):
+            if layout != "auto":
+                check_layout(layout, shapes[k], f"exit {self.exits[k]!r}")
+                continue
+            found = detected[k] or _square_layout(shapes[k], self.input_shape)
+            if found is None:
+                raise UserError(
+                    f"Cannot tell the layout of exit {self.exits[k]!r}'s output [N, {', '.join(map(str, shapes[k]))}]: "
+                    "its modules do not show where the channels are.",
+                    f"Pass --feature-layout ({LAYOUT_HELP}), or gate at another module.")
+            layouts[k] = found
+        return layouts
 
     @classmethod
     def attach(cls, backbone: nn.Module, exits: list[str], **kwargs) -> GatedModel:
@@ -148,3 +172,16 @@ class GatedModel(nn.Module):
         """Expected FLOPs per sample when `exit_fractions[k]` of the samples leave at exit k."""
         costs = self.exit_costs()
         return float(sum(f * c for f, c in zip(exit_fractions, costs)))
+
+
+def _square_layout(shape: tuple[int, ...], input_shape: tuple[int, ...]) -> str | None:
+    """For square images: a 4-D output whose last two axes are equal (and not the first) is NCHW, one
+    whose first two are equal (and not the last) is NHWC; anything else is undecided (None)."""
+    if len(shape) != 3 or len(input_shape) != 3 or input_shape[1] != input_shape[2]:
+        return None
+    a, b, c = shape
+    if b == c != a:
+        return "nchw"
+    if a == b != c:
+        return "nhwc"
+    return None

@@ -18,8 +18,52 @@ from .errors import UserError
 CONFIDENCES = ("max-softmax", "margin", "entropy")
 
 
+LAYOUTS = ("nchw", "nhwc", "tokens-cls", "tokens-mean")
+LAYOUT_HELP = ("nchw: channels first [N, C, ...] (convolutions); nhwc: channels last [N, H, W, C] (Swin, "
+               "ConvNeXt blocks inside); tokens-cls: [N, tokens, hidden], the first token is a class token "
+               "(ViT); tokens-mean: [N, tokens, hidden], averaged over tokens")
+
+
+def channels_first(features: torch.Tensor, layout: str) -> torch.Tensor:
+    """An exit's output in `layout` as channels-first features: [N, C, ...] maps, or [N, C] vectors."""
+    if layout == "nhwc":
+        return features.permute(0, 3, 1, 2)
+    if layout == "tokens-cls":
+        return features[:, 0]
+    if layout == "tokens-mean":
+        return features.mean(dim=1)
+    return features
+
+
+def layout_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    """The per-sample shape (no batch axis) of channels_first(features) for features of `shape`."""
+    if layout == "nhwc":
+        return (shape[2], shape[0], shape[1])
+    if layout in ("tokens-cls", "tokens-mean"):
+        return (shape[1],)
+    return tuple(shape)
+
+
+def check_layout(layout: str, shape: tuple[int, ...], where: str) -> str:
+    """Refuse a layout that does not fit an exit's per-sample output shape."""
+    if layout not in LAYOUTS:
+        raise UserError(f"Unknown feature layout {layout!r} for {where}.", f"Choose one of: {LAYOUT_HELP}.")
+    rank = len(shape) + 1
+    fits = {"nchw": rank >= 2, "nhwc": rank == 4, "tokens-cls": rank == 3, "tokens-mean": rank == 3}[layout]
+    if not fits:
+        raise UserError(f"Feature layout {layout!r} does not fit {where}, whose output is [N, "
+                        f"{', '.join(map(str, shape))}].", f"Choose one that does: {LAYOUT_HELP}.")
+    return layout
+
+
 class GateHead(nn.Module):
+    layout = "nchw"  # of the exit's output; make_head sets it
+
     def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """The exit's output -> the vector `classify` takes."""
+        return self.pool_channels_first(channels_first(features, self.layout))
+
+    def pool_channels_first(self, features: torch.Tensor) -> torch.Tensor:
         if features.dim() <= 2:
             return features
         return features.mean(dim=tuple(range(2, features.dim())))
@@ -82,9 +126,9 @@ class GridHead(MLPHead):
             features *= c
         self._mlp(features, num_classes, hidden)
 
-    def pool(self, features: torch.Tensor) -> torch.Tensor:
+    def pool_channels_first(self, features: torch.Tensor) -> torch.Tensor:
         if len(self.cell) != 2:  # not an image feature map: pool globally as the other heads
-            return super().pool(features)
+            return super().pool_channels_first(features)
         (kh, kw), (gh, gw) = self.cell, self.cells
         return features.reshape(-1, self.channels, gh, kh, gw, kw).mean(dim=(3, 5)).flatten(1)
 
@@ -96,14 +140,102 @@ def list_heads() -> list[str]:
     return list(HEADS)
 
 
-def make_head(name: str, in_shape: tuple[int, ...], num_classes: int, **kwargs) -> GateHead:
-    """Head `name` for one exit's per-sample feature shape (C, H, W), or (C,) for vectors."""
+def make_head(name: str, in_shape: tuple[int, ...], num_classes: int, layout: str = "nchw", **kwargs) -> GateHead:
+    """Head `name` for one exit's per-sample output shape in `layout` ((C, H, W) in nchw, (C,) for vectors)."""
     if name not in HEADS:
         raise UserError(f"Unknown gate head {name!r}.", f"Choose one of: {', '.join(HEADS)}.")
+    check_layout(layout, tuple(in_shape), f"a {name} head")
     try:
-        return HEADS[name](tuple(in_shape), num_classes, **kwargs)
+        head = HEADS[name](layout_shape(tuple(in_shape), layout), num_classes, **kwargs)
     except TypeError as err:
         raise UserError(f"Gate head {name!r} does not accept these arguments: {err}.") from err
+    head.layout = layout
+    return head
+
+
+# Modules whose output shows where the channels are: (channels axis, the module's channel count).
+_CHANNELS_FIRST: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm,
+    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd)
+
+
+def _channel_axis(module: nn.Module, shape: torch.Size) -> int | None:
+    """1 or -1 when `module`'s output of `shape` has its channels on that axis; None when it does not say."""
+    count: int | None
+    if isinstance(module, nn.Linear):
+        count = module.out_features
+    elif isinstance(module, nn.LayerNorm):  # usually channels last; ConvNeXt's LayerNorm2d normalizes axis 1
+        count = module.normalized_shape[-1] if len(module.normalized_shape) == 1 else None
+    elif isinstance(module, _CHANNELS_FIRST):
+        count = getattr(module, "out_channels", None) or getattr(module, "num_features", None) or getattr(
+            module, "num_channels", None)
+        return 1 if count is None or shape[1] == count else None
+    else:
+        return None
+    if count is not None and shape[-1] == count:
+        return -1
+    if count is not None and shape[1] == count:
+        return 1
+    return None
+
+
+def detect_layouts(backbone: nn.Module, exits: list[str], example: torch.Tensor) -> list[str | None]:
+    """Each exit's output layout as its own modules show it, else None (undecided).
+
+    One forward pass with hooks: the last module inside the exit (the exit included) whose output has
+    the exit output's shape, up to the channel axis it names (a convolution's output [N, C', H, W]
+    fits an exit output [N, C, H, W], DenseNet's concatenation) says where the channels are. Rank 3
+    with channels last is a token sequence: "tokens-cls" where the backbone has a class token
+    parameter (class_token, cls_token), else "tokens-mean". Rank 2 is a vector ("nchw", nothing to pool)."""
+    seen: dict[str, list[tuple[nn.Module, torch.Size]]] = {e: [] for e in exits}
+    outputs: dict[str, torch.Size] = {}
+    handles = []
+    for name, module in backbone.named_modules():
+        owner = next((e for e in exits if name == e or name.startswith(e + ".")), None)
+        if owner is None:
+            continue
+
+        def hook(mod, _inputs, out, owner=owner, name=name):
+            if isinstance(out, torch.Tensor):
+                seen[owner].append((mod, out.shape))
+                if name == owner:
+                    outputs[owner] = out.shape
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            backbone(example)
+    finally:
+        for h in handles:
+            h.remove()
+    has_class_token = any(n.rsplit(".", 1)[-1] in ("class_token", "cls_token") for n, _ in backbone.named_parameters())
+    layouts: list[str | None] = []
+    for e in exits:
+        shape = outputs.get(e)
+        if shape is None or len(shape) == 2:
+            layouts.append("nchw")
+            continue
+        axis = None
+        for mod, out in reversed(seen[e]):
+            a = _channel_axis(mod, out)
+            if a is not None and len(out) == len(shape) and _drop(out, a) == _drop(shape, a):
+                axis = a
+                break
+        if axis == 1:
+            layouts.append("nchw")
+        elif axis == -1 and len(shape) == 4:
+            layouts.append("nhwc")
+        elif axis == -1 and len(shape) == 3:
+            layouts.append("tokens-cls" if has_class_token else "tokens-mean")
+        else:
+            layouts.append(None)
+    return layouts
+
+
+def _drop(shape: torch.Size, axis: int) -> tuple[int, ...]:
+    dims = list(shape[1:])  # not the batch axis
+    del dims[axis - 1 if axis > 0 else axis]
+    return tuple(dims)
 
 
 def check_confidence(name: str) -> str:

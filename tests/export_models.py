@@ -78,3 +78,63 @@ def gated(arch: str = "test_skipnet", exits=None, *, kwargs=None, input_shape=(1
 
 def save(model: GatedModel, path: Path) -> Path:
     return checkpoint.save(model, path)
+
+
+class ChannelsLastNet(nn.Module):
+    """Swin-like: a patch convolution, then stages on [N, H, W, C] (LayerNorm and Linear on the last axis)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 4, width: int = 6):
+        super().__init__()
+        self.patch = nn.Conv2d(in_channels, width, 2, 2)
+        self.stage1 = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU())
+        self.stage2 = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU())
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        x = self.patch(x).permute(0, 2, 3, 1)
+        return self.fc(self.stage2(self.stage1(x)).mean(dim=(1, 2)))
+
+
+class TokenNet(nn.Module):
+    """ViT-like: patches as tokens [N, tokens, hidden], optionally a class token first."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 4, hidden: int = 8, class_token: bool = True):
+        super().__init__()
+        self.patch = nn.Conv2d(in_channels, hidden, 4, 4)
+        self.class_token = nn.Parameter(torch.randn(1, 1, hidden)) if class_token else None
+        self.layer1 = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU())
+        self.layer2 = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU())
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        if self.class_token is not None:
+            x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.layer2(self.layer1(x))
+        return self.fc(x[:, 0] if self.class_token is not None else x.mean(dim=1))
+
+
+class OpaqueNet(nn.Module):
+    """An exit whose modules do not show its layout: `mix` outputs [N, 3, 5, 7] from functional code."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 4):
+        super().__init__()
+        self.mix = _Opaque()
+        self.fc = nn.Linear(3 * 5 * 7, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.mix(x).flatten(1))
+
+
+class _Opaque(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3 * 5 * 7, 1))
+
+    def forward(self, x):
+        return (x.flatten(1).mean(dim=1, keepdim=True) @ self.weight.T).reshape(-1, 3, 5, 7)
+
+
+zoo.register_arch("test_channels_last", ChannelsLastNet, default_exits=("stage1",), description="test: NHWC stages")
+zoo.register_arch("test_tokens", TokenNet, default_exits=("layer1",), description="test: token sequences")
+zoo.register_arch("test_opaque", OpaqueNet, default_exits=("mix",), description="test: undetectable layout")

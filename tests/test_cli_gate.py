@@ -193,6 +193,8 @@ def test_gate_with_weights_skips_backbone_training(npz, tmp_path):
     (["--arch-kwargs", '{"in_channels": 3}'], "--repeat-channels"),
     (["--exits", "stage2,nope"], "nope"),
     (["--weights", "missing.pth"], "no such file"),
+    (["--feature-layout", "nhwc,nchw"], "2 feature layouts given for 3 exits"),
+    (["--feature-layout", "tokens-cls"], "'tokens-cls' does not fit exit 'stem'"),
 ])
 def test_gate_user_errors(npz, tmp_path, extra, message):
     result = run("gate", "--arch", NAME, "--data", f"npz:{npz}", "--backbone-epochs", 1, "--epochs", 1,

@@ -160,3 +160,53 @@ def test_grid_head_pools_cells_of_the_feature_map():
     for k, head in enumerate(model.heads):
         features = channels[k] * head.cells[0] * head.cells[1]
         assert flops["heads"][k] == 2 * (features * 32 + 32 * 10)
+
+
+def _layout_model(arch, shape=(1, 8, 8), **kw):
+    from export_models import gated
+
+    return gated(arch, input_shape=shape, **kw)
+
+
+@pytest.mark.parametrize("arch, kwargs, layout, pooled", [
+    ("test_channels_last", {}, "nhwc", lambda f: f.mean(dim=(1, 2))),
+    ("test_tokens", {}, "tokens-cls", lambda f: f[:, 0]),
+    ("test_tokens", {"class_token": False}, "tokens-mean", lambda f: f.mean(dim=1)),
+    ("resnet20", {}, "nchw", lambda f: f.mean(dim=(2, 3))),
+])
+@pytest.mark.parametrize("head", ["linear", "grid"])
+def test_heads_detect_the_feature_layout(tmp_path, arch, kwargs, layout, pooled, head):
+    """Heads pool over space (or take the class token / the mean over tokens), never over channels."""
+    from dgate_export import checkpoint
+
+    shape = (1, 28, 28) if arch == "resnet20" else (1, 8, 8)
+    model = _layout_model(arch, shape, kwargs=dict(kwargs), head=head)
+    assert model.feature_layouts == [layout] * model.num_gates
+    x = torch.randn(3, *shape)
+    with torch.no_grad():
+        features = model.run_segments(x)[0][0]
+        p = model.heads[0].pool(features)
+        if head == "linear":
+            assert torch.allclose(p, pooled(features), atol=1e-6)
+        else:  # grid cells of the channels-first map: their mean over cells is the global pool
+            c = pooled(features).shape[1]
+            assert torch.allclose(p.reshape(3, c, -1).mean(dim=2), pooled(features), atol=1e-5)
+        loaded = checkpoint.load(checkpoint.save(model, tmp_path / "m.pt"))
+        assert loaded.feature_layouts == model.feature_layouts
+        assert all(torch.equal(a, b) for a, b in zip(model(x), loaded(x)))
+
+
+def test_undetectable_layouts_are_refused_or_taken_from_the_user(tmp_path):
+    from dgate_export import checkpoint
+
+    with pytest.raises(UserError, match=r"Cannot tell the layout of exit 'mix'.*\[N, 3, 5, 7\].*--feature-layout"):
+        _layout_model("test_opaque")
+    model = _layout_model("test_opaque", feature_layout="nhwc")
+    assert model.feature_layouts == ["nhwc"] and model.heads[0].fc.in_features == 7
+    assert checkpoint.load(checkpoint.save(model, tmp_path / "m.pt")).feature_layouts == ["nhwc"]
+    with pytest.raises(UserError, match="'tokens-cls' does not fit exit 'mix'"):
+        _layout_model("test_opaque", feature_layout="tokens-cls")
+    with pytest.raises(UserError, match="Unknown feature layout 'nwhc'"):
+        _layout_model("test_opaque", feature_layout="nwhc")
+    with pytest.raises(UserError, match="2 feature layouts given for 1 exits"):
+        _layout_model("test_opaque", feature_layout=["nchw", "nchw"])
