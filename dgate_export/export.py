@@ -206,6 +206,9 @@ def export_module(module: nn.Module, args: tuple[torch.Tensor, ...], path: str |
         ) from err
     seconds = time.perf_counter() - start
     inputs, outputs, graph_opset = read_io(path)
+    if any(isinstance(d, str) for t in inputs + outputs for d in t["shape"][1:]):
+        _pin_sample_dims(module, args, path)
+        inputs, outputs, graph_opset = read_io(path)
     _check_io(inputs, outputs, input_names, output_names, input_dims, where)
     return ExportedGraph(path, inputs, outputs, graph_opset, seconds)
 
@@ -229,6 +232,29 @@ def _export_torchscript(module, args, path, input_names, output_names, input_dim
     kwargs: dict[str, Any] = {} if opset is None else {"opset_version": opset}
     torch.onnx.export(module, args, str(path), dynamo=False, input_names=input_names,
                       output_names=output_names, dynamic_axes=axes, **kwargs)
+
+
+def _pin_sample_dims(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path) -> None:
+    """Give the graph's inputs and outputs the per-sample sizes torch computes for them where the exporter
+    left a symbol: the torchscript exporter loses them after a pad-then-slice (Swin's windows pad to a
+    multiple of the window and slice back). A symbol on a per-sample axis is a size that follows from
+    the fixed input shape, never the batch: rows differ, per-sample sizes do not (the parity step runs
+    the graph and would catch a size that depended on the batch)."""
+    import onnx
+
+    with torch.no_grad():
+        outs = module(*args)
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    graph = onnx.load(str(path), load_external_data=False)
+    for values, tensors in ((graph.graph.input, args), (graph.graph.output, outs)):
+        for value, tensor in zip(values, tensors):
+            dims = value.type.tensor_type.shape.dim
+            if len(dims) != tensor.dim():
+                continue  # not this graph's contract: _check_io reports it
+            for axis in range(1, tensor.dim()):
+                if dims[axis].dim_param:
+                    dims[axis].dim_value = int(tensor.shape[axis])  # clears dim_param (a oneof)
+    onnx.save(graph, str(path))
 
 
 def read_io(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:

@@ -323,3 +323,14 @@ def test_torchvision(tmp_path, arch, exporter):
     path = save(model, tmp_path / "tv.pt")
     out = build_bundle(path, tmp_path / "tv", max_batch=64, exporter=exporter, progress=_quiet)
     _check_bundle(out, checkpoint.load(path), max_batch=64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, layout", [("test_tokens", "tokens-cls"), ("test_channels_last", "nhwc")])
+def test_token_and_channels_last_exits_build(tmp_path, arch, layout):
+    """Heads that take the class token or pool a channels-last map export and pass parity."""
+    model = gated(arch, input_shape=(1, 8, 8), head="grid")
+    assert model.feature_layouts == [layout]
+    path = save(model, tmp_path / "m.pt")
+    out = build_bundle(path, tmp_path / "b", max_batch=16, exporter="torchscript", progress=_quiet)
+    _check_bundle(out, checkpoint.load(path), max_batch=16)
