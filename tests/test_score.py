@@ -15,7 +15,7 @@ from tiny_bundle import SHAPE, TinyGated, make_tiny_bundle
 from dgate_export.build import probe_thresholds
 from dgate_export.cli import main
 from dgate_export.errors import UserError
-from dgate_export.integrations.ray import pool_size, require_ray, user_error_in
+from dgate_export.integrations.ray import BundleClassifier, pool_size, require_ray, user_error_in
 from dgate_export.runtime import GatedRuntime
 from dgate_export.score import PredictionWriter
 
@@ -122,6 +122,27 @@ def test_a_missing_ray_extra_says_which_extra_to_install(tiny, tmp_path, monkeyp
     r = _score(bundle, "--data", f"npz:{data / 'labelled.npz'}", "-o", tmp_path / "p.parquet", "--ray")
     assert r.exit_code == 2 and "pip install 'dgate-export[ray]'" in r.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_classifier_takes_a_batch_dict_and_thresholds(tiny):
+    """BundleClassifier is a plain callable class: Ray Data calls it with a dict of numpy arrays."""
+    bundle, x, _, _ = tiny
+    t0 = float(np.median(TinyGated(seed=0).all_exits(x)[0]))
+    want = GatedRuntime.load(bundle, thresholds=[t0, 0.0]).run(x)
+    classify = BundleClassifier(bundle, thresholds=[t0, 0.0], logits=True)
+    ids = np.arange(100, 200)
+    out = classify({"id": ids, "image": x})
+    assert sorted(out) == ["confidence", "exit", "id", "logits", "prediction"]
+    assert np.array_equal(out["id"], ids)  # other columns pass through
+    assert np.array_equal(out["exit"], want.exits) and set(want.exits) == {0, 1}
+    assert np.array_equal(out["prediction"], want.predictions)
+    assert np.array_equal(out["logits"], want.logits)
+    empty = classify({"id": ids[:0], "image": x[:0]})
+    assert {k: v.shape for k, v in empty.items()} == {"id": (0,), "prediction": (0,), "exit": (0,),
+                                                      "confidence": (0,), "logits": (0, 3)}
+    assert sorted(BundleClassifier(bundle)({"image": x})) == ["confidence", "exit", "prediction"]
+    with pytest.raises(UserError, match="no column 'image'.*pixels"):
+        classify({"pixels": x})
 
 
 def test_pool_size_follows_the_resources():
