@@ -725,6 +725,9 @@ def _serving_options(f):
         click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
                      help="ONNX Runtime intra-op threads per segment instance."),
         click.option("--name", default=None, help="Name of the gate model [default: the bundle's]."),
+        click.option("--gate-batching", is_flag=True,
+                     help="Dynamic batching for the gate model too: requests with the same thresholds share one "
+                          "chain of segment calls (requests of at most max-batch rows; [N] outputs as [N, 1])."),
         click.option("--unbatched", is_flag=True,
                      help="Also write NAME_unbatched: the gated chain without dynamic batching (for comparisons)."),
     ]
@@ -743,7 +746,7 @@ def _serving_options(f):
 @_serving_options
 @click.option("--force", is_flag=True, help="Replace an existing repository (only once the new one is written).")
 def triton_cmd(bundle, output, platform, instances, segment_instances, max_queue_delay_us, kind, threads, name,
-               unbatched, force):
+               gate_batching, unbatched, force):
     """Write a Triton Inference Server model repository for BUNDLE (docs/serving.md).
 
     One model per segment with dynamic batching (the survivors of concurrent requests are merged at
@@ -754,7 +757,8 @@ def triton_cmd(bundle, output, platform, instances, segment_instances, max_queue
 
     info = write_repository(bundle, output, platform=platform, instances=instances,
                             segment_instances=segment_instances, max_queue_delay_us=max_queue_delay_us,
-                            kind=kind, threads=threads, name=name, unbatched=unbatched, force=force)
+                            kind=kind, threads=threads, name=name, unbatched=unbatched, gate_batching=gate_batching,
+                            force=force)
     click.echo(f"wrote {info.path} (platform {info.platform}): {', '.join(info.models)}")
     click.echo(f"serve it: tritonserver --model-repository {info.path}   (see {info.path}/README.md)")
 
@@ -771,7 +775,7 @@ def triton_cmd(bundle, output, platform, instances, segment_instances, max_queue
 @click.option("--triton-env", default=None, type=click.Path(file_okay=False),
               help="Python environment holding nvidia-pytriton [default: $DGATE_TRITON_ENV, else .venv-triton].")
 def serve_cmd(bundle, port, grpc_port, repo, platform, instances, segment_instances, max_queue_delay_us, kind,
-              threads, name, unbatched, triton_env):
+              threads, name, gate_batching, unbatched, triton_env):
     """Serve BUNDLE with a local Triton Inference Server on 127.0.0.1 until Ctrl-C.
 
     Writes the model repository (see `triton`), starts tritonserver, waits until every model is
@@ -804,7 +808,8 @@ def serve_cmd(bundle, port, grpc_port, repo, platform, instances, segment_instan
     try:
         info = write_repository(bundle, repo, platform=platform, instances=instances,
                                 segment_instances=segment_instances, max_queue_delay_us=max_queue_delay_us,
-                                kind=kind, threads=threads, name=name, unbatched=unbatched, force=work is not None)
+                                kind=kind, threads=threads, name=name, unbatched=unbatched,
+                                gate_batching=gate_batching, force=work is not None)
         server = TritonServer(info.path, http_port=port, grpc_port=grpc_port, install=install)
         click.echo(f"starting tritonserver ({install.binary}) for {info.path} ...")
         server.start()

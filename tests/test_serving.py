@@ -70,6 +70,11 @@ def served(tmp_path_factory):
                             ("tiny_unbatched", "count: 8", "count: 1")):
         config = info.path / model / "config.pbtxt"
         config.write_text(config.read_text().replace(old, new))
+    # The same chain with a batching gate model (--gate-batching), as models tinyb, tinyb_seg*.
+    extra = write_repository(bundle, root / "repo_b", platform="python", instances=2, max_queue_delay_us=2000,
+                             gate_batching=True, name="tinyb")
+    for model in extra.models:
+        (extra.path / model).rename(info.path / model)
     server = TritonServer(info.path, install=install).start()
     try:
         yield Served(server, GatedRuntime.load(bundle), bundle, str(install.python or sys.executable), root)
@@ -244,6 +249,35 @@ def test_example_client(served):
     assert proc.returncode == 0, proc.stderr
     assert "accuracy 100.00%" in proc.stdout
     assert f"exits per gate (last: full network): {np.bincount(want.exits).tolist()}" in proc.stdout
+
+
+@pytest.mark.slow
+def test_batching_gate_model_merges_requests_and_answers_each(served):
+    """--gate-batching: concurrent requests with the same thresholds share one run of the loop; each
+    still gets its own rows' results ([N] outputs arrive as [N, 1]), and a bad one fails alone."""
+    rt = served.runtime
+    rng = np.random.default_rng(9)
+    before = served.server.statistics("tinyb")["model_stats"][0]
+    requests, arrays, wants = [], {}, []
+    for i in range(96):
+        n = int(rng.integers(1, 5))
+        x = rng.standard_normal((n, *SHAPE)).astype(np.float32)
+        thr = [[0.35, 0.36], [0.34, 0.35], NEVER][i % 3]
+        arrays[f"r{i}"] = x
+        requests.append(_request(f"r{i}", x, thr))
+        wants.append(rt.run(x, thr))
+    requests[5]["thresholds"] = "0.5"  # one threshold for two gates
+    results, errors = _infer(served, requests, arrays, "grpc", concurrency=16, tag="gate_batching", model="tinyb")
+    assert list(errors) == [5] and errors[5][0] in BAD
+    for i, (got, want) in enumerate(zip(results, wants)):
+        if i == 5:
+            continue
+        assert got is not None and got["exits"].shape == (len(want.exits), 1)
+        _assert_same({k: v.reshape(len(want.exits), -1) if k == "logits" else v.reshape(-1) for k, v in got.items()},
+                     want, f"request {i}")
+    after = served.server.statistics("tinyb")["model_stats"][0]
+    executions = int(after["execution_count"]) - int(before["execution_count"])
+    assert executions < len(requests), "the gate model never merged requests"
 
 
 def test_statistics_give_the_mean_batch():

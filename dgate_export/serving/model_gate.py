@@ -97,24 +97,65 @@ class TritonPythonModel:
         runners = [SegmentModel(s["model"], s["inputs"], s["outputs"]) for s in gate["segments"]]
         self.runtime = GatedRuntime(manifest, runners)
         self.has_raw = manifest.input.normalization is not None
+        # With --gate-batching the gate model has dynamic batching too: one execute gets several requests,
+        # and those with the same thresholds run as one batch (one chain of segment calls for all).
+        self.batched = int(json.loads(args["model_config"]).get("max_batch_size", 0)) > 0
 
     def execute(self, requests):
-        return [self._one(request) for request in requests]
+        if not self.batched:
+            return [self._one(request) for request in requests]
+        return self._batched(requests)
+
+    def _input(self, request):
+        x = pb_utils.get_input_tensor_by_name(request, "input")
+        raw = pb_utils.get_input_tensor_by_name(request, RAW_INPUT) if self.has_raw else None
+        if (x is None) == (raw is None):
+            raise UserError("Send exactly one of the inputs 'input' (model input)"
+                            + (f" and {RAW_INPUT!r} (raw pixels)." if self.has_raw else "."))
+        return (x if raw is None else raw).as_numpy()
 
     def _one(self, request):
         try:
-            x = pb_utils.get_input_tensor_by_name(request, "input")
-            raw = pb_utils.get_input_tensor_by_name(request, RAW_INPUT) if self.has_raw else None
-            if (x is None) == (raw is None):
-                raise UserError("Send exactly one of the inputs 'input' (model input)"
-                                + (f" and {RAW_INPUT!r} (raw pixels)." if self.has_raw else "."))
-            res = self.runtime.run((x if raw is None else raw).as_numpy(), thresholds_of(request))
-        except UserError as err:
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), pb_utils.TritonError.INVALID_ARG))
-        except SegmentError as err:
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err)))
-        outputs = [pb_utils.Tensor("logits", res.logits.astype(np.float32, copy=False)),
-                   pb_utils.Tensor("predictions", res.predictions.astype(np.int64, copy=False)),
-                   pb_utils.Tensor("exits", res.exits),
-                   pb_utils.Tensor("confidence", res.confidence)]
-        return pb_utils.InferenceResponse(output_tensors=outputs)
+            res = self.runtime.run(self._input(request), thresholds_of(request))
+        except (UserError, SegmentError) as err:
+            return _error(err)
+        return _response(res, slice(None))
+
+    def _batched(self, requests):
+        responses = [None] * len(requests)
+        groups = {}  # thresholds (None: the bundle's) -> [(request number, prepared rows)]
+        for i, request in enumerate(requests):
+            try:  # checked per request, so that one bad request fails alone
+                x = self.runtime._prepare(self._input(request))
+                thr = thresholds_of(request)
+                key = None if thr is None else self.runtime._check_thresholds(thr)
+            except UserError as err:
+                responses[i] = _error(err)
+                continue
+            groups.setdefault(key, []).append((i, x))
+        for key, members in groups.items():
+            x = members[0][1] if len(members) == 1 else np.concatenate([m[1] for m in members])
+            try:
+                res = self.runtime.run(x, key)
+            except (UserError, SegmentError) as err:
+                for i, _ in members:
+                    responses[i] = _error(err)
+                continue
+            start = 0
+            for i, rows in members:
+                responses[i] = _response(res, slice(start, start + len(rows)))
+                start += len(rows)
+        return responses
+
+
+def _error(err):
+    code = pb_utils.TritonError.INVALID_ARG if isinstance(err, UserError) else pb_utils.TritonError.INTERNAL
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), code))
+
+
+def _response(res, rows):
+    outputs = [pb_utils.Tensor("logits", np.ascontiguousarray(res.logits[rows], dtype=np.float32)),
+               pb_utils.Tensor("predictions", np.ascontiguousarray(res.predictions[rows], dtype=np.int64)),
+               pb_utils.Tensor("exits", np.ascontiguousarray(res.exits[rows])),
+               pb_utils.Tensor("confidence", np.ascontiguousarray(res.confidence[rows]))]
+    return pb_utils.InferenceResponse(output_tensors=outputs)

@@ -61,13 +61,16 @@ class RepositoryInfo:
 def write_repository(bundle: str | Path, out: str | Path, *, platform: str = "auto", instances: int = 8,
                      segment_instances: int = 1, max_queue_delay_us: int = 0, kind: str = "cpu",
                      name: str | None = None, threads: int = 1, unbatched: bool = False,
-                     force: bool = False) -> RepositoryInfo:
+                     gate_batching: bool = False, force: bool = False) -> RepositoryInfo:
     """Write the Triton model repository of `bundle` to `out`, atomically (a temp folder renamed at the end).
 
     `instances`: instances of the gate model, i.e. requests whose loop runs at the same time (each
     waits on its segment calls; the survivors of all of them meet in the segment models' queues).
     `segment_instances`: instances of each segment model. `threads`: ONNX Runtime intra-op threads per
     segment instance (python platform; onnxruntime platform: the backend's intra_op_thread_count).
+    `gate_batching`: the gate model (`NAME` only, not the unbatched copy) gets dynamic batching too, so
+    requests with the same thresholds share one chain of segment calls; a request is then at most
+    max_batch rows, and the [N] outputs are declared dims [1] with reshape [] (docs/serving.md).
     """
     manifest = verify_bundle(bundle)
     if platform not in PLATFORMS:
@@ -98,7 +101,8 @@ def write_repository(bundle: str | Path, out: str | Path, *, platform: str = "au
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        writer = _Writer(manifest, tmp, platform, kind, max_queue_delay_us, segment_instances, threads)
+        writer = _Writer(manifest, tmp, platform, kind, max_queue_delay_us, segment_instances, threads,
+                         gate_batching)
         models = writer.write_all(name, instances, unbatched)
         shutil.rmtree(tmp / ".graphs", ignore_errors=True)  # the gather-free graphs, copied into their models
         (tmp / "README.md").write_text(_readme(manifest, name, platform, kind, models, out.name), encoding="utf-8")
@@ -117,7 +121,8 @@ def write_repository(bundle: str | Path, out: str | Path, *, platform: str = "au
 
 class _Writer:
     def __init__(self, manifest: Manifest, root: Path, platform: str, kind: str, delay_us: int,
-                 segment_instances: int, threads: int):
+                 segment_instances: int, threads: int, gate_batching: bool = False):
+        self.gate_batching = gate_batching
         self.m = manifest
         self.root = root
         self.platform = platform
@@ -130,7 +135,7 @@ class _Writer:
     def write_all(self, name: str, instances: int, unbatched: bool) -> list[str]:
         seg_names = [f"{name}_seg{s.index}" for s in self.m.segments]
         models = [name, *seg_names]
-        self.gate_model(name, seg_names, instances)
+        self.gate_model(name, seg_names, instances, batching=self.gate_batching)
         for seg, seg_name in zip(self.m.segments, seg_names):
             self.segment_model(seg_name, seg.index, batching=True)
         base = f"{name}_baseline"
@@ -139,7 +144,7 @@ class _Writer:
         if unbatched:
             plain = f"{name}{UNBATCHED_SUFFIX}"
             plain_segs = [f"{plain}_seg{s.index}" for s in self.m.segments]
-            self.gate_model(plain, plain_segs, instances)
+            self.gate_model(plain, plain_segs, instances, batching=False)  # no batching anywhere in this chain
             for seg, seg_name in zip(self.m.segments, plain_segs):
                 self.segment_model(seg_name, seg.index, batching=False)
             models += [plain, *plain_segs]
@@ -147,16 +152,24 @@ class _Writer:
 
     # ------------------------------------------------------------------------------------ the models
 
-    def gate_model(self, name: str, segment_models: list[str], instances: int) -> None:
+    def gate_model(self, name: str, segment_models: list[str], instances: int, batching: bool) -> None:
         m = self.m
         version = self._model_dir(name)
         c, h, w = (int(d) for d in m.input.shape[1:])
-        inputs = [_tensor_config("input", _TRITON_TYPES[m.input.dtype], [-1, c, h, w],
+        lead = [] if batching else [-1]  # batched: Triton's batch dimension stands for N
+        inputs = [_tensor_config("input", _TRITON_TYPES[m.input.dtype], [*lead, c, h, w],
                                  optional=m.input.normalization is not None)]
         if m.input.normalization is not None:
-            inputs.append(_tensor_config(RAW_INPUT, "TYPE_UINT8", [-1, c, h, w], optional=True))
-        outputs = [_tensor_config(n, t, [-1, m.num_classes] if d == -2 else [-1]) for n, t, d in GATE_OUTPUTS]
-        config = [f'name: "{name}"', 'backend: "python"', "max_batch_size: 0",
+            inputs.append(_tensor_config(RAW_INPUT, "TYPE_UINT8", [*lead, c, h, w], optional=True))
+        if batching:
+            outputs = [_tensor_config(n, t, [m.num_classes]) if d == -2 else _tensor_config(n, t, [1], reshape=True)
+                       for n, t, d in GATE_OUTPUTS]
+        else:
+            outputs = [_tensor_config(n, t, [-1, m.num_classes] if d == -2 else [-1]) for n, t, d in GATE_OUTPUTS]
+        batching = [f"max_batch_size: {m.max_batch}",
+                    f"dynamic_batching {{ max_queue_delay_microseconds: {self.delay_us} }}"] if batching \
+            else ["max_batch_size: 0"]
+        config = [f'name: "{name}"', 'backend: "python"', *batching,
                   _block("input", inputs), _block("output", outputs),
                   f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]"]
         _write(version.parent / "config.pbtxt", "\n".join(config) + "\n")
