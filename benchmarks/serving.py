@@ -7,7 +7,9 @@
 (a) `baseline`: the un-gated model with dynamic batching; (b) `gated`: the gate model (BLS) over the
 segment models with dynamic batching, so the survivors of concurrent requests are merged at every
 segment; (c) `unbatched`: the same gate model over copies of the segments without dynamic batching
-(one request per execution). Closed loops at 1, 4, 16, 64 concurrent clients with requests of 1 and
+(one request per execution); (d) `gate-batched`: (b) with `--gate-batching`, the gate model batching
+requests too, so that one chain of segment calls serves several requests (its first statistics entry
+is the gate model's own mean batch, in requests' rows). Closed loops at 1, 4, 16, 64 concurrent clients with requests of 1 and
 16 rows, and open loops at fixed request rates (fractions of the baseline's closed-loop rate at
 concurrency 16, size 1); the three models take turns point by point (side by side, same minute).
 For each point: throughput (samples/s), latency p50/p90/p99 (ms), each model's mean executed batch
@@ -52,7 +54,7 @@ from dgate_export.serving import TritonServer, find_server, write_repository
 
 LOAD = Path(__file__).resolve().parent / "serving_load.py"
 CLIENT = ROOT / "tests" / "triton_client.py"
-MODES = ("baseline", "gated", "unbatched")
+MODES = ("baseline", "gated", "unbatched", "gate-batched")
 
 
 def _load() -> str:
@@ -64,8 +66,9 @@ def _model_names(name: str, segments: int) -> dict[str, tuple[str, list[str]]]:
     """mode -> (model to request, models whose statistics are read)."""
     segs = [f"{name}_seg{k}" for k in range(segments)]
     plain = [f"{name}_unbatched_seg{k}" for k in range(segments)]
+    batched = [f"{name}_gb", *[f"{name}_gb_seg{k}" for k in range(segments)]]
     return {"baseline": (f"{name}_baseline", [f"{name}_baseline"]), "gated": (name, segs),
-            "unbatched": (f"{name}_unbatched", plain)}
+            "unbatched": (f"{name}_unbatched", plain), "gate-batched": (f"{name}_gb", batched)}
 
 
 def _run_load(python: str, server: TritonServer, x: np.ndarray, items: list[dict], work: Path,
@@ -142,7 +145,7 @@ def plot(results: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, size in zip(axes, (1, 16)):
-        for mode, color in zip(MODES, ("tab:gray", "tab:blue", "tab:orange")):
+        for mode, color in zip(MODES, ("tab:gray", "tab:blue", "tab:orange", "tab:green")):
             pts = [r for r in results if r["mode"] == mode and r["loop"] == "closed" and r["size"] == size]
             ax.plot([p["latency_ms"]["p99"] for p in pts], [p["throughput"] for p in pts], "o-", color=color,
                     label=mode)
@@ -170,6 +173,7 @@ def main() -> None:
     ap.add_argument("--rate-fractions", default="0.5,1,2",
                     help="open-loop request rates as fractions of the baseline's closed-loop rate (c16, size 1)")
     ap.add_argument("--instances", type=int, default=16, help="gate model instances")
+    ap.add_argument("--gb-instances", type=int, default=4, help="gate model instances of the gate-batched chain")
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per segment/baseline instance")
     ap.add_argument("--segment-instances", type=int, default=2)
     ap.add_argument("--max-queue-delay-us", type=int, default=0)
@@ -199,6 +203,14 @@ def main() -> None:
         info = write_repository(args.bundle, work / "repo", platform="python", instances=args.instances,
                                 segment_instances=args.segment_instances, threads=args.threads,
                                 max_queue_delay_us=args.max_queue_delay_us, unbatched=True)
+        # (d) the gated chain with --gate-batching, as models NAME_gb, NAME_gb_seg*, in the same server
+        extra = write_repository(args.bundle, work / "repo_gb", platform="python", instances=args.gb_instances,
+                                 segment_instances=args.segment_instances, threads=args.threads,
+                                 max_queue_delay_us=args.max_queue_delay_us, gate_batching=True,
+                                 name=f"{info.name}_gb")
+        for model in extra.models:
+            if not model.endswith("_baseline"):
+                (extra.path / model).rename(info.path / model)
         names = _model_names(info.name, len(rt.manifest.segments))
         t0 = time.perf_counter()
         with TritonServer(info.path, install=install) as server:
@@ -234,11 +246,11 @@ def main() -> None:
 def goal(results: list[dict], ideal: float) -> list[dict]:
     out = []
     for r in results:
-        if r["mode"] != "gated" or r["loop"] != "closed" or r["concurrency"] not in (16, 64):
+        if r["mode"] not in ("gated", "gate-batched") or r["loop"] != "closed" or r["concurrency"] not in (16, 64):
             continue
         base = next(b for b in results if b["mode"] == "baseline" and b["loop"] == "closed"
                     and b["size"] == r["size"] and b["concurrency"] == r["concurrency"])
-        out.append({"size": r["size"], "concurrency": r["concurrency"],
+        out.append({"mode": r["mode"], "size": r["size"], "concurrency": r["concurrency"],
                     "speedup": r["throughput"] / base["throughput"], "target_speedup": 0.8 * ideal,
                     "speedup_per_cpu_second": (r["samples_per_cpu_second"] / base["samples_per_cpu_second"]
                                                if r["samples_per_cpu_second"] and base["samples_per_cpu_second"]
