@@ -143,22 +143,23 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, size in zip(axes, (1, 16)):
-        for mode, color in zip(MODES, ("tab:gray", "tab:blue", "tab:orange", "tab:green")):
-            pts = [r for r in results if r["mode"] == mode and r["loop"] == "closed" and r["size"] == size]
-            ax.plot([p["latency_ms"]["p99"] for p in pts], [p["throughput"] for p in pts], "o-", color=color,
-                    label=mode)
-            for p in pts:
-                ax.annotate(str(p["concurrency"]), (p["latency_ms"]["p99"], p["throughput"]), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("p99 latency (ms, log)")
-        ax.set_ylabel("throughput (samples/s)")
-        ax.set_title(f"closed loop, {size} row(s) per request (labels: concurrency)")
-        ax.grid(alpha=0.3)
-        ax.legend()
+    fig, grid = plt.subplots(2, 2, figsize=(11, 8))
+    for row, (key, label) in enumerate((("throughput", "throughput (samples/s, wall clock)"),
+                                        ("samples_per_cpu_second", "samples per server CPU-second"))):
+        for ax, size in zip(grid[row], (1, 16)):
+            for mode, color in zip(MODES, ("tab:gray", "tab:blue", "tab:orange", "tab:green")):
+                pts = [r for r in results if r["mode"] == mode and r["loop"] == "closed" and r["size"] == size]
+                ax.plot([p["latency_ms"]["p99"] for p in pts], [p[key] for p in pts], "o-", color=color, label=mode)
+                for p in pts:
+                    ax.annotate(str(p["concurrency"]), (p["latency_ms"]["p99"], p[key]), fontsize=7,
+                                xytext=(3, 3), textcoords="offset points")
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel("p99 latency (ms, log)")
+            ax.set_ylabel(label)
+            ax.set_title(f"closed loop, {size} row(s) per request (labels: concurrency)", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
