@@ -37,8 +37,9 @@ Where the backend's runner asks for `batch_buckets` (ONNX Runtime on a GPU), x a
 padded to the next power of two by repeating their last row, and the padded rows' results are
 dropped; `warmup()` runs every segment once at every batch size it will then see.
 Where every runner has `fixed_buffers` (ONNX Runtime's fixed_buffers / cuda_graphs options), the same
-loop runs over slots bound once per (segment, bucket) (`_run_chunk_fixed`; batch 1 too): per gate one
-read of the confidences, the exited rows' logits read once per chunk. With a compact-or-pad table
+loop runs over slots bound once per (segment, bucket) (`_run_chunk_fixed`, `_run_one_fixed`): per gate
+one read of the confidences, the exited rows' logits read once per chunk. On ONNX Runtime's CPU
+provider single samples always run from slots (`slots_for_one`: measured faster). With a compact-or-pad table
 (`bucket_times`, measured by `profile_buckets()`), `next_bucket` keeps a batch padded where compacting
 would not be faster. docs/architecture.md "Fixed buffers, compact or pad".
 
@@ -106,6 +107,9 @@ class GatedRuntime:
         self._buckets = bool(getattr(runners[0], "batch_buckets", False))
         # Runners with fixed-address slots (ONNX Runtime's fixed_buffers / cuda_graphs) run the slot loop.
         self._fixed = all(getattr(r, "fixed_buffers", False) for r in runners)
+        # Batch 1 runs from slots where the runners say it pays (ONNX Runtime's CPU provider: measured 4-6%
+        # faster than plain session runs, benchmarks/README.md "Runtime modes") or where all runs do.
+        self._one_in_slots = self._fixed or all(getattr(r, "slots_for_one", False) for r in runners)
         self._bucket_times: list[dict[int, float]] | None = None  # compact-or-pad table, see bucket_times
         self._rows = np.arange(self.max_batch, dtype=np.int64)  # shared by all calls: sliced, never written
         self._rows.flags.writeable = False
@@ -179,8 +183,8 @@ class GatedRuntime:
         thr = self._thresholds if thresholds is None else self._check_thresholds(thresholds)
         x = self._prepare(x)
         n = x.shape[0]
-        if n == 1 and not self._fixed:
-            return self._check_output(self._run_one(x, thr))
+        if n == 1:
+            return self._check_output(self._run_one_fixed(x, thr) if self._one_in_slots else self._run_one(x, thr))
         logits = np.empty((n, self.num_classes), dtype=np.float32)
         exits = np.empty(n, dtype=np.int64)
         conf = np.empty(n, dtype=np.float32)
@@ -405,6 +409,24 @@ class GatedRuntime:
         final = out["logits"]
         with np.errstate(all="ignore"):
             return self._result_one(final, self.num_gates, confidence_np(self._measure, final).item())
+
+    def _run_one_fixed(self, x: np.ndarray, thr: tuple[float, ...]) -> RunResult:
+        """`_run_one` over the slots of bucket 1. Their `index` is always [0]: written on first use only."""
+        slot = self._runners[0].slot(1)
+        slot.write(self._input_name, x)
+        slot.run()
+        for k in range(self.num_gates):
+            c = slot.read("confidence").item()
+            if c >= thr[k]:
+                return self._result_one(slot.read("logits"), k, c)
+            slot = self._runners[k + 1].slot(1, slot, self._links[k + 1])
+            if not slot.runs:
+                slot.write("index", self._rows[:1])
+            slot.run()
+        final = slot.read("logits")
+        with np.errstate(all="ignore"):  # non-finite logits are reported by _check_output
+            conf = confidence_np(self._measure, final).item()
+        return self._result_one(final, self.num_gates, conf)
 
     def _result_one(self, logits: np.ndarray, exit_: int, conf: float) -> RunResult:
         counts = [0] * (self.num_gates + 1)

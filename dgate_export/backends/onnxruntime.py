@@ -260,6 +260,9 @@ class Runner:
         # Read by GatedRuntime: fixed buffers exist per bucket, so they imply buckets.
         self.fixed_buffers = self.cuda_graphs or bool(options.get("fixed_buffers", False))
         self.batch_buckets = self.fixed_buffers or bool(options.get("batch_buckets", self._on_device))
+        # On the CPU a slot of one row beats a session run (bound once, outputs preallocated): GatedRuntime
+        # runs single samples from slots there whatever fixed_buffers says.
+        self.slots_for_one = not self._on_device
         # On a GPU with buckets: one session per batch size (see the module docstring), made on first use.
         self._per_size = self._on_device and self.batch_buckets
         self._sessions: dict[int, Any] = {}  # the first size seen gets the session made here
