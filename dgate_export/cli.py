@@ -91,7 +91,8 @@ def _float_list(text: str, what: str) -> list[float]:
 @click.option("--exit-times", is_flag=True,
               help="Also time leaving at each exit: the ideal speed-up from measured times, not FLOPs, and the "
                    "runtime's efficiency against it.")
-@click.option("--cuda-graphs", is_flag=True, help="TensorRT: replay CUDA graphs per segment and batch bucket.")
+@click.option("--cuda-graphs", is_flag=True,
+              help="Replay CUDA graphs per segment and batch bucket (TensorRT, or ONNX Runtime with --providers cuda).")
 @click.option("--providers", default=None, metavar="LIST",
               help="ONNX Runtime: execution providers in priority order, e.g. cuda (needs onnxruntime-gpu) "
                    "[default: cpu].")
@@ -136,8 +137,8 @@ def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes,
         batch_sizes=_int_list(batch_sizes, "--batch-sizes"), warmup_ms=warmup_ms, min_iterations=min_iterations,
         min_seconds=min_seconds, thresholds=_float_list(thresholds, "--thresholds") if thresholds else None,
         sweep=sweep, exit_times=exit_times)
-    if cuda_graphs and (backend or manifest.backend) != "tensorrt":
-        raise UserError("--cuda-graphs applies to TensorRT bundles only.", "Drop it for ONNX Runtime.")
+    # TensorRT: a graph per segment and bucket; ONNX Runtime: fixed buffers and a graph per slot, which
+    # needs --providers cuda (its runner says so otherwise).
     runner_options: dict = {"cuda_graphs": True} if cuda_graphs else {}
     runner_options.update(_runner_options(manifest.backend, backend, providers))
     report = bench_mod.run_bench(bundle, x, y, options, data_info=info, backend=backend,

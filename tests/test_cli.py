@@ -28,3 +28,12 @@ def test_tensorrt_flags_are_refused_for_onnxruntime(tmp_path):
 def test_unknown_import_is_a_user_error():
     r = CliRunner().invoke(main, ["--import", "no_such_module_xyz", "inspect", "."])
     assert r.exit_code == 2 and "no_such_module_xyz" in r.output and "Traceback" not in r.output
+
+
+def test_cuda_graphs_on_onnxruntime_need_the_cuda_provider(tmp_path):
+    from tiny_bundle import make_tiny_bundle
+
+    bundle, _ = make_tiny_bundle(tmp_path, max_batch=4)
+    r = CliRunner().invoke(main, ["bench", "--engine", str(bundle), "--random", "8", "--cuda-graphs"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "cuda_graphs needs ONNX Runtime's CUDA provider" in " ".join(r.output.split())
