@@ -5,6 +5,8 @@
     3 export    one ONNX graph per segment (export.py) and the un-gated baseline
     4 check     onnx.checker (full check, with shape inference) on every graph
     5 parity    the chained graphs in ONNX Runtime vs the torch reference early-exit pass
+   (5b quantize  --precision int8 only: quantize.py quantizes the checked float graphs, checks them against
+                 the float ones and fits the thresholds on their confidences; numbered 6 of 9)
     6 engines   the backend's artifact per graph (get_backend(name).build, finish_build)
     7 manifest  manifest.json, then every hash verified
     8 rename    the temporary directory (next to the output) becomes the output
@@ -45,6 +47,7 @@ from .manifest import (
 from .outputs import check_writable
 
 STEPS = ("load", "split", "export", "check", "parity", "engines", "manifest", "rename")
+INT8_STEPS = (*STEPS[:5], "quantize", *STEPS[5:])
 PROBE_SIZE = 64  # rows of the parity probe batch (capped by max_batch)
 PROBE_SEED = 0
 
@@ -64,23 +67,24 @@ TOLERANCES = {"fp32": Tolerance(rel=1e-4, confidence=1e-4), "fp16": Tolerance(re
 class _Steps:
     """Numbered progress lines with timings; a UserError inside a step names the step."""
 
-    def __init__(self, progress: Callable[[str], Any]):
+    def __init__(self, progress: Callable[[str], Any], names: tuple[str, ...] = STEPS):
         self.progress = progress
+        self.names = names
         self.timings: dict[str, float] = {}
 
     def run(self, name: str, fn: Callable[[], Any], detail: Callable[[Any], str] | None = None) -> Any:
-        number = STEPS.index(name) + 1
+        number, total = self.names.index(name) + 1, len(self.names)
         start = time.perf_counter()
         try:
             result = fn()
         except UserError as err:
-            prefix = f"Build failed at step {number}/{len(STEPS)} ({name})"
+            prefix = f"Build failed at step {number}/{total} ({name})"
             message = err.message.removeprefix(f"Step {name}: ")
             raise UserError(f"{prefix}: {message}", err.hint) from err
         seconds = time.perf_counter() - start
         self.timings[name] = seconds
         text = detail(result) if detail else ""
-        self.progress(f"[{number}/{len(STEPS)}] {name:<8} {seconds:6.2f} s  {text}".rstrip())
+        self.progress(f"[{number}/{total}] {name:<8} {seconds:6.2f} s  {text}".rstrip())
         return result
 
 
@@ -96,8 +100,12 @@ def build_bundle(
     backend_options: dict | None = None,
     progress: Callable[[str], Any] | None = print,
     exporter: str = "dynamo",
+    int8: Any = None,
 ) -> Path:
-    """Build the bundle for gated checkpoint `model_path`; return its directory (default engines/<stem>)."""
+    """Build the bundle for gated checkpoint `model_path`; return its directory (default engines/<stem>).
+
+    `int8` (a quantize.Int8Options: calibration data, rows, threshold target) is required by and only
+    taken with precision "int8"."""
     from .backends import get_backend
     from .export import EXPORTERS
 
@@ -106,6 +114,12 @@ def build_bundle(
     # Everything the user can get wrong is refused before any work.
     if precision not in PRECISIONS:
         raise UserError(f"Unknown precision {precision!r}.", f"Choose one of: {', '.join(PRECISIONS)}.")
+    if precision == "int8" and int8 is None:
+        raise UserError("--precision int8 needs calibration data.",
+                        "Add --calibration-data DATA (e.g. fashion-mnist, or npz:PATH with the training rows).")
+    if precision != "int8" and int8 is not None:
+        raise UserError("--calibration-data and --calibration-rows only apply to --precision int8.",
+                        "Drop them, or build with --precision int8.")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise UserError(f"max batch must be a positive integer, got {max_batch!r}.")
     if opset is not None and opset < 18 and exporter == "dynamo":
@@ -120,14 +134,15 @@ def build_bundle(
         raise UserError(f"{model_path}: no such file.",
                         "Give the path of a gated model written by `dgate-export gate`.")
 
-    steps = _Steps(progress or (lambda _line: None))
+    steps = _Steps(progress or (lambda _line: None), INT8_STEPS if precision == "int8" else STEPS)
     created_parents = _make_parents(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _chmod_like_mkdir(tmp)
         manifest = _build_into(tmp, steps, model_path=model_path, name=out.name, backend=backend,
                                backend_module=backend_module, precision=precision, max_batch=max_batch,
-                               opset=opset, backend_options=dict(backend_options or {}), exporter=exporter)
+                               opset=opset, backend_options=dict(backend_options or {}), exporter=exporter,
+                               int8=int8)
         steps.run("rename", lambda: _move_into_place(tmp, out, force), lambda _r: str(out))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -212,14 +227,24 @@ def _build_into(tmp: Path, steps: _Steps, **kwargs: Any) -> Manifest:
 
 def _steps_1_to_7(tmp: Path, steps: _Steps, *, model_path: Path, name: str, backend: str, backend_module: Any,
                   precision: str, max_batch: int, opset: int | None, backend_options: dict,
-                  exporter: str) -> Manifest:
+                  exporter: str, int8: Any) -> Manifest:
     import torch
 
     from . import checkpoint
     from .export import export_baseline, export_segment
 
-    model = steps.run("load", lambda: checkpoint.load(model_path),
-                      lambda m: f"{model_path} ({m.arch['name']}, {m.num_gates} gates, {m.num_classes} classes)")
+    calibration: list[Any] = []
+
+    def load():
+        loaded = checkpoint.load(model_path)
+        if int8 is not None:  # bad calibration data is refused before any export
+            from .quantize import calibration_rows
+
+            calibration.append(calibration_rows(int8, loaded, max_batch=max_batch))
+        return loaded
+
+    model = steps.run("load", load, lambda m: f"{model_path} ({m.arch['name']}, {m.num_gates} gates, "
+                      f"{m.num_classes} classes)" + (f"; {int8.rows} calibration rows of {int8.data}" if int8 else ""))
 
     def split():
         flops = model.flops or model.count_flops()
@@ -249,9 +274,18 @@ def _steps_1_to_7(tmp: Path, steps: _Steps, *, model_path: Path, name: str, back
     steps.run("check", lambda: _check_graphs(paths), lambda _r: "onnx.checker passed (full check)")
     with torch.no_grad():
         report = steps.run("parity", lambda: check_parity(model, [g.path for g in built.graphs],
-                                                          built.baseline.path, precision=precision,
+                                                          built.baseline.path,
+                                                          precision="fp32" if precision == "int8" else precision,
                                                           max_batch=max_batch, progress=steps.progress),
                            lambda r: r.summary())
+
+    quantization = None
+    if int8 is not None:
+        from .quantize import quantize_bundle
+
+        quantization = steps.run("quantize", lambda: quantize_bundle(
+            model, [g.path for g in built.graphs], built.baseline.path, int8, calibration[0], backend=backend,
+            progress=steps.progress), lambda q: f"thresholds refitted: {_fmt(model.thresholds)}")
 
     options = {"precision": precision, "max_batch": max_batch, "opt_batch": max_batch, **backend_options}
 
@@ -271,7 +305,7 @@ def _steps_1_to_7(tmp: Path, steps: _Steps, *, model_path: Path, name: str, back
     def manifest_step() -> Manifest:
         manifest = _manifest(model, built, engine_entries, backend_info, name=name, backend=backend,
                              precision=precision, max_batch=max_batch, flops=flops, model_path=model_path,
-                             exporter=exporter, parity=report)
+                             exporter=exporter, parity=report, quantization=quantization)
         write_manifest(tmp, manifest)
         return verify_bundle(tmp)  # the bundle as a runtime will read it
 
@@ -495,7 +529,7 @@ def _tensors(specs: list[dict]) -> list[TensorSpec]:
 
 def _manifest(model, built: _Built, engines: list[dict], backend_info: dict, *, name: str, backend: str,
               precision: str, max_batch: int, flops: dict, model_path: Path, exporter: str,
-              parity: ParityReport) -> Manifest:
+              parity: ParityReport, quantization: dict | None = None) -> Manifest:
     segments = []
     for k, graph in enumerate(built.graphs):
         gate = None
@@ -527,6 +561,7 @@ def _manifest(model, built: _Built, engines: list[dict], backend_info: dict, *, 
                 "exits": list(model.exits), "data_split": model.data_split, "parity": parity.to_dict()},
         tools=_tool_versions(exporter),
         backend_info=backend_info,
+        quantization=quantization,
     )
 
 

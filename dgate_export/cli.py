@@ -191,12 +191,57 @@ def _runner_options(bundle_backend: str, backend: str | None, providers: str | N
     return {"providers": [p.strip() for p in providers.split(",") if p.strip()]}
 
 
+def _calibration_target_options(command):
+    """--max-drop, --guarantee, --delta, --budget, --upper-bound and --holdout: what the thresholds are chosen
+    for (gate, calibrate)."""
+    options = [
+        click.option("--max-drop", type=float, default=None,
+                     help="Allowed accuracy drop (default 0.01): on new data with probability >= 1 - delta "
+                          "(--guarantee ltt), or on the validation rows (--guarantee none)."),
+        click.option("--guarantee", type=click.Choice(["ltt", "none"]), default="ltt", show_default=True,
+                     help="ltt: Learn then Test, the --max-drop promise holds on new data from the same "
+                          "distribution with probability >= 1 - delta (exact binomial bounds); none: the drop "
+                          "is held on the validation rows only (or its --upper-bound)."),
+        click.option("--delta", type=float, default=0.1, show_default=True,
+                     help="--guarantee ltt: the promise may fail with probability at most delta, in (0, 1)."),
+        click.option("--budget", type=float, default=None, help="Expected FLOPs as a fraction of the un-gated model."),
+        click.option("--upper-bound", type=float, default=None, metavar="LEVEL",
+                     help="Hold the drop's one-sided upper confidence bound at LEVEL (e.g. 0.9) to --max-drop, not "
+                          "the drop measured on validation: the promise then holds on new data more often (costs "
+                          "FLOPs)."),
+        click.option("--holdout", type=float, default=None, metavar="FRACTION",
+                     help="Keep this fraction of the validation rows (e.g. 0.3) out of the choice and report the "
+                          "thresholds on them: what the promise is worth on new data, without the test split."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _target(max_drop: float | None, budget: float | None) -> tuple[float | None, float | None]:
+    if max_drop is not None and budget is not None:
+        raise UserError("Give --max-drop or --budget, not both.",
+                        "--max-drop keeps accuracy; --budget caps the expected FLOPs.")
+    if max_drop is None and budget is None:
+        return 0.01, None
+    return max_drop, budget
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", default=None, type=click.Path(), help="Bundle directory [default: engines/<model stem>].")
 @click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime or tensorrt.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="Float type of the graphs (fp16: exported from the half model).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="fp16: graphs exported from the half model; int8: static quantization (QDQ), calibrated on "
+                   "--calibration-data (docs/precision.md).")
+@click.option("--calibration-data", default=None, metavar="DATA",
+              help="int8: the data set whose TRAINING rows calibrate the quantization and whose validation rows "
+                   "(the split the model records) fit the thresholds: fashion-mnist or npz:PATH.")
+@click.option("--calibration-rows", default=None, type=int, metavar="N",
+              help="int8: training rows that calibrate the activation ranges [default: 512].")
+@click.option("--data-dir", default=None, type=click.Path(), help="int8: folder of the Fashion-MNIST IDX files.")
+@click.option("--repeat-channels", is_flag=True, help="int8: repeat 1-channel data to the model's channel count.")
+@_calibration_target_options
 @click.option("--max-batch", default=256, show_default=True, type=click.IntRange(min=1),
               help="Largest batch the bundle accepts (every batch dimension is dynamic in 1..max).")
 @click.option("--opset", default=None, type=int, help="ONNX opset [default: the exporter's].")
@@ -211,8 +256,9 @@ def _runner_options(bundle_backend: str, backend: str | None, providers: str | N
 @click.option("--hardware-compatible", is_flag=True,
               help="TensorRT: engines that run on any Ampere or newer GPU (slower; see docs/tensorrt.md).")
 @click.option("--tf32", is_flag=True, help="TensorRT: allow TF32 math in fp32 engines.")
-def build(model, output, backend, precision, max_batch, opset, exporter, force, opt_batch, workspace_mb,
-          timing_cache, hardware_compatible, tf32):
+def build(model, output, backend, precision, calibration_data, calibration_rows, data_dir, repeat_channels, max_drop,
+          guarantee, delta, budget, upper_bound, holdout, max_batch, opset, exporter, force, opt_batch, workspace_mb, timing_cache,
+          hardware_compatible, tf32):
     """Build a bundle from a gated MODEL (model.pt): per-segment ONNX graphs, engines, manifest.json.
 
     Every graph passes the ONNX checker and a parity check against the torch model (same exit
@@ -228,7 +274,35 @@ def build(model, output, backend, precision, max_batch, opset, exporter, force, 
         flags = ", ".join("--" + k.replace("_", "-") for k in trt)
         raise UserError(f"{flags} only apply to --backend tensorrt.", "Drop them, or build for TensorRT.")
     build_bundle(model, output, backend=backend, precision=precision, max_batch=max_batch, opset=opset,
-                 force=force, exporter=exporter, backend_options=trt, progress=click.echo)
+                 force=force, exporter=exporter, backend_options=trt, progress=click.echo,
+                 int8=_int8_options(precision, calibration_data, calibration_rows, data_dir, repeat_channels,
+                                    max_drop, budget, upper_bound, holdout, guarantee, delta))
+
+
+def _int8_options(precision, data, rows, data_dir, repeat_channels, max_drop, budget, upper_bound, holdout,
+                  guarantee, delta):
+    """build's int8 options, or None; int8-only flags without --precision int8 are refused."""
+    from .calibrate import DEFAULT_DELTA
+
+    given = {"--calibration-data": data, "--calibration-rows": rows, "--data-dir": data_dir,
+             "--repeat-channels": repeat_channels or None, "--max-drop": max_drop, "--budget": budget,
+             "--upper-bound": upper_bound, "--holdout": holdout,
+             "--guarantee": None if guarantee == "ltt" else guarantee, "--delta": None if delta == DEFAULT_DELTA else delta}
+    if precision != "int8":
+        flags = [k for k, v in given.items() if v is not None]
+        if flags:
+            raise UserError(f"{', '.join(flags)} only apply to --precision int8.", "Drop them, or build int8.")
+        return None
+    from .quantize import CALIBRATION_ROWS, Int8Options
+
+    if data is None:
+        raise UserError("--precision int8 needs --calibration-data.",
+                        "Add --calibration-data DATA (fashion-mnist, or npz:PATH): its training rows calibrate the "
+                        "quantization, its validation rows fit the thresholds.")
+    max_drop, budget = _target(max_drop, budget)
+    return Int8Options(data=data, rows=CALIBRATION_ROWS if rows is None else rows, data_dir=data_dir,
+                       max_drop=max_drop, budget=budget, upper_bound=upper_bound, holdout=holdout,
+                       repeat_channels=repeat_channels, guarantee=guarantee, delta=delta)
 
 
 @main.command("inspect")
@@ -315,42 +389,6 @@ class _GateCommand(click.Command):
         rows.append(("torchvision/NAME", "any torchvision classifier, random init (train it or give --weights)"))
         with formatter.section("Architectures (--arch)"):
             formatter.write_dl(rows)
-
-
-def _calibration_target_options(command):
-    """--max-drop, --guarantee, --delta, --budget, --upper-bound and --holdout: what the thresholds are chosen
-    for (gate, calibrate)."""
-    options = [
-        click.option("--max-drop", type=float, default=None,
-                     help="Allowed accuracy drop (default 0.01): on new data with probability >= 1 - delta "
-                          "(--guarantee ltt), or on the validation rows (--guarantee none)."),
-        click.option("--guarantee", type=click.Choice(["ltt", "none"]), default="ltt", show_default=True,
-                     help="ltt: Learn then Test, the --max-drop promise holds on new data from the same "
-                          "distribution with probability >= 1 - delta (exact binomial bounds); none: the drop "
-                          "is held on the validation rows only (or its --upper-bound)."),
-        click.option("--delta", type=float, default=0.1, show_default=True,
-                     help="--guarantee ltt: the promise may fail with probability at most delta, in (0, 1)."),
-        click.option("--budget", type=float, default=None, help="Expected FLOPs as a fraction of the un-gated model."),
-        click.option("--upper-bound", type=float, default=None, metavar="LEVEL",
-                     help="Hold the drop's one-sided upper confidence bound at LEVEL (e.g. 0.9) to --max-drop, not "
-                          "the drop measured on validation: the promise then holds on new data more often (costs "
-                          "FLOPs)."),
-        click.option("--holdout", type=float, default=None, metavar="FRACTION",
-                     help="Keep this fraction of the validation rows (e.g. 0.3) out of the choice and report the "
-                          "thresholds on them: what the promise is worth on new data, without the test split."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def _target(max_drop: float | None, budget: float | None) -> tuple[float | None, float | None]:
-    if max_drop is not None and budget is not None:
-        raise UserError("Give --max-drop or --budget, not both.",
-                        "--max-drop keeps accuracy; --budget caps the expected FLOPs.")
-    if max_drop is None and budget is None:
-        return 0.01, None
-    return max_drop, budget
 
 
 def _recorded_split(model, model_path: str, val_size: int | None, seed: int | None) -> tuple[int, int]:

@@ -23,7 +23,8 @@ from .errors import UserError
 
 FORMAT = "dgate-bundle/1"
 MANIFEST_FILE = "manifest.json"
-PRECISIONS = {"fp32": "float32", "fp16": "float16"}  # precision -> float dtype of every graph tensor
+# precision -> float dtype of every graph's inputs and outputs (int8 graphs quantize inside: QDQ)
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
 CONFIDENCES = ("max-softmax", "margin", "entropy")
 DTYPES = ("float32", "float16", "int64")
 BATCH = "batch"  # symbolic dim: the rows this segment computes (dynamic, 1..max_batch)
@@ -153,6 +154,7 @@ class Manifest:
     opset: int | None = None
     source: dict[str, Any] | None = None  # where the bundle came from: checkpoint file, sha256, arch
     calibration: dict[str, Any] | None = None  # how `calibrate --engine` chose the thresholds (None: from source)
+    quantization: dict[str, Any] | None = None  # int8: how it was calibrated and checked (docs/precision.md)
     format: str = FORMAT
     root: Path | None = field(default=None, compare=False)  # the bundle directory once loaded; not written
 
@@ -171,6 +173,7 @@ class Manifest:
         return self.root / file
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {"quantization": self.quantization} if self.quantization is not None else {}
         return {
             "format": self.format,
             "name": self.name,
@@ -188,6 +191,7 @@ class Manifest:
             "tools": dict(self.tools),
             "backend_info": dict(self.backend_info),
             **({"calibration": self.calibration} if self.calibration is not None else {}),
+            **extra,
         }
 
     @classmethod
@@ -451,6 +455,9 @@ def _parse_manifest(data: Any) -> Manifest:
         raise _Bad("baseline.inputs[0] must match input (shape and dtype)")
     _check_logits(baseline.outputs[0], "baseline", num_classes, float_dtype)
 
+    quantization = _get(data, "quantization", "manifest", dict, optional=True)
+    if (precision == "int8") != (quantization is not None):
+        raise _Bad("quantization (how the int8 graphs were calibrated) must be present exactly when precision is int8")
     tools = _get(data, "tools", "manifest", dict)
     if not all(isinstance(v, str) for v in tools.values()):
         raise _Bad("tools must map tool names to version strings")
@@ -471,6 +478,7 @@ def _parse_manifest(data: Any) -> Manifest:
         opset=opset,
         source=_get(data, "source", "manifest", dict, optional=True),
         calibration=_get(data, "calibration", "manifest", dict, optional=True),
+        quantization=quantization,
         format=FORMAT,
     )
 
@@ -592,6 +600,8 @@ def describe_bundle(bundle_dir: str | Path) -> Manifest:
         f"input {_tensor_text(TensorSpec(inp.name, inp.shape, inp.dtype))} {inp.layout}; normalization "
         + (f"x = (raw * {norm['scale']:.6g} - mean) / std, mean {norm['mean']}, std {norm['std']}" if norm else "none")
     )
+    if manifest.quantization is not None:
+        console.print(quantization_text(manifest.quantization))
     names = ", ".join(manifest.class_names) if manifest.class_names else "unnamed"
     console.print(f"{manifest.num_classes} classes ({names}); confidence {manifest.confidence}")
 
@@ -639,6 +649,16 @@ def describe_bundle(bundle_dir: str | Path) -> Manifest:
                         "Rebuild the bundle with `dgate-export build ... --force`; do not edit its files by hand.")
     console.print(f"all {len(checks)} artifacts match their sha256")
     return manifest
+
+
+def quantization_text(q: dict[str, Any]) -> str:
+    """One line on how an int8 bundle was quantized (inspect, bench)."""
+    cal = q.get("calibration") or {}
+    src = cal.get("source") or {}
+    thr = q.get("thresholds") or {}
+    return (f"int8: {q.get('method', '?')}; weights {q.get('weights', '?')}, activations {q.get('activations', '?')}; "
+            f"calibrated on {cal.get('rows', '?')} rows of {src.get('data', '?')} ({src.get('split', '?')} split); "
+            f"thresholds fitted on {thr.get('fitted_on', '?')}")
 
 
 def _count(value: float | None) -> str:

@@ -1,0 +1,457 @@
+"""`build --precision int8`: ONNX Runtime static quantization (QDQ) of the exported float graphs.
+
+The build's `quantize` step, run after the float graphs passed parity with the torch model:
+
+1. Rows. `rows` seeded rows of the TRAINING split of `--calibration-data`, cut with the validation
+   size and seed the checkpoint records: never a validation row (where the thresholds are fitted) and
+   never a test row. Rows with NaN or inf, a wrong per-sample shape, or fewer rows than asked are
+   refused (UserError) before any quantization.
+2. Inputs per graph. Segment 0 and the baseline take the rows. Segment k>0 takes the carries the
+   float chain produces for them with index = arange (nobody leaves), so every segment's activation
+   ranges come from all calibration rows, as in the float bundle when every threshold is off.
+3. `onnxruntime.quantization.quantize_static` per graph: QDQ format, weights int8 symmetric per output
+   channel, activations per tensor from their min/max over the rows. Activations are uint8 with a zero
+   point for ONNX Runtime (its CPU kernels for uint8 x int8 are the fast ones: int8 x int8 QDQ graphs
+   ran 1.3-1.7x SLOWER than fp32 here, uint8 ones 1.4-2.8x faster) and int8 symmetric for TensorRT
+   (its explicit quantization takes only zero points of 0). What stays float, measured on the
+   benchmark ResNet-56 (docs/precision.md): the gate head and the confidence computation (quantizing
+   them tripled the logit error, 0.015 -> 0.05 relative, for no speed), and the first convolution
+   (one input channel: int8 gains nothing there and costs accuracy).
+4. Check. The int8 graphs against the float graphs (which matched torch within 1e-4) on probe rows:
+   training rows not used for calibration. `INT8_TOLERANCE` states the bounds; a segment out of
+   bounds fails the build with a UserError.
+5. Thresholds. Fitted on the int8 graphs' own confidences on the validation split
+   (`refit_thresholds`), so the accuracy promise is about what runs. A small function, to be replaced
+   by `calibrate --engine` (issue 14) once that exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+
+CALIBRATION_ROWS = 512  # default --calibration-rows
+MIN_CALIBRATION_ROWS = 32  # fewer rows give activation ranges that new data overflows
+PROBE_ROWS = 256  # rows of the int8 check (capped by max_batch and what the training split holds)
+CHUNK = 64  # rows per ONNX Runtime call while collecting inputs and exit logits
+ROW_SEED = 0  # seed of the calibration rows' draw from the training split
+METHOD = "onnxruntime quantize_static, QDQ, MinMax activation ranges, per-channel weights"
+
+
+@dataclass(frozen=True)
+class Int8Tolerance:
+    """Bounds of the int8 check, int8 graphs against the float graphs on the probe rows.
+
+    logit_rel: per exit (every row through every segment), max |int8 - fp32| / max(1, max |fp32|).
+    prediction_agreement: per exit, the fraction of rows whose argmax is the same.
+    decision_agreement: with the bundle's thresholds and with probe thresholds that split every gate,
+    the fraction of rows that leave at the same exit.
+    Measured on the benchmark ResNet-56 (2000 test rows): logit error 0.013-0.028, predictions agree on
+    99.45-99.8% of rows per exit; the bounds leave a margin of 3-5x for other networks and fewer rows.
+    """
+
+    logit_rel: float = 0.1
+    prediction_agreement: float = 0.97
+    decision_agreement: float = 0.95
+
+
+INT8_TOLERANCE = Int8Tolerance()
+
+
+@dataclass
+class Int8Options:
+    """What `build --precision int8` needs beyond the float build."""
+
+    data: str  # --calibration-data: a data set spec (fashion-mnist, npz:PATH)
+    rows: int = CALIBRATION_ROWS
+    data_dir: str | None = None
+    repeat_channels: bool = False  # repeat 1-channel data to the model's channel count
+    # The threshold target for the refit on the int8 graphs (calibrate's options).
+    max_drop: float | None = None
+    budget: float | None = None
+    upper_bound: float | None = None
+    holdout: float | None = None
+    guarantee: str = "ltt"
+    delta: float = 0.1  # calibrate.DEFAULT_DELTA (not imported here: this module loads before calibrate's users)
+
+
+@dataclass
+class CalibrationRows:
+    x: np.ndarray  # the calibration rows [rows, C, H, W]
+    probe: np.ndarray  # rows of the int8 check
+    info: dict[str, Any] = field(default_factory=dict)  # what the manifest records
+
+
+def activation_type(backend: str) -> str:
+    """uint8 (asymmetric) activations for ONNX Runtime, int8 symmetric for TensorRT (see the docstring)."""
+    return "int8-symmetric" if backend == "tensorrt" else "uint8"
+
+
+# ------------------------------------------------------------------------------------------ 1. rows
+
+
+def _split_of(model) -> tuple[int, int]:
+    from .data import DEFAULT_VAL_SIZE
+
+    split = model.data_split or {}
+    return int(split.get("val_size", DEFAULT_VAL_SIZE)), int(split.get("seed", 0))
+
+
+def _channels(options: Int8Options, model) -> int | None:
+    return int(model.input_shape[0]) if options.repeat_channels else None
+
+
+def calibration_rows(options: Int8Options, model, *, max_batch: int) -> CalibrationRows:
+    """The calibration and probe rows from the training split of options.data; UserError on bad data."""
+    from .data import check_input_shape, load_dataset
+
+    rows = options.rows
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < MIN_CALIBRATION_ROWS:
+        raise UserError(f"--calibration-rows must be a whole number of at least {MIN_CALIBRATION_ROWS}, got {rows!r}.",
+                        f"Pass --calibration-rows {CALIBRATION_ROWS} (the default) or more.")
+    val_size, seed = _split_of(model)
+    train = load_dataset(options.data, "train", data_dir=options.data_dir, channels=_channels(options, model),
+                         val_size=val_size, seed=seed)
+    where = f"--calibration-data {options.data} (training split)"
+    check_input_shape(train.x, model.input_shape, where=where)
+    if len(train) < rows:
+        raise UserError(f"{where} has {len(train)} rows; --calibration-rows asks for {rows}.",
+                        f"Pass --calibration-rows {len(train)} or fewer (at least {MIN_CALIBRATION_ROWS}), or give "
+                        "more training data.")
+    order = np.random.default_rng(ROW_SEED).permutation(len(train))
+    chosen = np.sort(order[:rows])
+    x = np.ascontiguousarray(train.x[chosen], dtype=np.float32)
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if bad.any():
+        raise UserError(f"{where}: {int(bad.sum())} of the {rows} calibration rows hold NaN or infinite values "
+                        f"(first: training row {int(chosen[np.argmax(bad)])}).",
+                        "Clean the data set: activation ranges measured on NaN or inf are meaningless.")
+    probe_rows = np.sort(order[rows:rows + min(PROBE_ROWS, max_batch)])
+    probe = np.ascontiguousarray(train.x[probe_rows], dtype=np.float32) if len(probe_rows) else x[:max_batch]
+    if len(probe_rows) and not np.isfinite(probe).all():
+        probe = x[: min(PROBE_ROWS, max_batch)]  # never probe on rows the calibration would have refused
+        probe_rows = np.array([], dtype=np.int64)
+    info = {
+        "rows": rows,
+        "source": {"data": options.data, "split": "train", "val_size": val_size, "seed": seed,
+                   "row_seed": ROW_SEED},
+        "probe": {"rows": len(probe), "disjoint": bool(len(probe_rows))},
+    }
+    return CalibrationRows(x, probe, info)
+
+
+# -------------------------------------------------------------------------------- 2. inputs per graph
+
+
+def _sessions(paths: list[Path]) -> list[Any]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    return [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths]
+
+
+def _chunks(n: int) -> Iterator[slice]:
+    for start in range(0, n, CHUNK):
+        yield slice(start, min(n, start + CHUNK))
+
+
+def every_exit(sessions: list[Any], x: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """Every segment's outputs for every row of x (nobody leaves), in chunks of CHUNK rows."""
+    from .build import _run_chain
+
+    parts: list[list[dict[str, np.ndarray]]] = []
+    for rows in _chunks(len(x)):
+        outs = _run_chain(sessions, x[rows], [np.inf] * (len(sessions) - 1))[3]
+        parts.append(outs)
+    return [{name: np.concatenate([p[k][name] for p in parts]) for name in parts[0][k]} for k in range(len(sessions))]
+
+
+def segment_feeds(outputs: list[dict[str, np.ndarray]], x: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """Each segment's inputs when every row reaches it: x for segment 0, then the previous carries."""
+    feeds = [{"input": x}]
+    for out in outputs[:-1]:
+        feed = {f"prev_{name}": value for name, value in out.items() if name.startswith("carry_")}
+        feed["index"] = np.arange(len(x), dtype=np.int64)
+        feeds.append(feed)
+    return feeds
+
+
+class _Reader:
+    """onnxruntime.quantization's CalibrationDataReader protocol over one graph's feeds, CHUNK rows a call
+    (the index is re-based to each chunk's rows)."""
+
+    def __init__(self, feeds: dict[str, np.ndarray]):
+        self.feeds = feeds
+        self.n = len(next(v for k, v in feeds.items() if k != "index"))
+        self.slices = _chunks(self.n)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        rows = next(self.slices, None)
+        if rows is None:
+            return None
+        return {k: (np.arange(rows.stop - rows.start, dtype=np.int64) if k == "index" else v[rows])
+                for k, v in self.feeds.items()}
+
+    def rewind(self) -> None:
+        self.slices = _chunks(self.n)
+
+
+# ---------------------------------------------------------------------------------- 3. what stays float
+
+
+def _producers(graph) -> dict[str, Any]:
+    return {out: node for node in graph.node for out in node.output}
+
+
+def _ancestors(graph, tensors: list[str]) -> set[str]:
+    """Names of the nodes that `tensors` depend on."""
+    producers = _producers(graph)
+    seen: set[str] = set()
+    stack = list(tensors)
+    while stack:
+        node = producers.get(stack.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        stack.extend(node.input)
+    return seen
+
+
+def float_nodes(model_proto, *, first_graph: bool) -> dict[str, list[str]]:
+    """Nodes left in float, by reason: the gate head and confidence (nodes that only logits and
+    confidence depend on, in a graph with carries), and the first convolution of a graph that takes
+    `input` (segment 0, the baseline)."""
+    graph = model_proto.graph
+    outputs = [o.name for o in graph.output]
+    carries = [o for o in outputs if o.startswith("carry_")]
+    keep: dict[str, list[str]] = {}
+    if carries:
+        head = _ancestors(graph, [o for o in outputs if o not in carries]) - _ancestors(graph, carries)
+        keep["gate head and confidence"] = [n.name for n in graph.node if n.name in head]
+    if first_graph:
+        first = next((n for n in graph.node if n.op_type == "Conv"), None)
+        if first is not None:
+            keep["first convolution"] = [first.name]
+    return keep
+
+
+# ------------------------------------------------------------------------------------------ quantize
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """quantize_static logs advice (pre-processing) through the root logger on every call."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _name_nodes(model_proto) -> None:
+    """nodes_to_exclude works by node name; the exporters leave a few nodes unnamed."""
+    taken = {n.name for n in model_proto.graph.node if n.name}
+    for i, node in enumerate(model_proto.graph.node):
+        if not node.name:
+            name = f"dgate_node_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+
+
+def quantize_graph(path: Path, feeds: dict[str, np.ndarray], *, backend: str, first_graph: bool) -> dict[str, Any]:
+    """Replace the float graph at `path` by its QDQ int8 version; return what stayed float."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    model_proto = onnx.load(str(path))
+    _name_nodes(model_proto)
+    keep = float_nodes(model_proto, first_graph=first_graph)
+    symmetric = activation_type(backend) == "int8-symmetric"
+    tmp = path.with_name(path.stem + ".int8.onnx")
+    try:
+        with _quiet_quantizer():
+            quantize_static(
+                model_proto, tmp, _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
+                nodes_to_exclude=[name for names in keep.values() for name in names],
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
+            )
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    quantized = onnx.load(str(path), load_external_data=False)
+    ops = [n.op_type for n in quantized.graph.node]
+    return {"float_nodes": {reason: len(names) for reason, names in keep.items()},
+            "quantize_linear": ops.count("QuantizeLinear"), "dequantize_linear": ops.count("DequantizeLinear")}
+
+
+# ------------------------------------------------------------------------------------------ 4. check
+
+
+@dataclass
+class Int8Report:
+    tolerance: Int8Tolerance
+    probe_rows: int
+    logit_errors: list[float]  # per exit, all rows through all segments, relative to the float graphs
+    prediction_agreement: list[float]  # per exit
+    confidence_errors: list[float]  # per gate, absolute
+    baseline_error: float
+    baseline_agreement: float
+    decision_agreement: dict[str, float]  # thresholds' name -> fraction of rows leaving at the same exit
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tolerance": {"logit_rel": self.tolerance.logit_rel,
+                              "prediction_agreement": self.tolerance.prediction_agreement,
+                              "decision_agreement": self.tolerance.decision_agreement},
+                "against": "the float graphs (which matched torch within the fp32 tolerance)",
+                "probe_rows": self.probe_rows, "logit_errors": self.logit_errors,
+                "prediction_agreement": self.prediction_agreement, "confidence_errors": self.confidence_errors,
+                "baseline_error": self.baseline_error, "baseline_agreement": self.baseline_agreement,
+                "decision_agreement": self.decision_agreement}
+
+    def summary(self) -> str:
+        worst = max(self.logit_errors + [self.baseline_error])
+        agree = min(self.prediction_agreement + [self.baseline_agreement])
+        return (f"{self.probe_rows} probe rows; vs fp32 graphs: logit error <= {worst:.3f} (bound "
+                f"{self.tolerance.logit_rel:g}), predictions agree >= {agree:.1%}, exit decisions agree >= "
+                f"{min(self.decision_agreement.values()):.1%}")
+
+
+def _rel(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(got - ref).max() / max(1.0, float(np.abs(ref).max()))) if ref.size else 0.0
+
+
+def check_int8(float_paths: list[Path], int8_paths: list[Path], probe: np.ndarray, thresholds: list[float],
+               tol: Int8Tolerance = INT8_TOLERANCE) -> Int8Report:
+    """Compare the int8 graphs (segments, then the baseline) with the float ones; UserError when out of bounds."""
+    from .build import _run_chain, probe_thresholds
+
+    num_gates = len(float_paths) - 2
+    f_sessions, q_sessions = _sessions(float_paths[:-1]), _sessions(int8_paths[:-1])
+    f_out, q_out = every_exit(f_sessions, probe), every_exit(q_sessions, probe)
+
+    def fail(what: str) -> UserError:
+        return UserError(
+            f"Step quantize: {what}",
+            "int8 changes this network more than the bounds allow (docs/precision.md). Check that "
+            "--calibration-data is the data the model was trained on, try more --calibration-rows, or build "
+            "--precision fp16 or fp32.")
+
+    errors, agreement, conf_errors = [], [], []
+    for k in range(num_gates + 1):
+        ref, got = f_out[k]["logits"], q_out[k]["logits"]
+        errors.append(_rel(got, ref))
+        agreement.append(float((got.argmax(1) == ref.argmax(1)).mean()))
+        where = f"segment {k}" + (f" (exit {k})" if k < num_gates else " (the final exit)")
+        if errors[-1] > tol.logit_rel:
+            raise fail(f"{where}: int8 logits differ from the fp32 graph's by {errors[-1]:.3f} (relative to "
+                       f"max(1, max |logits|)), more than {tol.logit_rel:g}, on {len(probe)} probe rows.")
+        if agreement[-1] < tol.prediction_agreement:
+            raise fail(f"{where}: int8 predictions equal the fp32 graph's on {agreement[-1]:.1%} of {len(probe)} "
+                       f"probe rows, fewer than {tol.prediction_agreement:.0%}.")
+        if k < num_gates:
+            conf_errors.append(float(np.abs(q_out[k]["confidence"] - f_out[k]["confidence"]).max()))
+    f_base, q_base = _sessions(float_paths[-1:])[0], _sessions(int8_paths[-1:])[0]
+    ref = np.concatenate([f_base.run(["logits"], {"input": probe[r]})[0] for r in _chunks(len(probe))])
+    got = np.concatenate([q_base.run(["logits"], {"input": probe[r]})[0] for r in _chunks(len(probe))])
+    base_error, base_agreement = _rel(got, ref), float((got.argmax(1) == ref.argmax(1)).mean())
+    if base_error > tol.logit_rel or base_agreement < tol.prediction_agreement:
+        raise fail(f"baseline.onnx: int8 logits differ from the fp32 graph's by {base_error:.3f} (bound "
+                   f"{tol.logit_rel:g}); predictions agree on {base_agreement:.1%} (bound "
+                   f"{tol.prediction_agreement:.0%}).")
+    decisions = {}
+    for name, thr in (("bundle thresholds", thresholds),
+                      ("probe thresholds", probe_thresholds([o["confidence"] for o in f_out[:-1]]))):
+        f_exits = np.concatenate([_run_chain(f_sessions, probe[r], thr)[1] for r in _chunks(len(probe))])
+        q_exits = np.concatenate([_run_chain(q_sessions, probe[r], thr)[1] for r in _chunks(len(probe))])
+        decisions[name] = float((f_exits == q_exits).mean())
+        if decisions[name] < tol.decision_agreement:
+            raise fail(f"with the {name} {[round(t, 4) for t in thr]}, {decisions[name]:.1%} of {len(probe)} probe "
+                       f"rows leave at the same exit in the int8 and the fp32 graphs, fewer than "
+                       f"{tol.decision_agreement:.0%}.")
+    return Int8Report(tol, len(probe), errors, agreement, conf_errors, base_error, base_agreement, decisions)
+
+
+# ------------------------------------------------------------------------------------- 5. thresholds
+
+
+def refit_thresholds(segment_paths: list[Path], model, options: Int8Options) -> Any:
+    """Thresholds fitted on the int8 graphs' own confidences on the validation split (a
+    calibrate.Calibration). The target is options' (calibrate's default: max_drop 0.01).
+    Issue 14's `calibrate --engine BUNDLE` is meant to replace this function."""
+    from .calibrate import calibrate
+    from .data import load_dataset
+
+    val_size, seed = _split_of(model)
+    val = load_dataset(options.data, "val", data_dir=options.data_dir, channels=_channels(options, model),
+                       val_size=val_size, seed=seed)
+    outs = every_exit(_sessions(segment_paths), np.ascontiguousarray(val.x, dtype=np.float32))
+    max_drop = options.max_drop if options.max_drop is not None or options.budget is not None else 0.01
+    flops = model.flops or model.count_flops()
+    return calibrate([o["logits"] for o in outs], val.y, confidence=model.confidence, costs=model.exit_costs(),
+                     baseline_flops=flops["baseline"], max_drop=max_drop, budget=options.budget,
+                     upper_bound=options.upper_bound, holdout=options.holdout, seed=seed,
+                     guarantee=options.guarantee, delta=options.delta)
+
+
+# --------------------------------------------------------------------------------------- the step
+
+
+def quantize_bundle(model, segment_paths: list[Path], baseline_path: Path, options: Int8Options,
+                    data: CalibrationRows, *, backend: str, progress: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Steps 2-5 on the float graphs in place (step 1, `calibration_rows`, ran before the export);
+    return the manifest's `quantization` record. Sets model.thresholds to the int8 graphs' thresholds."""
+    import shutil
+    import tempfile
+
+    paths = [*segment_paths, baseline_path]
+    with tempfile.TemporaryDirectory(prefix="dgate-int8-", dir=baseline_path.parent) as tmp:
+        floats = [Path(tmp) / p.name for p in paths]  # the float graphs, kept for the check
+        for src, dst in zip(paths, floats):
+            shutil.copyfile(src, dst)
+        outputs = every_exit(_sessions(floats[:-1]), data.x)
+        feeds = [*segment_feeds(outputs, data.x), {"input": data.x}]
+        graphs = {}
+        for k, (path, feed) in enumerate(zip(paths, feeds)):
+            graphs[path.name] = quantize_graph(path, feed, backend=backend,
+                                               first_graph=k == 0 or path == baseline_path)
+            progress(f"        {path.name}: int8, {graphs[path.name]['quantize_linear']} QuantizeLinear, "
+                     f"float: {graphs[path.name]['float_nodes'] or 'nothing'}")
+        fp32_thresholds = [float(t) for t in model.thresholds]
+        report = check_int8(floats, paths, data.probe, fp32_thresholds)
+        progress(f"        check: {report.summary()}")
+    fit = refit_thresholds(segment_paths, model, options)
+    model.thresholds = list(fit.thresholds)
+    val = fit.validation
+    progress(f"        thresholds on the int8 graphs' confidences ({val.samples} validation rows): "
+             f"{[round(t, 4) for t in fit.thresholds]} (fp32: {[round(t, 4) for t in fp32_thresholds]}); "
+             f"drop {val.accuracy_drop:+.2%}, FLOPs saved {val.flops_reduction:.1%}")
+    return {
+        "method": METHOD,
+        "weights": "int8, symmetric, per output channel",
+        "activations": activation_type(backend) + ", per tensor",
+        "calibration": {**data.info, "inputs": "segment k>0: the float chain's carries for the calibration "
+                                               "rows, every row reaching every segment"},
+        "graphs": graphs,
+        "check": report.to_dict(),
+        "thresholds": {"fitted_on": "the int8 graphs' confidences, validation split", "method": fit.method,
+                       "mode": fit.mode, "target": fit.target, "guarantee": options.guarantee,
+                       "delta": options.delta, "upper_bound": fit.upper_bound,
+                       "holdout": fit.holdout, "fp32_thresholds": fp32_thresholds,
+                       "validation": {"accuracy": val.accuracy, "accuracy_ungated": val.accuracy_ungated,
+                                      "flops_reduction": val.flops_reduction}},
+    }
