@@ -336,10 +336,11 @@ def _rel(got: np.ndarray, ref: np.ndarray) -> float:
 
 
 def check_int8(float_paths: list[Path], int8_paths: list[Path], probe: np.ndarray, thresholds: list[float],
-               tol: Int8Tolerance = INT8_TOLERANCE) -> Int8Report:
+               tol: Int8Tolerance | None = None) -> Int8Report:
     """Compare the int8 graphs (segments, then the baseline) with the float ones; UserError when out of bounds."""
     from .build import _run_chain, probe_thresholds
 
+    tol = tol or INT8_TOLERANCE
     num_gates = len(float_paths) - 2
     f_sessions, q_sessions = _sessions(float_paths[:-1]), _sessions(int8_paths[:-1])
     f_out, q_out = every_exit(f_sessions, probe), every_exit(q_sessions, probe)

@@ -227,7 +227,7 @@ def test_unwritable_output_is_refused_before_any_work(tmp_path, skip_ckpt):
 
 def test_bad_options_are_refused(tmp_path, skip_ckpt):
     path, _ = skip_ckpt
-    for kwargs, phrase in [({"precision": "int8"}, "precision"), ({"max_batch": 0}, "max batch"),
+    for kwargs, phrase in [({"precision": "int4"}, "precision"), ({"max_batch": 0}, "max batch"),
                            ({"exporter": "tf"}, "exporter"), ({"opset": 13}, "opset 13")]:
         with pytest.raises(UserError, match=phrase):
             build_bundle(path, tmp_path / "out", progress=_quiet, **kwargs)
