@@ -240,7 +240,7 @@ def _steps_1_to_7(tmp: Path, steps: _Steps, *, model_path: Path, name: str, back
         if int8 is not None:  # bad calibration data is refused before any export
             from .quantize import calibration_rows
 
-            calibration.append(calibration_rows(int8, loaded, max_batch=max_batch))
+            calibration.append(calibration_rows(int8, loaded))
         return loaded
 
     model = steps.run("load", load, lambda m: f"{model_path} ({m.arch['name']}, {m.num_gates} gates, "

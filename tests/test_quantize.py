@@ -33,18 +33,27 @@ def _npz(path, x, y):
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    """A ResNet-20 (width 8) gated at its default exits, and 1200 real Fashion-MNIST training rows as
-    an npz: 900 training rows (calibration), 300 validation rows (the split the model records)."""
+    """A ResNet-20 (width 8, stride-2 stem) gated at its default exits, and 1200 real Fashion-MNIST training rows as
+    an npz: 900 training rows (calibration), 300 validation rows (the split the model records). Backbone
+    and gates trained briefly on the 900 rows: a random network's near-tied logits flip under any
+    rounding, which says nothing about int8 (a few seconds)."""
+    from dgate_export.train import train_backbone, train_gates
+
     root = tmp_path_factory.mktemp("int8")
     train = load_dataset("fashion-mnist", "train")
     data = _npz(root / "fm.npz", train.x[:1200], train.y[:1200])
-    model = gated("resnet20", kwargs={"width": 8}, input_shape=(1, 28, 28), num_classes=10,
+    model = gated("resnet20", kwargs={"width": 8, "stem_stride": 2}, input_shape=(1, 28, 28), num_classes=10,
                   data_split={"data": data, "val_size": VAL, "seed": 0}, thresholds=[0.6, 0.6, 0.6])
+    rows = load_dataset(data, "train", val_size=VAL, seed=0)
+    train_backbone(model.backbone, rows, epochs=1, batch_size=32, progress=False)
+    train_gates(model, rows, epochs=2, progress=False)
+    model.eval()
     return save(model, root / "r20.pt"), data, root
 
 
 def _options(data, rows=256, **kw):
-    return quantize.Int8Options(data=data, rows=rows, **kw)
+    # 300 validation rows are too few for calibrate's default promise (Learn then Test): hold the drop on them.
+    return quantize.Int8Options(data=data, rows=rows, guarantee="none", **kw)
 
 
 @pytest.mark.slow
@@ -72,7 +81,7 @@ def test_int8_build_passes_its_checks(small, tmp_path):
 
     model = load(path)
     fit = calibrate([o["logits"] for o in outs], val.y, confidence=model.confidence, costs=model.exit_costs(),
-                    baseline_flops=model.count_flops()["baseline"], max_drop=0.01)
+                    baseline_flops=model.count_flops()["baseline"], max_drop=0.01, guarantee="none")
     assert list(m.thresholds) == pytest.approx(fit.thresholds)
     assert q["thresholds"]["fp32_thresholds"] == [0.6, 0.6, 0.6]
     # Every graph is quantized; the gate heads and the first convolution stay float.
@@ -111,7 +120,7 @@ def _corrupted(root, train):
     nan = x.copy()
     nan[[3, 700]] = np.nan  # rows of the training part (the seeded validation split takes 300 others)
     return {
-        "NaN": (_npz(root / "nan.npz", nan, y), 256, "NaN or infinite"),
+        "NaN": (_npz(root / "nan.npz", nan, y), 256, "NaN or inf values in 2 row"),
         "shape": (_npz(root / "shape.npz", x[:, :, :14, :14], y), 256, "expects input of shape"),
         "few rows": (_npz(root / "few.npz", x[:400], y[:400]), 256, "has 100 rows; --calibration-rows asks for 256"),
         "rows below minimum": (_npz(root / "fm2.npz", x, y), 8, "at least 32"),
