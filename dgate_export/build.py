@@ -285,7 +285,7 @@ def _steps_1_to_7(tmp: Path, steps: _Steps, *, model_path: Path, name: str, back
 
         quantization = steps.run("quantize", lambda: quantize_bundle(
             model, [g.path for g in built.graphs], built.baseline.path, int8, calibration[0], backend=backend,
-            progress=steps.progress), lambda q: f"thresholds refitted: {_fmt(model.thresholds)}")
+            progress=steps.progress), lambda q: "checked against the float graphs")
 
     options = {"precision": precision, "max_batch": max_batch, "opt_batch": max_batch, **backend_options}
 
@@ -307,6 +307,12 @@ def _steps_1_to_7(tmp: Path, steps: _Steps, *, model_path: Path, name: str, back
                              precision=precision, max_batch=max_batch, flops=flops, model_path=model_path,
                              exporter=exporter, parity=report, quantization=quantization)
         write_manifest(tmp, manifest)
+        if int8 is not None:  # thresholds fitted on the int8 bundle's own confidences (calibrate --engine)
+            from .quantize import refit_thresholds
+
+            fit = refit_thresholds(tmp, model, int8)
+            steps.progress(f"        thresholds on the int8 bundle's confidences: {_fmt(fit.thresholds)} (fp32 "
+                           f"{_fmt([float(t) for t in model.thresholds])}); {fit.method}")
         return verify_bundle(tmp)  # the bundle as a runtime will read it
 
     return steps.run("manifest", manifest_step, lambda m: f"{MANIFEST_FILE}, {len(m.segments) + 1} graphs hashed")

@@ -20,14 +20,15 @@ The build's `quantize` step, run after the float graphs passed parity with the t
 4. Check. The int8 graphs against the float graphs (which matched torch within 1e-4) on probe rows:
    training rows not used for calibration. `INT8_TOLERANCE` states the bounds; a segment out of
    bounds fails the build with a UserError.
-5. Thresholds. Fitted on the int8 graphs' own confidences on the validation split
-   (`refit_thresholds`), so the accuracy promise is about what runs. A small function, to be replaced
-   by `calibrate --engine` (issue 14) once that exists.
+5. Thresholds. Fitted on the int8 bundle's own confidences on the validation split by
+   `calibrate --engine`'s recalibrate, on the finished bundle before it is renamed into place
+   (`refit_thresholds`), so the accuracy promise is about what runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -388,23 +389,30 @@ def check_int8(float_paths: list[Path], int8_paths: list[Path], probe: np.ndarra
 # ------------------------------------------------------------------------------------- 5. thresholds
 
 
-def refit_thresholds(segment_paths: list[Path], model, options: Int8Options) -> Any:
-    """Thresholds fitted on the int8 graphs' own confidences on the validation split (a
-    calibrate.Calibration). The target is options' (calibrate's default: max_drop 0.01).
-    Issue 14's `calibrate --engine BUNDLE` is meant to replace this function."""
-    from .calibrate import calibrate
+def refit_thresholds(bundle: Path, model, options: Int8Options) -> Any:
+    """Fit the thresholds of the (complete, not yet renamed) int8 bundle to its own confidences on the
+    validation split the model records: `calibrate --engine`'s recalibrate (issue 14), which rewrites
+    the manifest's thresholds and its `calibration` record. With `holdout` only the kept rows are used
+    (calibrate's holdout_rows, the same rows `calibrate --holdout` keeps)."""
+    from .calibrate import holdout_rows
     from .data import load_dataset
+    from .recalibrate import recalibrate
 
     val_size, seed = _split_of(model)
     val = load_dataset(options.data, "val", data_dir=options.data_dir, channels=_channels(options, model),
                        val_size=val_size, seed=seed)
-    outs = every_exit(_sessions(segment_paths), np.ascontiguousarray(val.x, dtype=np.float32))
+    record = {"spec": options.data, "val_size": val_size, "seed": seed, "rows": len(val)}
+    if options.holdout is not None:
+        if not 0.0 < options.holdout < 1.0:
+            raise UserError(f"--holdout {options.holdout} is not a fraction in (0, 1).", "Give e.g. --holdout 0.3.")
+        kept, _out = holdout_rows(len(val), options.holdout, seed)
+        val = dataclasses.replace(val, x=val.x[kept], y=val.y[kept])
+        record.update(rows=len(val), holdout=options.holdout)
     max_drop = options.max_drop if options.max_drop is not None or options.budget is not None else 0.01
-    flops = model.flops or model.count_flops()
-    return calibrate([o["logits"] for o in outs], val.y, confidence=model.confidence, costs=model.exit_costs(),
-                     baseline_flops=flops["baseline"], max_drop=max_drop, budget=options.budget,
-                     upper_bound=options.upper_bound, holdout=options.holdout, seed=seed,
-                     guarantee=options.guarantee, delta=options.delta)
+    result, _test, _old = recalibrate(bundle, val, None, max_drop=max_drop, budget=options.budget,
+                                      guarantee=options.guarantee, delta=options.delta,
+                                      upper_bound=options.upper_bound, seed=seed, data_record=record)
+    return result
 
 
 # --------------------------------------------------------------------------------------- the step
@@ -412,8 +420,8 @@ def refit_thresholds(segment_paths: list[Path], model, options: Int8Options) -> 
 
 def quantize_bundle(model, segment_paths: list[Path], baseline_path: Path, options: Int8Options,
                     data: CalibrationRows, *, backend: str, progress: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Steps 2-5 on the float graphs in place (step 1, `calibration_rows`, ran before the export);
-    return the manifest's `quantization` record. Sets model.thresholds to the int8 graphs' thresholds."""
+    """Steps 2-4 on the float graphs in place (step 1, `calibration_rows`, ran before the export; step 5,
+    `refit_thresholds`, runs on the finished bundle); return the manifest's `quantization` record."""
     import shutil
     import tempfile
 
@@ -433,12 +441,6 @@ def quantize_bundle(model, segment_paths: list[Path], baseline_path: Path, optio
         fp32_thresholds = [float(t) for t in model.thresholds]
         report = check_int8(floats, paths, data.probe, fp32_thresholds)
         progress(f"        check: {report.summary()}")
-    fit = refit_thresholds(segment_paths, model, options)
-    model.thresholds = list(fit.thresholds)
-    val = fit.validation
-    progress(f"        thresholds on the int8 graphs' confidences ({val.samples} validation rows): "
-             f"{[round(t, 4) for t in fit.thresholds]} (fp32: {[round(t, 4) for t in fp32_thresholds]}); "
-             f"drop {val.accuracy_drop:+.2%}, FLOPs saved {val.flops_reduction:.1%}")
     return {
         "method": METHOD,
         "weights": "int8, symmetric, per output channel",
@@ -447,10 +449,6 @@ def quantize_bundle(model, segment_paths: list[Path], baseline_path: Path, optio
                                                "rows, every row reaching every segment"},
         "graphs": graphs,
         "check": report.to_dict(),
-        "thresholds": {"fitted_on": "the int8 graphs' confidences, validation split", "method": fit.method,
-                       "mode": fit.mode, "target": fit.target, "guarantee": options.guarantee,
-                       "delta": options.delta, "upper_bound": fit.upper_bound,
-                       "holdout": fit.holdout, "fp32_thresholds": fp32_thresholds,
-                       "validation": {"accuracy": val.accuracy, "accuracy_ungated": val.accuracy_ungated,
-                                      "flops_reduction": val.flops_reduction}},
+        "thresholds": {"fitted_on": "the int8 graphs' confidences, validation split (the manifest's calibration "
+                                    "record)", "fp32_thresholds": fp32_thresholds},
     }

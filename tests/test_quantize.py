@@ -75,14 +75,16 @@ def test_int8_build_passes_its_checks(small, tmp_path):
     # The thresholds are the int8 graphs' own: recomputed here from the bundle on the validation rows.
     val = load_dataset(data, "val", val_size=VAL, seed=0)
     rt = GatedRuntime.load(out)
-    outs = quantize.every_exit([r._session for r in rt._runners], val.x)
-    from dgate_export.calibrate import calibrate
+    from dgate_export.calibrate import calibrate_scores
     from dgate_export.checkpoint import load
+    from dgate_export.recalibrate import exit_scores
 
     model = load(path)
-    fit = calibrate([o["logits"] for o in outs], val.y, confidence=model.confidence, costs=model.exit_costs(),
-                    baseline_flops=model.count_flops()["baseline"], max_drop=0.01, guarantee="none")
+    conf, correct = exit_scores(rt, val.x, val.y)
+    fit = calibrate_scores(conf, correct, confidence=model.confidence, costs=model.exit_costs(),
+                           baseline_flops=model.count_flops()["baseline"], max_drop=0.01, guarantee="none")
     assert list(m.thresholds) == pytest.approx(fit.thresholds)
+    assert m.calibration["on"]["precision"] == "int8" and m.calibration["data"]["rows"] == VAL
     assert q["thresholds"]["fp32_thresholds"] == [0.6, 0.6, 0.6]
     # Every graph is quantized; the gate heads and the first convolution stay float.
     for seg in m.segments:
