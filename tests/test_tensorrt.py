@@ -75,8 +75,9 @@ def test_build_settings_defaults_and_mistakes():
         build_settings({"max_batch": True})
     with pytest.raises(UserError, match="--workspace-mb"):
         build_settings({"max_batch": 8, "workspace_mb": 0})
+    assert build_settings({"max_batch": 8, "precision": "int8"}).precision == "int8"
     with pytest.raises(UserError, match="precision"):
-        build_settings({"max_batch": 8, "precision": "int8"})
+        build_settings({"max_batch": 8, "precision": "int4"})
     with pytest.raises(UserError, match="opt_btach"):
         build_settings({"max_batch": 8, "opt_btach": 4})
 
@@ -441,3 +442,61 @@ def test_build_bundle_runs_like_onnxruntime(tmp_path):
     finally:
         trt_rt.close()
         ort_rt.close()
+
+
+def test_int8_graphs_for_tensorrt_are_symmetric_int8(tmp_path):
+    """What TensorRT's explicit quantization takes (zero points 0, signed int8), checked where it cannot run:
+    the quantizer's output for --backend tensorrt; ONNX Runtime's graphs get uint8 activations instead."""
+    import onnx
+    from onnx import numpy_helper
+    from tiny_bundle import make_tiny_bundle
+
+    from dgate_export.quantize import quantize_graph
+
+    out, _ = make_tiny_bundle(tmp_path / "b", max_batch=MAX_BATCH)
+    x = np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)
+    for target, dtype, symmetric in (("tensorrt", np.int8, True), ("onnxruntime", np.uint8, False)):
+        path = tmp_path / f"{target}.onnx"
+        path.write_bytes((out / "segment0.onnx").read_bytes())
+        quantize_graph(path, {"input": x}, backend=target, first_graph=False)
+        graph = onnx.load(str(path)).graph
+        inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        zero_points = [inits[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"]
+        assert zero_points and all(z.dtype == dtype for z in zero_points), target
+        assert all((z == 0).all() for z in zero_points) == symmetric, target
+
+
+@pytest.mark.tensorrt
+@pytest.mark.slow
+def test_int8_bundle_builds_and_runs_like_onnxruntime(tmp_path):
+    """build --precision int8 --backend tensorrt: QDQ graphs in strongly typed networks; the engines give
+    ONNX Runtime's predictions on the same QDQ graphs for nearly every row; a float graph is refused."""
+    if not TRT_OK:
+        pytest.skip(f"TensorRT backend unavailable: {TRT_WHY}")
+    from export_models import gated, save
+
+    from dgate_export.build import build_bundle
+    from dgate_export.data import load_dataset
+    from dgate_export.manifest import load_manifest
+    from dgate_export.quantize import Int8Options
+    from dgate_export.runtime import GatedRuntime
+
+    train = load_dataset("fashion-mnist", "train")
+    np.savez(tmp_path / "fm.npz", x=train.x[:1200], y=train.y[:1200])
+    data = f"npz:{tmp_path / 'fm.npz'}"
+    model = gated("resnet20", kwargs={"width": 8}, input_shape=(1, 28, 28), num_classes=10,
+                  data_split={"data": data, "val_size": 300, "seed": 0}, thresholds=[0.6, 0.6, 0.6])
+    path = save(model, tmp_path / "m.pt")
+    bundle = build_bundle(path, tmp_path / "bundle", backend="tensorrt", precision="int8", max_batch=64,
+                          int8=Int8Options(data=data, rows=256, guarantee="none"), progress=None)
+    manifest = load_manifest(bundle)
+    assert manifest.precision == "int8" and all(s.engine["precision"] == "int8" for s in manifest.segments)
+    x = train.x[2000:2200]
+    a = GatedRuntime.load(bundle).run(x)
+    b = GatedRuntime.load(bundle, backend="onnxruntime").run(x)
+    assert (a.predictions == b.predictions).mean() >= 0.9 and (a.exits == b.exits).mean() >= 0.9
+    with pytest.raises(UserError, match="no QuantizeLinear"):
+        from tiny_bundle import make_tiny_bundle
+
+        floats, _ = make_tiny_bundle(tmp_path / "f", max_batch=8)
+        backend.build(floats / "segment0.onnx", floats, {"precision": "int8", "max_batch": 8})

@@ -8,7 +8,7 @@ The backend interface (docs/architecture.md, "Backends"):
 - `Runner(path, options)` -> an object with `input_names`, `output_names`, `run(feeds, host)` and
   `close()` (runner.py)
 
-Build options: "precision" ("fp32" | "fp16"), "max_batch", "opt_batch", "workspace_mb",
+Build options: "precision" ("fp32" | "fp16" | "int8": a QDQ graph), "max_batch", "opt_batch", "workspace_mb",
 "timing_cache" (path of an existing cache to start from), "hardware_compatible", "tf32".
 Runner options: "backend_info" (the manifest's, checked against this machine), "cuda_graphs",
 "cuda_graph_limit", "share_memory". See docs/tensorrt.md.

@@ -3,6 +3,10 @@
 - The network is strongly typed wherever TensorRT offers it (TensorRT 11 always is): fp32 and fp16
   come from the exported graph's own types, so the same fp16 ONNX serves both versions. Only a
   TensorRT without strong typing gets the FP16 builder flag instead (feature-detected).
+- int8 is explicit quantization: the graph's QuantizeLinear / DequantizeLinear nodes (symmetric int8,
+  as `build --precision int8 --backend tensorrt` writes them) say where TensorRT computes in int8. It
+  needs a strongly typed network and no INT8 flag or calibrator (TensorRT 11 has neither); a graph
+  without Q/DQ layers is refused, since it would silently build fp32.
 - One optimization profile covers batch 1..max_batch for every input (`index` and the carries too).
 - One timing cache is shared by all segments of a bundle: each build starts from `timing.cache` in the
   bundle (or from options["timing_cache"] for the first segment) and writes it back.
@@ -95,6 +99,21 @@ def _check_inputs(network: trt.INetworkDefinition, settings: BuildSettings, segm
                 "Export the segments at the precision you build (the build step does this for --precision).")
 
 
+def _check_quantized(network: trt.INetworkDefinition, settings: BuildSettings, segment: str) -> None:
+    """int8 builds take QDQ graphs on strongly typed networks (explicit quantization) only."""
+    if settings.precision != "int8":
+        return
+    if not is_strongly_typed():
+        raise UserError(f"{segment}: int8 engines are built from QDQ graphs on strongly typed networks, which "
+                        f"this TensorRT ({trt.__version__}) does not offer.", INSTALL_HINT)
+    quantize = sum(1 for i in range(network.num_layers)
+                   if network.get_layer(i).type == trt.LayerType.QUANTIZE)
+    if quantize == 0:
+        raise UserError(f"{segment} has no QuantizeLinear nodes: TensorRT would build it in float, not int8.",
+                        "Build with `dgate-export build --precision int8 --backend tensorrt`, which quantizes the "
+                        "graphs (QDQ) before TensorRT sees them.")
+
+
 def _profile(builder: trt.Builder, network: trt.INetworkDefinition,
              settings: BuildSettings) -> trt.IOptimizationProfile:
     """Batch 1..max for every input, tuned for opt: carries, `index` and `input` alike."""
@@ -164,6 +183,7 @@ def build_engine(onnx_path: Path, out_dir: Path, options: Mapping[str, Any]) -> 
     builder = trt.Builder(logger)
     network, parser = _parse(builder, logger, onnx_path, segment)
     _check_inputs(network, settings, segment)
+    _check_quantized(network, settings, segment)
     config = _config(builder, settings, out_dir, segment)
     if config.add_optimization_profile(_profile(builder, network, settings)) < 0:
         raise UserError(f"TensorRT refused the batch profile 1..{settings.max_batch} "
@@ -187,6 +207,7 @@ def build_engine(onnx_path: Path, out_dir: Path, options: Mapping[str, Any]) -> 
         "max_batch": settings.max_batch,
         "opt_batch": settings.opt_batch,
         "strongly_typed": is_strongly_typed(),
+        "precision": settings.precision,
     }
 
 

@@ -35,7 +35,7 @@ HW_SAME_CC = "SAME_COMPUTE_CAPABILITY"
 
 @dataclass(frozen=True)
 class BuildSettings:
-    precision: str  # "fp32" | "fp16": the graph's own float type (strongly typed build)
+    precision: str  # "fp32" | "fp16": the graph's own float type; "int8": a QDQ graph (explicit quantization)
     max_batch: int
     opt_batch: int  # the batch TensorRT tunes its kernels for
     workspace_mb: int | None  # None: TensorRT's default (the GPU's memory)
@@ -84,9 +84,9 @@ def build_settings(options: Mapping[str, Any]) -> BuildSettings:
     """Read and check the build options; every bad value is a UserError naming the CLI flag."""
     _check_known(options, BUILD_OPTIONS, "build")
     precision = options.get("precision", "fp32")
-    if precision not in ("fp32", "fp16"):
+    if precision not in ("fp32", "fp16", "int8"):
         raise UserError(f"Unknown precision {precision!r} for the TensorRT backend.",
-                        "Choose --precision fp32 or --precision fp16.")
+                        "Choose --precision fp32, fp16 or int8.")
     max_batch = _int_option(options, "max_batch", "--max-batch", None)
     if max_batch is None or max_batch < 1:
         raise UserError(f"The maximum batch must be at least 1, not {max_batch!r}.",
