@@ -628,6 +628,10 @@ def describe_bundle(bundle_dir: str | Path) -> Manifest:
     table.add_row("base", "(un-gated)", "-", _count(b.flops), "-", f"{_count(b.flops)} (100%)" if b.flops else "?",
                   _files_text(b.file, b.engine["file"]), _status_text(checks, b.file, b.engine["file"]))
     console.print(table)
+    if manifest.calibration:
+        cal = manifest.calibration
+        console.print(f"thresholds fitted to this bundle's confidences ({cal.get('created')}, on "
+                      f"{(cal.get('on') or {}).get('precision')}): {cal.get('promise')}")
 
     tensors = Table(title="tensors (batch, rows: dynamic 1..max batch)")
     for col in ("seg", "inputs", "outputs"):

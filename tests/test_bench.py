@@ -240,6 +240,8 @@ def test_calibrate_engine_rewrites_only_the_thresholds(bundle, tmp_path):
         if seg["gate"]:
             seg["gate"]["threshold"] = before["segments"][seg["index"]]["gate"]["threshold"]
     assert {k: v for k, v in changed.items() if k != "calibration"} == before  # nothing else moved
+    shown = " ".join(CliRunner().invoke(main, ["inspect", str(bundle)]).output.split())
+    assert "thresholds fitted to this bundle's confidences" in shown and "expected FLOPs are at most 0.6" in shown
     # the thresholds are calibrate's choice on the runtime's own confidences, and keep the budget when run
     val = __import__("dgate_export.data", fromlist=["load_dataset"]).load_dataset(f"npz:{data}", "val")
     rt = GatedRuntime.load(bundle)

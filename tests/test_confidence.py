@@ -67,7 +67,8 @@ def test_agrees_with_torch(name):
 
 
 def test_module_does_not_import_torch():
-    code = "import sys, dgate_export.confidence, dgate_export.calibrate, dgate_export.data; " \
+    code = "import sys, dgate_export.confidence, dgate_export.calibrate, dgate_export.data, " \
+           "dgate_export.profile, dgate_export.recalibrate; " \
            "print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
