@@ -235,11 +235,8 @@ def _on_ray(address: str, bundle: str | Path, x: np.ndarray, labels: np.ndarray 
     own = not ray.is_initialized()  # a caller's own Ray (e.g. a notebook's) is used and left running
     if own:
         quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
-        try:
-            if address == "local":
-                ray.init(**quiet)
-            else:
-                ray.init(address=address, **quiet)
+        try:  # "local" is Ray's own word for a new local instance, even where another one runs
+            ray.init(address=address, **quiet)
         except (ConnectionError, ValueError, RuntimeError) as err:
             raise UserError(f"Could not start or reach Ray at {address!r}: {err}",
                             "Check the address (ray://HOST:10001 or auto), or drop it to start a local instance.") from err
