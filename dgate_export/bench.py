@@ -189,6 +189,7 @@ def run_bench(bundle: str | Path, x: np.ndarray, y: np.ndarray | None, options: 
                         f"of this bundle (row {int(bad[0])}: label {int(y[bad[0]])}).",
                         "Bench on data labelled for this model's classes.")
     rt.warmup()  # one-time per-shape costs (GPU providers) stay out of the timings
+    x = rt._prepare(x)  # the bundle's float type (fp16 bundles) for the baseline too, checked once
     costs = exit_costs(rt)
     base_flops = float(manifest.baseline.flops or costs[-1])
     baseline_pred = None

@@ -104,8 +104,8 @@ def build_bundle(
 ) -> Path:
     """Build the bundle for gated checkpoint `model_path`; return its directory (default engines/<stem>).
 
-    `int8` (a quantize.Int8Options: calibration data, rows, threshold target) is required by and only
-    taken with precision "int8"."""
+    `int8` (a quantize.Int8Options: calibration data, rows, threshold target) is required by precision
+    "int8"; with "fp16" it is optional and only refits the thresholds to the fp16 bundle's confidences."""
     from .backends import get_backend
     from .export import EXPORTERS
 
@@ -117,9 +117,9 @@ def build_bundle(
     if precision == "int8" and int8 is None:
         raise UserError("--precision int8 needs calibration data.",
                         "Add --calibration-data DATA (e.g. fashion-mnist, or npz:PATH with the training rows).")
-    if precision != "int8" and int8 is not None:
-        raise UserError("--calibration-data and --calibration-rows only apply to --precision int8.",
-                        "Drop them, or build with --precision int8.")
+    if precision not in ("int8", "fp16") and int8 is not None:
+        raise UserError("--calibration-data only applies to --precision int8 and fp16.",
+                        "Drop it, or build with --precision fp16 / int8.")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise UserError(f"max batch must be a positive integer, got {max_batch!r}.")
     if opset is not None and opset < 18 and exporter == "dynamo":
@@ -237,14 +237,14 @@ def _steps_1_to_7(tmp: Path, steps: _Steps, *, model_path: Path, name: str, back
 
     def load():
         loaded = checkpoint.load(model_path)
-        if int8 is not None:  # bad calibration data is refused before any export
+        if precision == "int8":  # bad calibration data is refused before any export
             from .quantize import calibration_rows
 
             calibration.append(calibration_rows(int8, loaded))
         return loaded
 
     model = steps.run("load", load, lambda m: f"{model_path} ({m.arch['name']}, {m.num_gates} gates, "
-                      f"{m.num_classes} classes)" + (f"; {int8.rows} calibration rows of {int8.data}" if int8 else ""))
+                      f"{m.num_classes} classes)" + (f"; {int8.rows} calibration rows of {int8.data}" if precision == "int8" else ""))
 
     def split():
         flops = model.flops or model.count_flops()
@@ -280,7 +280,7 @@ def _steps_1_to_7(tmp: Path, steps: _Steps, *, model_path: Path, name: str, back
                            lambda r: r.summary())
 
     quantization = None
-    if int8 is not None:
+    if precision == "int8":
         from .quantize import quantize_bundle
 
         quantization = steps.run("quantize", lambda: quantize_bundle(
@@ -307,11 +307,11 @@ def _steps_1_to_7(tmp: Path, steps: _Steps, *, model_path: Path, name: str, back
                              precision=precision, max_batch=max_batch, flops=flops, model_path=model_path,
                              exporter=exporter, parity=report, quantization=quantization)
         write_manifest(tmp, manifest)
-        if int8 is not None:  # thresholds fitted on the int8 bundle's own confidences (calibrate --engine)
+        if int8 is not None:  # thresholds fitted on the int8 / fp16 bundle's own confidences (calibrate --engine)
             from .quantize import refit_thresholds
 
             fit = refit_thresholds(tmp, model, int8)
-            steps.progress(f"        thresholds on the int8 bundle's confidences: {_fmt(fit.thresholds)} (fp32 "
+            steps.progress(f"        thresholds on the {precision} bundle's confidences: {_fmt(fit.thresholds)} (fp32 "
                            f"{_fmt([float(t) for t in model.thresholds])}); {fit.method}")
         return verify_bundle(tmp)  # the bundle as a runtime will read it
 

@@ -236,7 +236,8 @@ def _target(max_drop: float | None, budget: float | None) -> tuple[float | None,
                    "--calibration-data (docs/precision.md).")
 @click.option("--calibration-data", default=None, metavar="DATA",
               help="int8: the data set whose TRAINING rows calibrate the quantization and whose validation rows "
-                   "(the split the model records) fit the thresholds: fashion-mnist or npz:PATH.")
+                   "(the split the model records) fit the thresholds: fashion-mnist or npz:PATH. fp16: its "
+                   "validation rows refit the thresholds to the fp16 bundle's own confidences.")
 @click.option("--calibration-rows", default=None, type=int, metavar="N",
               help="int8: training rows that calibrate the activation ranges [default: 512].")
 @click.option("--data-dir", default=None, type=click.Path(), help="int8: folder of the Fashion-MNIST IDX files.")
@@ -288,12 +289,21 @@ def _int8_options(precision, data, rows, data_dir, repeat_channels, max_drop, bu
              "--repeat-channels": repeat_channels or None, "--max-drop": max_drop, "--budget": budget,
              "--upper-bound": upper_bound, "--holdout": holdout,
              "--guarantee": None if guarantee == "ltt" else guarantee, "--delta": None if delta == DEFAULT_DELTA else delta}
+    from .quantize import CALIBRATION_ROWS, Int8Options
+
+    if precision == "fp16" and data is not None:
+        # fp16 confidences differ from the torch model's: refit the thresholds on the fp16 bundle itself.
+        if rows is not None:
+            raise UserError("--calibration-rows only applies to --precision int8.", "Drop it.")
+        max_drop, budget = _target(max_drop, budget)
+        return Int8Options(data=data, data_dir=data_dir, max_drop=max_drop, budget=budget, upper_bound=upper_bound,
+                           holdout=holdout, repeat_channels=repeat_channels, guarantee=guarantee, delta=delta)
     if precision != "int8":
         flags = [k for k, v in given.items() if v is not None]
         if flags:
-            raise UserError(f"{', '.join(flags)} only apply to --precision int8.", "Drop them, or build int8.")
+            raise UserError(f"{', '.join(flags)} only apply to --precision int8, or fp16 with --calibration-data.",
+                            "Drop them, or build int8 / fp16.")
         return None
-    from .quantize import CALIBRATION_ROWS, Int8Options
 
     if data is None:
         raise UserError("--precision int8 needs --calibration-data.",

@@ -255,9 +255,19 @@ def test_calibrate_engine_rewrites_only_the_thresholds(bundle, tmp_path):
     rt.close()
 
     # fp16: the bundle's confidences differ from the torch model's, and so do the thresholds fitted to them
-    fp16 = build_bundle(model_path, tmp_path / "fp16", precision="fp16", max_batch=64, progress=lambda *a, **k: None)
+    from dgate_export.quantize import Int8Options
+
+    # build --precision fp16 --calibration-data refits the thresholds to the fp16 graphs before the rename
+    refit = Int8Options(data=f"npz:{data}", max_drop=0.0, guarantee="none")
+    fp16 = build_bundle(model_path, tmp_path / "fp16", precision="fp16", max_batch=64, int8=refit,
+                        progress=lambda *a, **k: None)
+    built = verify_bundle(fp16)
+    assert built.calibration["on"]["precision"] == "fp16" and built.calibration["data"]["rows"] == 600
     res = run("--engine", fp16, "--data", f"npz:{data}", "--val-size", 600, "--max-drop", 0.0, "--guarantee", "none")
     assert res.exit_code == 0, res.output
+    assert verify_bundle(fp16).thresholds == built.thresholds  # the same fit, twice
+    res = bench(["--engine", str(fp16), "--data", "fashion-mnist", "--limit", "300", "--batch-sizes", "8", *FAST])
+    assert res.exit_code == 0, res.output  # float32 data reaches the fp16 baseline as float16
     torch_fit = run(model_path, "--data", f"npz:{data}", "--val-size", 600, "--max-drop", 0.0, "--guarantee", "none",
                     "-o", tmp_path / "torch_fit.pt")
     assert torch_fit.exit_code == 0, torch_fit.output
