@@ -52,6 +52,7 @@ import torch
 
 from dgate_export import checkpoint
 from dgate_export.calibrate import calibrate, holdout_rows
+from dgate_export.contract import CONFIDENCES
 from dgate_export.data import load_dataset
 from dgate_export.gated import GatedModel
 from dgate_export.train import collect_exit_logits, train_gates
@@ -82,7 +83,6 @@ CLI_GATED = {
     "densenet201": {"head": "grid"},
 }
 HEADS = ("linear", "mlp", "grid")
-CONFIDENCES = ("max-softmax", "margin", "entropy")
 MAX_DROP = 0.01
 HALVES_SEED = 0
 

@@ -96,7 +96,7 @@ def time_eager(model, x: np.ndarray, batch_size: int, *, min_seconds: float, war
         one(i, True)
         i += 1
     fractions = counts / counts.sum()
-    ideal = model.flops["baseline"] / float(np.dot(fractions, model.exit_costs()))
+    ideal = model.flops["baseline"] / model.expected_cost(fractions)
     gated, ungated = _stats(times["gated"]), _stats(times["ungated"])
     speedup = ungated["mean"] / gated["mean"]
     return {"batch_size": batch_size, "iterations": len(times["gated"]), "gated_ms": gated, "ungated_ms": ungated,

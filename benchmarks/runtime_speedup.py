@@ -42,7 +42,9 @@ from pathlib import Path
 import numpy as np
 
 from dgate_export import backends
+from dgate_export.contract import INPUT, LOGITS, expected_cost
 from dgate_export.data import load_dataset
+from dgate_export.files import write_text_atomic
 from dgate_export.runtime import GatedRuntime
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,15 +64,6 @@ def build_default(arch: str, arch_kwargs: dict, out: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         path = checkpoint.save(model, Path(tmp) / f"bench-{arch}.pt")
         return build_bundle(path, out, max_batch=256, force=True, progress=None)
-
-
-def exit_costs(rt: GatedRuntime) -> list[float]:
-    """FLOPs per sample of leaving at exit k: segments 0..k plus the heads of gates 0..k."""
-    costs, total = [], 0.0
-    for seg in rt.manifest.segments:
-        total += (seg.flops or 0) + ((seg.gate.head_flops or 0) if seg.gate else 0)
-        costs.append(total)
-    return costs
 
 
 def thresholds_for(rt: GatedRuntime, x: np.ndarray, fractions: list[float]) -> list[float]:
@@ -101,7 +94,7 @@ def measure(rt: GatedRuntime, baseline, batches: list[np.ndarray], variants: dic
     """Seconds [round, batch, clock (wall, cpu)] for "baseline" and each thresholds variant, interleaved
     batch by batch (the order alternating)."""
     def run_base(b):
-        return baseline.run({"input": b}, host={"logits"})["logits"].argmax(axis=1)
+        return baseline.run({INPUT: b}, host={LOGITS})[LOGITS].argmax(axis=1)
 
     calls = {"baseline": run_base}
     for name, thr in variants.items():
@@ -156,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--fractions needs {rt.num_gates} values for this bundle")
         some = thresholds_for(rt, x, args.fractions)
     none = [2.0] * rt.num_gates  # above 1: nobody leaves
-    costs = exit_costs(rt)
+    costs = rt.manifest.exit_costs()
     base_flops = float(m.baseline.flops or costs[-1])
 
     report: dict = {
@@ -180,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         times = measure(rt, baseline, batches, variants, args.rounds)
         counts = sum(rt.run(b, thresholds=some).exit_counts for b in batches)
         fractions = counts / counts.sum()
-        expected = float(np.dot(fractions, costs))
+        expected = expected_cost(costs, fractions)
         ideal = base_flops / expected
         # Each batch's fastest round: other processes on a shared machine only ever add time.
         per_call = {k: v.min(axis=0).mean(axis=0) for k, v in times.items()}  # (wall, cpu) seconds
@@ -192,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             rounds = times["baseline"][:, :, c].sum(axis=1) / times["gated"][:, :, c].sum(axis=1)
             # The speed-up a scheduler without overhead would reach if each sample cost what its exit
             # costs when everyone takes it: isolates the backbone's uneven time per FLOP across segments.
-            time_model = float(per_call["baseline"][c] / np.dot(fractions, [t[c] for t in exit_times]))
+            time_model = float(per_call["baseline"][c] / expected_cost([t[c] for t in exit_times], fractions))
             entry[clock] = {
                 "measured_speedup": measured, "efficiency": measured / ideal,
                 "speedup_per_round": [round(float(r), 3) for r in rounds],
@@ -212,10 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{e['exit_time_model_speedup']:.2f}x; per-gate overhead {e['per_gate_overhead_us']:.0f} us")
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
     out = args.out or ROOT / "benchmarks" / "results" / f"runtime_speedup-{Path(bundle).name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -24,12 +24,14 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .contract import INPUT, LOGITS, NEVER_EXIT, expected_cost
 from .errors import UserError
+from .files import atomic_write, write_text_atomic
 from .runtime import GatedRuntime
 
 SCHEMA = "dgate-bench/1"
 LATENCY_KEYS = ("mean", "median", "p90", "p95", "p99", "min", "max")  # trtexec's names
-SWEEP_THRESHOLDS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.01)
+SWEEP_THRESHOLDS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, NEVER_EXIT)
 
 
 @dataclass
@@ -44,17 +46,6 @@ class BenchOptions:
     exit_times: bool = False    # also time leaving at each exit: the time-based ideal speed-up
 
 
-def exit_costs(rt: GatedRuntime) -> list[float]:
-    """FLOPs per sample of leaving at exit k: segments 0..k plus heads 0..k (from the manifest)."""
-    costs, total = [], 0.0
-    for seg in rt.manifest.segments:
-        if seg.flops is None:
-            raise UserError("This bundle records no FLOPs per segment.", "Rebuild it with `dgate-export build`.")
-        total += seg.flops + ((seg.gate.head_flops or 0) if seg.gate else 0)
-        costs.append(total)
-    return costs
-
-
 def latency_stats(seconds: Sequence[float]) -> dict[str, float]:
     ms = np.asarray(seconds, dtype=np.float64) * 1e3
     pct = np.percentile(ms, [50, 90, 95, 99])
@@ -63,7 +54,7 @@ def latency_stats(seconds: Sequence[float]) -> dict[str, float]:
 
 
 def _baseline_logits(baseline, x: np.ndarray, max_batch: int) -> np.ndarray:
-    return np.concatenate([baseline.run({"input": x[i:i + max_batch]})["logits"]
+    return np.concatenate([baseline.run({INPUT: x[i:i + max_batch]})[LOGITS]
                            for i in range(0, len(x), max_batch)]).astype(np.float32)
 
 
@@ -74,7 +65,7 @@ def quality(rt: GatedRuntime, baseline, x: np.ndarray, y: np.ndarray | None, cos
     res = rt.run(x, thresholds=thresholds)
     counts = res.exit_counts.astype(int)
     fractions = counts / counts.sum()
-    expected = float(np.dot(fractions, costs))
+    expected = expected_cost(costs, fractions)
     out: dict[str, Any] = {
         "thresholds": [float(t) for t in (thresholds if thresholds is not None else rt.thresholds)],
         "exits": {"counts": counts.tolist(), "fractions": fractions.tolist()},
@@ -99,7 +90,7 @@ def exit_time_costs(rt: GatedRuntime, baseline, x: np.ndarray, batch_size: int, 
     every sample leaves at exit k (segments 0..k and gates 0..k run), timed interleaved with the baseline.
     The time-based counterpart of the FLOPs costs: where FLOPs are not time (small early layers run
     fewer FLOP/s) the FLOPs ideal cannot be reached, whatever the runtime does."""
-    never, always = 2.0**30, -1.0  # confidences lie in [0, 1]
+    never, always = NEVER_EXIT, -1.0  # confidences lie in [0, 1]
     rel = []
     for k in range(rt.num_gates + 1):
         thr = [never] * rt.num_gates
@@ -121,7 +112,7 @@ def time_batches(rt: GatedRuntime, baseline, x: np.ndarray, batch_size: int, cos
     if len(batches[0]) < batch_size:  # fewer samples than one batch: tile them
         reps = -(-batch_size // len(x))
         batches = [np.concatenate([x] * reps)[:batch_size]]
-    feeds = [{"input": b} for b in batches]
+    feeds = [{INPUT: b} for b in batches]
     gated_t: list[float] = []
     base_t: list[float] = []
     counts = np.zeros(len(costs), dtype=np.int64)
@@ -153,7 +144,7 @@ def time_batches(rt: GatedRuntime, baseline, x: np.ndarray, batch_size: int, cos
         if tick:
             tick()
     fractions = counts / counts.sum()
-    ideal = baseline_flops / float(np.dot(fractions, costs))
+    ideal = baseline_flops / expected_cost(costs, fractions)
     gated, base = latency_stats(gated_t), latency_stats(base_t)
     speedup = base["mean"] / gated["mean"]
     return {
@@ -190,7 +181,7 @@ def run_bench(bundle: str | Path, x: np.ndarray, y: np.ndarray | None, options: 
                         "Bench on data labelled for this model's classes.")
     rt.warmup()  # one-time per-shape costs (GPU providers) stay out of the timings
     x = rt._prepare(x)  # the bundle's float type (fp16 bundles) for the baseline too, checked once
-    costs = exit_costs(rt)
+    costs = manifest.exit_costs()
     base_flops = float(manifest.baseline.flops or costs[-1])
     baseline_pred = None
     if y is not None:
@@ -222,7 +213,7 @@ def run_bench(bundle: str | Path, x: np.ndarray, y: np.ndarray | None, options: 
                 rel = exit_time_costs(rt, baseline, x, b, costs, base_flops, warmup_ms=options.warmup_ms / 4,
                                       min_seconds=options.min_seconds / 2)
                 entry["exit_time_costs"] = rel
-                entry["time_ideal_speedup"] = 1.0 / float(np.dot(entry["exit_fractions"], rel))
+                entry["time_ideal_speedup"] = 1.0 / expected_cost(rel, entry["exit_fractions"])
                 entry["runtime_efficiency"] = entry["speedup"] / entry["time_ideal_speedup"]
             report["speed"].append(entry)
             bar.update()
@@ -281,12 +272,7 @@ def check_report(report: dict[str, Any]) -> None:
 
 
 def write_json(report: dict[str, Any], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -399,10 +385,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".tmp-" + path.name)
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

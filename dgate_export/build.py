@@ -30,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from .contract import INPUT
 from .errors import UserError
+from .files import UMASK, sha256_file
 from .manifest import (
     MANIFEST_FILE,
     PRECISIONS,
@@ -40,7 +42,6 @@ from .manifest import (
     Manifest,
     Segment,
     TensorSpec,
-    sha256_file,
     verify_bundle,
     write_manifest,
 )
@@ -173,9 +174,7 @@ def _check_destination(out: Path, force: bool) -> None:
 
 def _chmod_like_mkdir(path: Path) -> None:
     """mkdtemp makes 0700 directories; the bundle should get the permissions a plain mkdir gives."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
+    os.chmod(path, 0o777 & ~UMASK)
 
 
 def _make_parents(parent: Path) -> list[Path]:
@@ -215,14 +214,10 @@ def _build_into(tmp: Path, steps: _Steps, **kwargs: Any) -> Manifest:
     """Steps 1-7 with torch on one thread: the build runs small batches (tracing, a 64-row probe) where a
     second thread gains nothing, and on a busy machine torch's spinning worker threads made the same
     build 3.5x slower (measured: demo build 29 s with 2 threads, 8 s with 1, load average 7 on 2 cores)."""
-    import torch
+    from .threads import torch_threads
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return _steps_1_to_7(tmp, steps, **kwargs)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _steps_1_to_7(tmp: Path, steps: _Steps, *, model_path: Path, name: str, backend: str, backend_module: Any,
@@ -556,7 +551,7 @@ def _manifest(model, built: _Built, engines: list[dict], backend_info: dict, *, 
         precision=precision,
         max_batch=max_batch,
         opset=built.graphs[0].opset,
-        input=InputSpec(name="input", shape=list(first["shape"]), dtype=first["dtype"], layout="NCHW",
+        input=InputSpec(name=INPUT, shape=list(first["shape"]), dtype=first["dtype"], layout="NCHW",
                         normalization=model.normalization),
         num_classes=model.num_classes,
         class_names=model.class_names,

@@ -60,7 +60,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,12 +67,13 @@ from statistics import NormalDist
 
 import numpy as np
 
+from . import contract
 from .confidence import check_confidence_name, confidence
+from .contract import NEVER_EXIT
 from .errors import UserError
+from .files import atomic_write
 
-# A threshold above every confidence (all confidences are <= 1): the gate never lets a sample leave.
-# The same value GatedModel uses for gates that have not been calibrated.
-DISABLED = 1.01
+DISABLED = NEVER_EXIT  # a threshold above every confidence: the gate never lets a sample leave
 _GRID_CELLS = 1_000_000      # target size of the exhaustive grid (G^K)
 _MAX_CANDIDATES = 1000       # cap on G for K = 1, 2
 _MAX_ROUNDS = 20
@@ -170,12 +170,7 @@ def holdout_rows(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np
 
 def exit_costs(flops: dict) -> list[float]:
     """Cumulative FLOPs per sample of leaving at exit k, from GatedModel.flops."""
-    costs, total = [], 0.0
-    num_gates = len(flops["heads"])
-    for k in range(num_gates + 1):
-        total += flops["segments"][k] + (flops["heads"][k] if k < num_gates else 0)
-        costs.append(float(total))
-    return costs
+    return contract.exit_costs(flops["segments"], flops["heads"])
 
 
 def _prepare(exit_logits, labels, confidence_name: str, costs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -218,7 +213,7 @@ def _evaluate(conf, correct, costs, baseline: float, thresholds) -> Evaluation:
         accuracy_ungated=float(correct[-1].mean()),
         exit_fractions=[float(c / n) for c in counts],
         exit_accuracy=[float(r / c) if c else None for r, c in zip(right, counts)],
-        expected_flops=float((counts * costs).sum() / n),
+        expected_flops=contract.expected_cost(costs, counts / n),
         baseline_flops=float(baseline),
         samples=int(n),
         disagreement=float(np.count_nonzero(correct[exits, np.arange(n)] != correct[-1]) / n),
@@ -724,18 +719,6 @@ def calibrate_scores(conf: np.ndarray, correct: np.ndarray, *, confidence: str, 
 # --- the curve on disk ------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_curve(result: Calibration, json_path: str | os.PathLike, png_path: str | os.PathLike | None = None,
                *, test: Evaluation | None = None) -> None:
     """Write the calibration (with its accuracy-vs-cost front) as JSON and, optionally, a PNG plot."""
@@ -743,12 +726,12 @@ def save_curve(result: Calibration, json_path: str | os.PathLike, png_path: str 
     if test is not None:
         payload["test"] = test.to_dict()
 
-    def write_json(tmp: str) -> None:
+    def write_json(tmp: Path) -> None:
         with open(tmp, "w") as f:
             json.dump(payload, f, indent=1)
             f.write("\n")
 
-    _atomic_write(Path(json_path), write_json)
+    atomic_write(Path(json_path), write_json)
     if png_path is None:
         return
     # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
@@ -777,7 +760,7 @@ def save_curve(result: Calibration, json_path: str | os.PathLike, png_path: str 
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    _atomic_write(Path(png_path), lambda tmp: fig.savefig(tmp, format="png"))
+    atomic_write(Path(png_path), lambda tmp: fig.savefig(tmp, format="png"))
 
 
 # --- the report on the terminal ---------------------------------------------------------------------

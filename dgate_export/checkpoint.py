@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -19,7 +18,9 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .contract import DEFAULT_CONFIDENCE
 from .errors import UserError
+from .files import atomic_write
 from .gated import GatedModel
 from .zoo import build_backbone
 
@@ -73,17 +74,7 @@ def load_state(module: torch.nn.Module, state: dict) -> None:
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     """torch.save into a temporary file beside `path`, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def read_payload(path: str | os.PathLike) -> dict:
@@ -128,7 +119,7 @@ def load(path: str | os.PathLike) -> GatedModel:
         input_shape=tuple(payload["input_shape"]),
         head=payload["head"]["name"],
         head_kwargs=payload["head"].get("kwargs"),
-        confidence=payload.get("confidence", "max-softmax"),
+        confidence=payload.get("confidence", DEFAULT_CONFIDENCE),
         thresholds=payload["thresholds"],
         class_names=payload.get("class_names"),
         normalization=payload.get("normalization"),

@@ -13,6 +13,7 @@ import textwrap
 
 import click
 
+from .contract import CONFIDENCES, DEFAULT_CONFIDENCE
 from .data import DEFAULT_VAL_SIZE
 from .errors import UserError
 
@@ -385,7 +386,6 @@ def score_cmd(bundle, data, data_dir, repeat_channels, limit, output, ray_addres
 
 # --- gate and calibrate ------------------------------------------------------------------------------
 
-_CONFIDENCES = ("max-softmax", "margin", "entropy")  # = confidence.CONFIDENCES (kept literal: fast --help)
 
 
 class _GateCommand(click.Command):
@@ -559,7 +559,7 @@ def _load_weights(backbone, weights: str) -> None:
               help="Layout of the exits' outputs, one for all or one per exit: auto (detected from the exit's "
                    "modules), nchw (channels first), nhwc (channels last, e.g. Swin), tokens-cls ([N, tokens, "
                    "hidden] with a class token first, e.g. ViT) or tokens-mean (averaged over tokens).")
-@click.option("--confidence", default="max-softmax", show_default=True, type=click.Choice(_CONFIDENCES))
+@click.option("--confidence", default=DEFAULT_CONFIDENCE, show_default=True, type=click.Choice(CONFIDENCES))
 @click.option("--loss", default="ce", show_default=True, type=click.Choice(["ce", "hinge"]),
               help="Gate loss: cross-entropy or multi-class hinge.")
 @_calibration_target_options
@@ -653,7 +653,7 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
 @click.option("--val-size", default=None, type=int, help=f"Validation rows [the split MODEL records, else {DEFAULT_VAL_SIZE}].")
 @click.option("--seed", default=None, type=int, help="Seed of the validation split [MODEL's, else 0].")
 @_calibration_target_options
-@click.option("--confidence", default=None, type=click.Choice(_CONFIDENCES),
+@click.option("--confidence", default=None, type=click.Choice(CONFIDENCES),
               help="Switch the confidence measure (default: the model's).")
 @click.option("--cost", "cost_path", default=None, type=click.Path(dir_okay=False), metavar="PROFILE",
               help="Minimize the expected measured time of `dgate-export profile`'s PROFILE (JSON) instead of FLOPs; "

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .contract import CONFIDENCES
 from .errors import UserError
-
-CONFIDENCES = ("max-softmax", "margin", "entropy")
 
 
 def check_confidence_name(name: str) -> str:

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .contract import INPUT, LOGITS, segment_inputs, segment_outputs
 from .errors import UserError
 from .gates import confidence_torch
-from .manifest import BATCH, CARRY_IN_PREFIX, ROWS
+from .manifest import BATCH, ROWS
 
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_EXPORTER = "dynamo"
@@ -142,17 +143,11 @@ def export_segment(model, k: int, path: str | Path, *, max_batch: int, opset: in
     x = _example_input(model, max_batch)
     args = example_inputs(model, k, x)
     num_in = 1 if k == 0 else len(args) - 1
-    if k == 0:
-        input_names = ["input"]
-    else:
-        input_names = [f"{CARRY_IN_PREFIX}carry_{i}" for i in range(num_in)] + ["index"]
+    input_names = segment_inputs(k, num_in)
     with torch.no_grad():
         outs = segment_graph(model, k)(*args)
-    if k == model.num_gates:
-        output_names = ["logits"]
-    else:
-        num_carries = len(outs) - 2
-        output_names = [f"carry_{i}" for i in range(num_carries)] + ["logits", "confidence"]
+    last = k == model.num_gates
+    output_names = segment_outputs(last, 0 if last else len(outs) - 2)
     dims = [BATCH] if k == 0 else [ROWS] * num_in + [BATCH]
     where = f"segment {k}" + (f" (after exit {model.exits[k - 1]!r})" if k > 0 else "")
     return export_module(segment_graph(model, k), args, path, input_names=input_names,
@@ -164,8 +159,8 @@ def export_baseline(model, path: str | Path, *, max_batch: int, opset: int | Non
                     exporter: str = DEFAULT_EXPORTER) -> ExportedGraph:
     """Export the un-gated backbone: `input` -> `logits`."""
     x = _example_input(model, max_batch)
-    return export_module(_Baseline(model.backbone).eval(), (x,), path, input_names=["input"],
-                         output_names=["logits"], input_dims=[BATCH], max_batch=max_batch, opset=opset,
+    return export_module(_Baseline(model.backbone).eval(), (x,), path, input_names=[INPUT],
+                         output_names=[LOGITS], input_dims=[BATCH], max_batch=max_batch, opset=opset,
                          exporter=exporter, where="the baseline")
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .contract import DEFAULT_CONFIDENCE, NEVER_EXIT, exit_costs, expected_cost
 from .errors import UserError
 from .gates import LAYOUT_HELP, check_confidence, check_layout, confidence_torch, detect_layouts, make_head
 from .split import split_backbone
@@ -35,7 +36,7 @@ class GatedModel(nn.Module):
         input_shape: tuple[int, int, int],
         head: str = "linear",
         head_kwargs: dict | None = None,
-        confidence: str = "max-softmax",
+        confidence: str = DEFAULT_CONFIDENCE,
         thresholds: list[float] | None = None,
         class_names: list[str] | None = None,
         normalization: dict | None = None,
@@ -73,7 +74,7 @@ class GatedModel(nn.Module):
             make_head(head, shape, self.num_classes, layout, **self.head_spec["kwargs"])
             for shape, layout in zip(shapes, self.feature_layouts)
         )
-        self.thresholds = list(thresholds) if thresholds is not None else [1.01] * self.num_gates
+        self.thresholds = list(thresholds) if thresholds is not None else [NEVER_EXIT] * self.num_gates
         if len(self.thresholds) != self.num_gates:
             raise UserError(f"{len(self.thresholds)} thresholds given for {self.num_gates} gates.")
         self.eval()
@@ -162,16 +163,11 @@ class GatedModel(nn.Module):
     def exit_costs(self) -> list[float]:
         """FLOPs per sample of leaving at exit k (segments 0..k and heads 0..k)."""
         flops = self.flops or self.count_flops()
-        costs, total = [], 0.0
-        for k in range(self.num_gates + 1):
-            total += flops["segments"][k] + (flops["heads"][k] if k < self.num_gates else 0)
-            costs.append(total)
-        return costs
+        return exit_costs(flops["segments"], flops["heads"])
 
     def expected_cost(self, exit_fractions) -> float:
         """Expected FLOPs per sample when `exit_fractions[k]` of the samples leave at exit k."""
-        costs = self.exit_costs()
-        return float(sum(f * c for f, c in zip(exit_fractions, costs)))
+        return expected_cost(self.exit_costs(), exit_fractions)
 
 
 def _square_layout(shape: tuple[int, ...], input_shape: tuple[int, ...]) -> str | None:

@@ -13,10 +13,8 @@ import math
 import torch
 from torch import nn
 
+from .confidence import check_confidence_name as check_confidence
 from .errors import UserError
-
-CONFIDENCES = ("max-softmax", "margin", "entropy")
-
 
 LAYOUTS = ("nchw", "nhwc", "tokens-cls", "tokens-mean")
 LAYOUT_HELP = ("nchw: channels first [N, C, ...] (convolutions); nhwc: channels last [N, H, W, C] (Swin, "
@@ -236,12 +234,6 @@ def _drop(shape: torch.Size, axis: int) -> tuple[int, ...]:
     dims = list(shape[1:])  # not the batch axis
     del dims[axis - 1 if axis > 0 else axis]
     return tuple(dims)
-
-
-def check_confidence(name: str) -> str:
-    if name not in CONFIDENCES:
-        raise UserError(f"Unknown confidence measure {name!r}.", f"Choose one of: {', '.join(CONFIDENCES)}.")
-    return name
 
 
 def confidence_torch(name: str, logits: torch.Tensor) -> torch.Tensor:

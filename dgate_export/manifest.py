@@ -11,27 +11,24 @@ ill-typed fields, segments whose tensors do not chain, file names that leave the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import contract
+from .contract import CARRY_IN_PREFIX, CONFIDENCE, CONFIDENCES, INDEX, INPUT, LOGITS
 from .errors import UserError
+from .files import sha256_file, write_text_atomic
 
 FORMAT = "dgate-bundle/1"
 MANIFEST_FILE = "manifest.json"
 # precision -> float dtype of every graph's inputs and outputs (int8 graphs quantize inside: QDQ)
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
-CONFIDENCES = ("max-softmax", "margin", "entropy")
 DTYPES = ("float32", "float16", "int64")
 BATCH = "batch"  # symbolic dim: the rows this segment computes (dynamic, 1..max_batch)
 ROWS = "rows"  # symbolic dim of segment k>0's carries: the previous segment's batch (1..max_batch)
-# Segment k>0's input fed from segment k-1's output carry_i is named prev_carry_i: an ONNX graph cannot
-# have an input and an output of the same name (SSA), and segment k>0 outputs its own carry_i.
-CARRY_IN_PREFIX = "prev_"
 
 _REBUILD_HINT = (
     "The bundle was written by another version of dgate-export or edited by hand; "
@@ -78,13 +75,12 @@ class Segment:
     @property
     def carries(self) -> list[str]:
         """Names of the outputs the next segment takes (carry_0 first: the gate's features)."""
-        return [t.name for t in self.outputs if t.name.startswith("carry_")]
+        return [t.name for t in self.outputs if contract.is_carry(t.name)]
 
     @property
     def carry_inputs(self) -> list[tuple[str, str]]:
         """(input name, previous segment's output name) for each carry this segment takes."""
-        return [(t.name, t.name[len(CARRY_IN_PREFIX):]) for t in self.inputs
-                if t.name.startswith(CARRY_IN_PREFIX)]
+        return contract.carry_links(self.input_names)
 
     @property
     def input_names(self) -> list[str]:
@@ -166,6 +162,14 @@ class Manifest:
     def thresholds(self) -> list[float]:
         return [s.gate.threshold for s in self.segments if s.gate is not None]
 
+    def exit_costs(self) -> list[float]:
+        """FLOPs per sample of leaving at exit k (segments 0..k plus heads 0..k); UserError when the
+        bundle records no FLOPs."""
+        if any(s.flops is None for s in self.segments):
+            raise UserError("This bundle records no FLOPs per segment.", "Rebuild it with `dgate-export build`.")
+        return contract.exit_costs([s.flops or 0 for s in self.segments],
+                                   [s.gate.head_flops or 0 for s in self.segments if s.gate is not None])
+
     def path(self, file: str) -> Path:
         """Absolute path of a bundle file named in this manifest."""
         if self.root is None:
@@ -208,11 +212,7 @@ def write_manifest(bundle_dir: str | Path, manifest: Manifest) -> Path:
     bundle_dir = Path(bundle_dir)
     data = manifest.to_dict()
     _parse(data, "manifest to write")  # never write what load_manifest would refuse
-    path = bundle_dir / MANIFEST_FILE
-    tmp = bundle_dir / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(bundle_dir / MANIFEST_FILE, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def load_manifest(bundle_dir: str | Path) -> Manifest:
@@ -237,14 +237,6 @@ def load_manifest(bundle_dir: str | Path) -> Manifest:
 
 
 # ----------------------------------------------------------------------------------------------- hashes
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -422,8 +414,8 @@ def _parse_manifest(data: Any) -> Manifest:
         layout=_get(inp, "layout", "input", str),
         normalization=_normalization(inp.get("normalization")),
     )
-    if input_spec.name != "input" or input_spec.dtype != float_dtype or input_spec.shape[0] != BATCH:
-        raise _Bad(f"input must be named 'input', have dtype {float_dtype} for precision {precision} "
+    if input_spec.name != INPUT or input_spec.dtype != float_dtype or input_spec.shape[0] != BATCH:
+        raise _Bad(f"input must be named {INPUT!r}, have dtype {float_dtype} for precision {precision} "
                    f"and a leading {BATCH!r} dimension")
 
     classes = _get(data, "classes", "manifest", dict)
@@ -449,9 +441,9 @@ def _parse_manifest(data: Any) -> Manifest:
         outputs=_tensors(raw_base, "outputs", "baseline"),
         flops=_flops(raw_base, "flops", "baseline"),
     )
-    if [t.name for t in baseline.inputs] != ["input"] or [t.name for t in baseline.outputs] != ["logits"]:
-        raise _Bad("baseline must take 'input' and output 'logits'")
-    if baseline.inputs[0] != TensorSpec("input", input_spec.shape, input_spec.dtype):
+    if [t.name for t in baseline.inputs] != [INPUT] or [t.name for t in baseline.outputs] != [LOGITS]:
+        raise _Bad(f"baseline must take {INPUT!r} and output {LOGITS!r}")
+    if baseline.inputs[0] != TensorSpec(INPUT, input_spec.shape, input_spec.dtype):
         raise _Bad("baseline.inputs[0] must match input (shape and dtype)")
     _check_logits(baseline.outputs[0], "baseline", num_classes, float_dtype)
 
@@ -545,16 +537,16 @@ def _check_chain(segments: list[Segment], input_spec: InputSpec, num_classes: in
         at = f"segments[{seg.index}]"
         last = seg.gate is None
         outs = {t.name: t for t in seg.outputs}
-        expected_tail = ["logits"] if last else ["logits", "confidence"]
         carries = seg.carries
+        expected_tail = contract.segment_outputs(last, 0)
         if seg.output_names != carries + expected_tail or (not last and not carries):
             raise _Bad(f"{at}.outputs must be carry_0..carry_m-1 then {expected_tail} "
                        f"({'no carries' if last else 'at least one carry'}), got {seg.output_names}")
-        if carries != [f"carry_{i}" for i in range(len(carries))]:
+        if carries != [contract.carry(i) for i in range(len(carries))]:
             raise _Bad(f"{at}.outputs: carries must be named carry_0, carry_1, ... in order")
-        _check_logits(outs["logits"], f"{at}", num_classes, float_dtype)
+        _check_logits(outs[LOGITS], f"{at}", num_classes, float_dtype)
         # confidence is float32 in every bundle: fp16 cannot resolve thresholds near 1 (spacing 0.0005).
-        if not last and (outs["confidence"].shape != [BATCH] or outs["confidence"].dtype != "float32"):
+        if not last and (outs[CONFIDENCE].shape != [BATCH] or outs[CONFIDENCE].dtype != "float32"):
             raise _Bad(f"{at} output 'confidence' must be float32 [{BATCH!r}] (also in fp16 bundles)")
         for name in carries:
             t = outs[name]
@@ -562,14 +554,14 @@ def _check_chain(segments: list[Segment], input_spec: InputSpec, num_classes: in
                 raise _Bad(f"{at} output {name} must be {float_dtype} with a leading {BATCH!r} dimension")
 
         if seg.index == 0:
-            want = [TensorSpec("input", input_spec.shape, input_spec.dtype)]
+            want = [TensorSpec(INPUT, input_spec.shape, input_spec.dtype)]
             if seg.inputs != want:
                 raise _Bad(f"{at}.inputs must be exactly the bundle's input {want[0].to_dict()}")
             continue
         prev = segments[seg.index - 1]
         want = [TensorSpec(CARRY_IN_PREFIX + t.name, [ROWS, *t.shape[1:]], t.dtype) for t in prev.outputs
-                if t.name.startswith("carry_")]
-        want.append(TensorSpec("index", [BATCH], "int64"))
+                if contract.is_carry(t.name)]
+        want.append(TensorSpec(INDEX, [BATCH], "int64"))
         if seg.inputs != want:
             raise _Bad(f"{at}.inputs must be the previous segment's carries renamed prev_carry_i (leading dim {ROWS!r}) and "
                        f"'index' int64 [{BATCH!r}]: expected {[t.to_dict() for t in want]}")

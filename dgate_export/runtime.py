@@ -24,13 +24,13 @@ The loop (docs/architecture.md "The runtime loop"), for each chunk of at most ma
     out = segment[0].run({"input": x})
     rows = arange(n)                                 # original row of each live sample
     for k in 0 .. K-1:
-        leave = out["confidence"] >= threshold[k]
-        logits[rows[leave]] = out["logits"][leave]; exits[rows[leave]] = k
+        leave = out[CONFIDENCE] >= threshold[k]
+        logits[rows[leave]] = out[LOGITS][leave]; exits[rows[leave]] = k
         keep = nonzero(~leave)                       # row numbers in this segment's batch
         if keep is empty: stop                       # everyone left: later segments never run
         rows = rows[keep]
         out = segment[k+1].run({"prev_carry_i": out["carry_i"] for each carry, "index": keep})  # gathers
-    logits[rows] = out["logits"]; exits[rows] = K; confidence[rows] = measure(out["logits"])
+    logits[rows] = out[LOGITS]; exits[rows] = K; confidence[rows] = measure(out[LOGITS])
 
 (A batch of one sample runs the same loop with Python scalars instead of numpy arrays: cheaper.)
 Where the backend's runner asks for `batch_buckets` (ONNX Runtime on a GPU), x and every `keep` are
@@ -69,10 +69,9 @@ import numpy as np
 from . import backends
 from .backends import batch_bucket
 from .confidence import confidence as confidence_np
+from .contract import CONFIDENCE, HOST_OUTPUTS, INDEX, LOGITS, NEVER_EXIT
 from .errors import UserError
 from .manifest import Manifest, verify_bundle
-
-_HOST = frozenset({"logits", "confidence"})  # what the loop reads; carries may stay in backend memory
 
 
 @dataclass
@@ -203,9 +202,9 @@ class GatedRuntime:
         rows = self._rows[: len(x)]
         if self._buckets:
             x = self._pad_rows(x)
-        out = self._runners[0].run({self._input_name: x}, host=_HOST)
+        out = self._runners[0].run({self._input_name: x}, host=HOST_OUTPUTS)
         for k in range(self.num_gates):
-            c, lg = out["confidence"], out["logits"]
+            c, lg = out[CONFIDENCE], out[LOGITS]
             if self._buckets:  # rows past len(rows) are padding
                 c, lg = c[: len(rows)], lg[: len(rows)]
             leave = c >= thr[k]  # float32 comparison, as the torch reference does
@@ -223,11 +222,11 @@ class GatedRuntime:
                 keep = self._rows[: len(rows)]
             feeds = {dst: out[src] for dst, src in self._links[k + 1]}
             if self._buckets:
-                keep = self._pad_rows(keep, self.next_bucket(k + 1, len(out["confidence"]), len(keep)))
-            feeds["index"] = keep
-            out = self._runners[k + 1].run(feeds, host=_HOST)
+                keep = self._pad_rows(keep, self.next_bucket(k + 1, len(out[CONFIDENCE]), len(keep)))
+            feeds[INDEX] = keep
+            out = self._runners[k + 1].run(feeds, host=HOST_OUTPUTS)
         counts[-1] += len(rows)
-        final = out["logits"][: len(rows)] if self._buckets else out["logits"]
+        final = out[LOGITS][: len(rows)] if self._buckets else out[LOGITS]
         with np.errstate(all="ignore"):  # non-finite logits are reported by _check_output
             logits[rows], exits[rows], conf[rows] = final, self.num_gates, confidence_np(self._measure, final)
 
@@ -242,7 +241,7 @@ class GatedRuntime:
         slot.run()
         left = []  # (slot, its rows that left there or None for the first len(where), original rows, exit)
         for k in range(self.num_gates):
-            c = slot.read("confidence")[: len(rows)]
+            c = slot.read(CONFIDENCE)[: len(rows)]
             leave = c >= thr[k]  # float32 comparison, as the torch reference does
             n_leave = int(np.count_nonzero(leave))
             counts[k] += n_leave
@@ -260,13 +259,13 @@ class GatedRuntime:
                 keep = self._rows[: len(rows)]
             bucket = self.next_bucket(k + 1, bucket, len(keep))
             slot = self._runners[k + 1].slot(bucket, slot, self._links[k + 1])
-            slot.write("index", keep)
+            slot.write(INDEX, keep)
             slot.run()
         else:
             counts[-1] += len(rows)
             left.append((slot, None, rows, self.num_gates))
         for slot, pos, where, k in left:  # each slot's buffers are untouched since its run in this chunk
-            lg = slot.read("logits")
+            lg = slot.read(LOGITS)
             lg = lg[: len(where)] if pos is None else lg[pos]
             logits[where], exits[where] = lg, k
             if k == self.num_gates:
@@ -340,24 +339,24 @@ class GatedRuntime:
             slot.write(self._input_name, x)
             t0 = time.perf_counter()
             slot.run()
-            slot.read("confidence")
+            slot.read(CONFIDENCE)
             times.append(time.perf_counter() - t0)
             for k in range(1, self.num_gates + 1):
                 slot = self._runners[k].slot(b, slot, self._links[k])
                 t0 = time.perf_counter()
-                slot.write("index", keep)
+                slot.write(INDEX, keep)
                 slot.run()
-                slot.read("logits" if k == self.num_gates else "confidence")
+                slot.read(LOGITS if k == self.num_gates else CONFIDENCE)
                 times.append(time.perf_counter() - t0)
             return times
         t0 = time.perf_counter()
-        out = self._runners[0].run({self._input_name: x}, host=_HOST)
+        out = self._runners[0].run({self._input_name: x}, host=HOST_OUTPUTS)
         times.append(time.perf_counter() - t0)
         for k in range(1, self.num_gates + 1):
             feeds = {dst: out[src] for dst, src in self._links[k]}
-            feeds["index"] = keep
+            feeds[INDEX] = keep
             t0 = time.perf_counter()
-            out = self._runners[k].run(feeds, host=_HOST)
+            out = self._runners[k].run(feeds, host=HOST_OUTPUTS)
             times.append(time.perf_counter() - t0)
         return times
 
@@ -374,7 +373,7 @@ class GatedRuntime:
         With fixed buffers, every slot a run can reach (each bucket after each larger one the table allows)
         is made and run, three times with CUDA graphs: a slot captures its graph on its third run."""
         sizes = self.buckets() if self._buckets else [1, self.max_batch]
-        no_exit = [2.0**30] * self.num_gates  # above any confidence: every segment runs
+        no_exit = [NEVER_EXIT] * self.num_gates  # above any confidence: every segment runs
         runs = 3 if any(getattr(r, "cuda_graphs", False) for r in self._runners) else 1
         for b in sizes:
             for _ in range(runs if self._fixed else 1):
@@ -391,22 +390,22 @@ class GatedRuntime:
                 upstream = chain[k - 1, up]  # its output buffers are those of every slot of its size
                 for b in sorted({self.next_bucket(k, up, n) for n in range(1, up + 1)}):
                     slot = self._runners[k].slot(b, upstream, self._links[k])
-                    slot.write("index", self._rows[:1])
+                    slot.write(INDEX, self._rows[:1])
                     while slot.runs < runs:
                         slot.run()
 
     def _run_one(self, x: np.ndarray, thr: tuple[float, ...]) -> RunResult:
         """The same loop for one sample with Python scalars: at batch 1, numpy calls between segment runs
         cost as much as the segments' own per-run overhead (measured: 60-85 us per call for ResNet-20)."""
-        out = self._runners[0].run({self._input_name: x}, host=_HOST)
+        out = self._runners[0].run({self._input_name: x}, host=HOST_OUTPUTS)
         for k in range(self.num_gates):
-            c = out["confidence"].item()
+            c = out[CONFIDENCE].item()
             if c >= thr[k]:
-                return self._result_one(out["logits"], k, c)
+                return self._result_one(out[LOGITS], k, c)
             feeds = {dst: out[src] for dst, src in self._links[k + 1]}
-            feeds["index"] = self._rows[:1]
-            out = self._runners[k + 1].run(feeds, host=_HOST)
-        final = out["logits"]
+            feeds[INDEX] = self._rows[:1]
+            out = self._runners[k + 1].run(feeds, host=HOST_OUTPUTS)
+        final = out[LOGITS]
         with np.errstate(all="ignore"):
             return self._result_one(final, self.num_gates, confidence_np(self._measure, final).item())
 

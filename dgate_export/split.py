@@ -14,6 +14,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .contract import INPUT, carry
 from .errors import UserError
 
 
@@ -143,7 +144,7 @@ def _make_segment(gm: fx.GraphModule, inputs, body, outputs) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for i, node in enumerate(inputs):
-        env[node] = graph.placeholder(f"carry_{i}" if node.op != "placeholder" else "input")
+        env[node] = graph.placeholder(carry(i) if node.op != "placeholder" else INPUT)
 
     def lookup(node: fx.Node) -> fx.Node:
         if node not in env:

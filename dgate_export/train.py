@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .data import Dataset
 from .errors import UserError
+from .threads import torch_threads
 
 LOSSES = ("ce", "hinge")
 
@@ -128,15 +129,11 @@ def train_gates(gated, train_data: Dataset, *, epochs: int = 10, loss: str = "ce
     accuracies = []
     # Heads are tiny (a few thousand weights): threads only add synchronisation, which on a busy
     # machine costs more than the arithmetic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         for k, head in enumerate(gated.heads):
             accuracies.append(_train_head(head, pooled[k], y, f"gate {k} ({gated.exits[k]})", epochs=epochs,
                                           steps=steps, loss_fn=loss_fn, batch_size=batch_size, lr=lr,
                                           weight_decay=weight_decay, seed=seed + k, progress=progress))
-    finally:
-        torch.set_num_threads(threads)
     return accuracies
 
 

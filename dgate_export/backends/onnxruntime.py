@@ -54,7 +54,6 @@ modes".
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import threading
 from collections.abc import Collection, Sequence
@@ -63,7 +62,9 @@ from typing import Any
 
 import numpy as np
 
+from ..contract import INDEX
 from ..errors import UserError
+from ..files import sha256_file
 
 INSTALL_HINT = (
     "Install ONNX Runtime: `pip install onnxruntime` (CPU), or `pip install onnxruntime-gpu` on an NVIDIA "
@@ -108,14 +109,6 @@ def _ort() -> Any:
     return onnxruntime
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def build(onnx_path: Path, out_dir: Path, options: dict) -> dict:
     """The ONNX graph is what ONNX Runtime runs: check that it loads, and name it as the engine.
 
@@ -139,7 +132,7 @@ def build(onnx_path: Path, out_dir: Path, options: dict) -> dict:
         raise UserError(f"ONNX Runtime cannot load {onnx_path.name}: {err}",
                         "The exported graph uses something this onnxruntime does not support; "
                         "upgrade onnxruntime or report the model.") from err
-    return {"file": onnx_path.name, "sha256": _sha256(onnx_path)}
+    return {"file": onnx_path.name, "sha256": sha256_file(onnx_path)}
 
 
 def finish_build(out_dir: Path, options: dict) -> dict:
@@ -304,7 +297,7 @@ class Runner:
     def _session_for(self, feeds: dict[str, Any]) -> Any:
         if not self._per_size:
             return self._session
-        v = feeds.get("index", next(iter(feeds.values())))  # "index" sets a later segment's batch size
+        v = feeds.get(INDEX, next(iter(feeds.values())))  # INDEX sets a later segment's batch size
         return self._session_for_rows(int(v.shape()[0]) if isinstance(v, self._ort.OrtValue) else len(v))
 
     def _session_for_rows(self, rows: int) -> Any:
@@ -492,7 +485,7 @@ class Slot:
         buf = self._host[name]
         n = len(rows)
         buf[:n] = rows
-        if name == "index" and n < self.rows:
+        if name == INDEX and n < self.rows:
             buf[n:] = 0
         if self._on_device:
             self.values[name].update_inplace(buf)

@@ -17,7 +17,6 @@ Imports tensorrt at module level: import this module only after `available()` sa
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import tensorrt as trt
 
 from ...errors import UserError
+from ...files import write_bytes_atomic
 from . import cuda
 from ._log import CapturingLogger
 from .common import ENGINE_SUFFIX, INSTALL_HINT, TIMING_CACHE_FILE, BuildSettings, build_settings
@@ -48,12 +48,6 @@ def strongly_typed_flag() -> int:
 
 def is_strongly_typed() -> bool:
     return strongly_typed_flag() != 0 or trt_major() >= 11
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _parser_errors(parser: trt.OnnxParser) -> list[str]:
@@ -197,9 +191,9 @@ def build_engine(onnx_path: Path, out_dir: Path, options: Mapping[str, Any]) -> 
             "messages name the layer it could not implement.")
     del parser  # the engine is built: the parser's weights are no longer needed
     data = bytes(memoryview(serialized))
-    _write_atomic(out_dir / TIMING_CACHE_FILE, bytes(memoryview(config.get_timing_cache().serialize())))
+    write_bytes_atomic(out_dir / TIMING_CACHE_FILE, bytes(memoryview(config.get_timing_cache().serialize())))
     engine_file = segment + ENGINE_SUFFIX
-    _write_atomic(out_dir / engine_file, data)
+    write_bytes_atomic(out_dir / engine_file, data)
     return {
         "file": engine_file,
         "sha256": hashlib.sha256(data).hexdigest(),

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tensorrt as trt
 
+from ...contract import INDEX
 from ...errors import UserError
 from .. import batch_bucket
 from . import cuda
@@ -299,7 +300,7 @@ class Runner:
         self._strategy = (trt.ExecutionContextAllocationStrategy.USER_MANAGED if self.memory_sharing
                           else trt.ExecutionContextAllocationStrategy.STATIC)
         self._scratch_need = _device_memory_size(engine) if self.memory_sharing else 0
-        self._drive = "index" if "index" in self.input_names else self.input_names[0]
+        self._drive = INDEX if INDEX in self.input_names else self.input_names[0]
         self._can_pad = self._probe_outputs()
         self.cuda_graphs = self.settings.cuda_graphs
         # Read by GatedRuntime: under CUDA graphs it pads every batch to a bucket itself (so a graph per
