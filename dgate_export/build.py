@@ -1,15 +1,20 @@
 """`dgate-export build`: a gated checkpoint -> a validated bundle directory, in named steps.
 
-    1 load      read model.pt safely (checkpoint.load: weights only, never code)
-    2 split     the loaded GatedModel's segments; FLOPs per segment and head
+    1 load      read model.pt safely (checkpoint.load: weights only, never code; the model is split there)
+    2 flops     FLOPs per segment and head (and the model cast to fp16 for --precision fp16)
     3 export    one ONNX graph per segment (export.py) and the un-gated baseline
     4 check     onnx.checker (full check, with shape inference) on every graph
-    5 parity    the chained graphs in ONNX Runtime vs the torch reference early-exit pass
+    5 parity    a draft bundle of the ONNX graphs, run by GatedRuntime on ONNX Runtime, vs torch
    (5b quantize  --precision int8 only: quantize.py quantizes the checked float graphs, checks them against
-                 the float ones and fits the thresholds on their confidences; numbered 6 of 9)
+                 the float ones and fits the thresholds on their confidences; numbered 6 of 10)
     6 engines   the backend's artifact per graph (get_backend(name).build, finish_build)
     7 manifest  manifest.json, then every hash verified
-    8 rename    the temporary directory (next to the output) becomes the output
+    8 verify    the finished bundle, run by GatedRuntime on its own backend, vs torch (TensorRT:
+                the engines themselves; ONNX Runtime: its engines are the graphs step 5 checked)
+    9 rename    the temporary directory (next to the output) becomes the output
+
+Parity runs the product: the same GatedRuntime a user loads, so a bug in the runtime, the manifest or an
+engine fails the build instead of shipping.
 
 Everything is written into a temporary directory next to the output and renamed into place at the
 end, so a failure at any step leaves nothing behind. An existing output is replaced (with `force`)
@@ -18,6 +23,7 @@ only after the new bundle is complete.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -30,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .contract import INPUT
+from .contract import INPUT, LOGITS, NEVER_EXIT
 from .errors import UserError
 from .files import UMASK, sha256_file
 from .manifest import (
@@ -47,7 +53,7 @@ from .manifest import (
 )
 from .outputs import check_writable
 
-STEPS = ("load", "split", "export", "check", "parity", "engines", "manifest", "rename")
+STEPS = ("load", "flops", "export", "check", "parity", "engines", "manifest", "verify", "rename")
 INT8_STEPS = (*STEPS[:5], "quantize", *STEPS[5:])
 PROBE_SIZE = 64  # rows of the parity probe batch (capped by max_batch)
 PROBE_SEED = 0
@@ -211,19 +217,18 @@ class _Built:
 
 
 def _build_into(tmp: Path, steps: _Steps, **kwargs: Any) -> Manifest:
-    """Steps 1-7 with torch on one thread: the build runs small batches (tracing, a 64-row probe) where a
+    """Every step but the rename, with torch on one thread: the build runs small batches (tracing, a 64-row probe) where a
     second thread gains nothing, and on a busy machine torch's spinning worker threads made the same
     build 3.5x slower (measured: demo build 29 s with 2 threads, 8 s with 1, load average 7 on 2 cores)."""
     from .threads import torch_threads
 
     with torch_threads(1):
-        return _steps_1_to_7(tmp, steps, **kwargs)
+        return _run_steps(tmp, steps, **kwargs)
 
 
-def _steps_1_to_7(tmp: Path, steps: _Steps, *, model_path: Path, name: str, backend: str, backend_module: Any,
-                  precision: str, max_batch: int, opset: int | None, backend_options: dict,
-                  exporter: str, int8: Any) -> Manifest:
-    import torch
+def _run_steps(tmp: Path, steps: _Steps, *, model_path: Path, name: str, backend: str, backend_module: Any,
+               precision: str, max_batch: int, opset: int | None, backend_options: dict,
+               exporter: str, int8: Any) -> Manifest:
 
     from . import checkpoint
     from .export import export_baseline, export_segment
@@ -241,13 +246,13 @@ def _steps_1_to_7(tmp: Path, steps: _Steps, *, model_path: Path, name: str, back
     model = steps.run("load", load, lambda m: f"{model_path} ({m.arch['name']}, {m.num_gates} gates, "
                       f"{m.num_classes} classes)" + (f"; {int8.rows} calibration rows of {int8.data}" if precision == "int8" else ""))
 
-    def split():
+    def count_flops():
         flops = model.flops or model.count_flops()
         if precision == "fp16":
             model.half()
         return flops
 
-    flops = steps.run("split", split, lambda f: f"{len(model.segments)} segments at {model.exits}; FLOPs per "
+    flops = steps.run("flops", count_flops, lambda f: f"{len(model.segments)} segments at {model.exits}; FLOPs per "
                       f"segment {f['segments']}, heads {f['heads']}")
 
     built = _Built()
@@ -267,12 +272,20 @@ def _steps_1_to_7(tmp: Path, steps: _Steps, *, model_path: Path, name: str, back
               f"opset {built.graphs[0].opset}")
     paths = [g.path for g in built.graphs] + [built.baseline.path]
     steps.run("check", lambda: _check_graphs(paths), lambda _r: "onnx.checker passed (full check)")
-    with torch.no_grad():
-        report = steps.run("parity", lambda: check_parity(model, [g.path for g in built.graphs],
-                                                          built.baseline.path,
-                                                          precision="fp32" if precision == "int8" else precision,
-                                                          max_batch=max_batch, progress=steps.progress),
-                           lambda r: r.summary())
+
+    # int8: parity checks the float graphs (fp32) before they are quantized; step quantize checks those.
+    float_precision = "fp32" if precision == "int8" else precision
+
+    def parity() -> ParityReport:
+        # A draft bundle whose engines are the ONNX graphs (what ONNX Runtime runs), loaded like any bundle.
+        graph_entries = [{"file": p.name, "sha256": sha256_file(p)} for p in paths]
+        draft = _manifest(model, built, graph_entries, {}, name=name, backend="onnxruntime",
+                          precision=float_precision, max_batch=max_batch, flops=flops, model_path=model_path,
+                          exporter=exporter, parity=None)
+        write_manifest(tmp, draft)
+        return _parity_of_bundle(model, tmp, "onnxruntime", float_precision, steps.progress)
+
+    report = steps.run("parity", parity, lambda r: r.summary())
 
     quantization = None
     if precision == "int8":
@@ -291,7 +304,7 @@ def _steps_1_to_7(tmp: Path, steps: _Steps, *, model_path: Path, name: str, back
                 entries.append(backend_module.build(path, tmp, options))
             except UserError as err:
                 raise UserError(f"{path.name}: {err.message}", err.hint) from err
-        info = backend_module.finish_build(tmp, options) if hasattr(backend_module, "finish_build") else {}
+        info = backend_module.finish_build(tmp, options)
         return entries, info
 
     engine_entries, backend_info = steps.run("engines", engines, lambda r: f"{backend}: "
@@ -310,7 +323,37 @@ def _steps_1_to_7(tmp: Path, steps: _Steps, *, model_path: Path, name: str, back
                            f"{_fmt([float(t) for t in model.thresholds])}); {fit.method}")
         return verify_bundle(tmp)  # the bundle as a runtime will read it
 
-    return steps.run("manifest", manifest_step, lambda m: f"{MANIFEST_FILE}, {len(m.segments) + 1} graphs hashed")
+    manifest = steps.run("manifest", manifest_step,
+                         lambda m: f"{MANIFEST_FILE}, {len(m.segments) + 1} graphs hashed")
+
+    def verify() -> ParityReport | None:
+        if backend == "onnxruntime" or int8 is not None:
+            return None  # the engines are the graphs step 5 ran, or int8 graphs step quantize checked
+        engine_report = _parity_of_bundle(model, tmp, backend, precision, steps.progress)
+        assert manifest.source is not None
+        manifest.source["parity_" + backend] = engine_report.to_dict()
+        write_manifest(tmp, manifest)
+        return engine_report
+
+    skipped = "int8: checked at step quantize" if int8 is not None else "its engines are the graphs step 5 checked"
+    steps.run("verify", verify, lambda r: f"{backend}: " + (r.summary() if r else skipped))
+    return manifest
+
+
+def _parity_of_bundle(model, bundle: Path, backend: str, precision: str,
+                      progress: Callable[[str], Any]) -> ParityReport:
+    """Load the bundle in `bundle` with GatedRuntime on `backend` and check it against torch."""
+    import torch
+
+    from .runtime import GatedRuntime
+
+    where = {"onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT"}.get(backend, backend)
+    runtime = GatedRuntime.load(bundle, backend=backend)
+    try:
+        with torch.no_grad():
+            return check_parity(model, runtime, precision=precision, where=where, progress=progress)
+    finally:
+        runtime.close()
 
 
 def _names(specs: list[dict]) -> str:
@@ -400,52 +443,101 @@ def probe_thresholds(confidences: list[np.ndarray]) -> list[float]:
     return thresholds
 
 
-def check_parity(model, segment_paths: list[Path], baseline_path: Path, *, precision: str, max_batch: int,
+def tolerance(precision: str) -> Tolerance:
+    """The parity tolerance for a bundle of this precision (the one place that chooses it)."""
+    return TOLERANCES[precision]
+
+
+def within(error: float, limit: float) -> bool:
+    """The parity criterion: error <= limit. NaN and inf never pass."""
+    return math.isfinite(error) and error <= limit
+
+
+def abs_error(got: np.ndarray, ref: Any) -> float:
+    """max |got - ref| (inf when either side holds NaN or inf)."""
+    ref_np = _as_numpy(ref)
+    if ref_np.size == 0:
+        return 0.0
+    diff = np.abs(np.asarray(got, dtype=np.float32) - ref_np)
+    return float(diff.max()) if np.isfinite(diff).all() else math.inf
+
+
+def rel_error(got: np.ndarray, ref: Any) -> float:
+    """max |got - ref| / max(1, max |ref|): the logit error (inf when either side holds NaN or inf)."""
+    ref_np = _as_numpy(ref)
+    if ref_np.size == 0:
+        return 0.0
+    err = abs_error(got, ref_np)
+    return err / max(1.0, float(np.abs(ref_np).max())) if math.isfinite(err) else math.inf
+
+
+def _as_numpy(ref: Any) -> np.ndarray:
+    return ref.float().numpy() if hasattr(ref, "float") else np.asarray(ref, dtype=np.float32)
+
+
+def exit_at(k: int, num_gates: int) -> list[float]:
+    """Thresholds that send every sample out at exit k (k = num_gates: through every segment)."""
+    return [-1.0 if j == k else NEVER_EXIT for j in range(num_gates)]
+
+
+def check_parity(model, runtime, *, precision: str, where: str = "ONNX Runtime",
                  progress: Callable[[str], Any] = print) -> ParityReport:
-    """Run the chained graphs in ONNX Runtime and compare with the torch reference; raise on a mismatch."""
-    import onnxruntime as ort
+    """Run the bundle with `runtime` (a GatedRuntime: the product itself) and compare it with the torch
+    reference, every exit for every row and then the early-exit passes; raise UserError on a mismatch."""
     import torch
 
     from .gates import confidence_torch
 
-    tol = TOLERANCES[precision]
+    tol = tolerance(precision)
     dtype = next(model.parameters()).dtype
-    rows = min(PROBE_SIZE, max_batch)
+    rows = min(PROBE_SIZE, runtime.max_batch)
     x = torch.randn(rows, *model.input_shape, generator=torch.Generator().manual_seed(PROBE_SEED)).to(dtype)
     x_np = x.numpy()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in segment_paths]
     num_gates = model.num_gates
 
     def fail(what: str) -> UserError:
         return UserError(
             f"Step parity: {what}",
-            "The graphs do not compute what the torch model computes. Try the other `--exporter` or "
+            "The bundle does not compute what the torch model computes. Try the other `--exporter` or "
             "another `--opset`; with --precision fp16, values may overflow float16 (try fp32); rerun with "
             "--debug and report the model.",
         )
 
-    # Nobody leaves: every exit's logits and confidence for every row, index = all rows.
+    def run(thresholds: list[float]):
+        try:
+            return runtime.run(x_np, thresholds=thresholds)
+        except UserError:
+            raise
+        except Exception as err:  # the backend's own exception types: a graph the runtime cannot feed
+            raise fail(f"{where} could not run the bundle: {type(err).__name__}: {str(err).strip()[:400]}") from err
+
+    # Every row out at exit k, for each k: every exit's logits and confidence for every row.
     ref_logits = model(x)
     ref_conf = [confidence_torch(model.confidence, lg).numpy() for lg in ref_logits[:-1]]
-    outs = _run_chain(sessions, x_np, [np.inf] * num_gates)[3]
     logit_errors, conf_errors = [], []
     for k in range(num_gates + 1):
-        err = _rel_error(outs[k]["logits"], ref_logits[k])
+        res = run(exit_at(k, num_gates))
+        if not (res.exits == k).all():
+            raise fail(f"{where} sent rows to exits {np.unique(res.exits).tolist()} with every row sent to exit {k}.")
+        err = rel_error(res.logits, ref_logits[k])
         logit_errors.append(err)
-        if err > tol.rel:
-            raise fail(f"segment {k}'s logits differ from torch by {err:.2e} (relative), more than {tol.rel:g}.")
+        if not within(err, tol.rel):
+            raise fail(f"{where}: exit {k}'s logits differ from torch by {err:.2e} (relative), more than {tol.rel:g}.")
         if k < num_gates:
-            cerr = float(np.abs(outs[k]["confidence"] - ref_conf[k]).max())
+            cerr = abs_error(res.confidence, ref_conf[k])
             conf_errors.append(cerr)
-            if cerr > tol.confidence:
-                raise fail(f"segment {k}'s confidence differs from torch by {cerr:.2e}, more than {tol.confidence:g}.")
-    baseline = ort.InferenceSession(str(baseline_path), options, providers=["CPUExecutionProvider"])
-    baseline_error = _rel_error(baseline.run(["logits"], {"input": x_np})[0], model.backbone(x))
-    if baseline_error > tol.rel:
-        raise fail(f"baseline.onnx's logits differ from torch by {baseline_error:.2e}, more than {tol.rel:g}.")
-    progress(f"        all rows through all {num_gates + 1} segments: logit error per exit "
+            if not within(cerr, tol.confidence):
+                raise fail(f"{where}: gate {k}'s confidence differs from torch by {cerr:.2e}, more than "
+                           f"{tol.confidence:g}.")
+    baseline = runtime.baseline_runner()
+    try:
+        base_logits = baseline.run({INPUT: x_np}, host={LOGITS})[LOGITS]
+    finally:
+        baseline.close()
+    baseline_error = rel_error(base_logits, model.backbone(x))
+    if not within(baseline_error, tol.rel):
+        raise fail(f"{where}: the baseline's logits differ from torch by {baseline_error:.2e}, more than {tol.rel:g}.")
+    progress(f"        {where}, every row out at each of the {num_gates + 1} exits: logit error per exit "
              f"{_fmt(logit_errors)}, confidence error per gate {_fmt(conf_errors)}, baseline {baseline_error:.1e}")
 
     # Early exit with compaction, with the model's thresholds and with probe thresholds that split each gate.
@@ -453,68 +545,28 @@ def check_parity(model, segment_paths: list[Path], baseline_path: Path, *, preci
     for name, thresholds in (("model thresholds", [float(t) for t in model.thresholds]),
                              ("probe thresholds", probe_thresholds(ref_conf))):
         ref = model.early_exit(x, thresholds)
-        logits, exits, _conf, _outs = _run_chain(sessions, x_np, thresholds)
-        ref_exits = ref.exits.numpy()
+        res = run(thresholds)
+        exits, ref_exits = res.exits, ref.exits.numpy()
         differ = np.nonzero(exits != ref_exits)[0]
         borderline = 0
         for i in differ:
             gate = int(min(exits[i], ref_exits[i]))  # the first gate where the two paths disagree
-            if abs(float(ref_conf[gate][i]) - thresholds[gate]) > tol.confidence:
-                raise fail(f"with {name} {_fmt(thresholds)}, row {i} leaves at exit {exits[i]} in ONNX Runtime but "
+            if not within(abs(float(ref_conf[gate][i]) - thresholds[gate]), tol.confidence):
+                raise fail(f"with {name} {_fmt(thresholds)}, row {i} leaves at exit {exits[i]} in {where} but "
                            f"at exit {ref_exits[i]} in torch (confidence {float(ref_conf[gate][i]):.6f} at gate "
                            f"{gate}, threshold {thresholds[gate]:.6f}).")
             borderline += 1
         same = exits == ref_exits
-        err = _rel_error(logits[same], ref.logits[torch.from_numpy(same)]) if same.any() else 0.0
-        if err > tol.rel:
-            raise fail(f"with {name}, the logits of the exits taken differ from torch by {err:.2e} (relative).")
+        err = rel_error(res.logits[same], ref.logits[torch.from_numpy(same)]) if same.any() else 0.0
+        if not within(err, tol.rel):
+            raise fail(f"with {name}, the logits of the exits taken in {where} differ from torch by {err:.2e} "
+                       "(relative).")
         counts = np.bincount(ref_exits, minlength=num_gates + 1).tolist()
         passes.append(ParityPass(name, thresholds, counts, 0, borderline, err))
         progress(f"        {name} {_fmt(thresholds)}: exits per segment {counts}, "
                  f"decisions identical{f' but {borderline} borderline' if borderline else ''}, "
                  f"logit error {err:.1e}")
     return ParityReport(rows, tol, logit_errors, conf_errors, baseline_error, passes)
-
-
-def _run_chain(sessions, x: np.ndarray, thresholds: list[float]):
-    """The runtime loop over plain InferenceSessions: (logits, exits, confidence, every segment's outputs)."""
-    n = len(x)
-    num_gates = len(sessions) - 1
-    outputs_all = []
-    out = _run(sessions[0], {"input": x})
-    outputs_all.append(out)
-    logits = np.zeros((n, out["logits"].shape[1]), dtype=np.float32)
-    exits = np.full(n, num_gates, dtype=np.int64)
-    confidence = np.zeros(n, dtype=np.float32)
-    rows = np.arange(n)
-    for k in range(num_gates):
-        leave = out["confidence"] >= thresholds[k]
-        logits[rows[leave]] = out["logits"][leave]
-        exits[rows[leave]] = k
-        confidence[rows[leave]] = out["confidence"][leave]
-        keep = np.nonzero(~leave)[0].astype(np.int64)
-        if keep.size == 0:
-            return logits, exits, confidence, outputs_all
-        rows = rows[keep]
-        feeds = {f"prev_{name}": value for name, value in out.items() if name.startswith("carry_")}
-        feeds["index"] = keep
-        out = _run(sessions[k + 1], feeds)
-        outputs_all.append(out)
-    logits[rows] = out["logits"]
-    return logits, exits, confidence, outputs_all
-
-
-def _run(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
-
-
-def _rel_error(got: np.ndarray, ref) -> float:
-    ref_np = ref.float().numpy() if hasattr(ref, "float") else np.asarray(ref, dtype=np.float32)
-    if ref_np.size == 0:
-        return 0.0
-    scale = max(1.0, float(np.abs(ref_np).max()))
-    return float(np.abs(got.astype(np.float32) - ref_np).max() / scale)
 
 
 def _fmt(values: list[float]) -> str:
@@ -530,7 +582,7 @@ def _tensors(specs: list[dict]) -> list[TensorSpec]:
 
 def _manifest(model, built: _Built, engines: list[dict], backend_info: dict, *, name: str, backend: str,
               precision: str, max_batch: int, flops: dict, model_path: Path, exporter: str,
-              parity: ParityReport, quantization: dict | None = None) -> Manifest:
+              parity: ParityReport | None, quantization: dict | None = None) -> Manifest:
     segments = []
     for k, graph in enumerate(built.graphs):
         gate = None
@@ -559,7 +611,8 @@ def _manifest(model, built: _Built, engines: list[dict], backend_info: dict, *, 
         segments=segments,
         baseline=baseline,
         source={"checkpoint": model_path.name, "sha256": sha256_file(model_path), "arch": model.arch["name"],
-                "exits": list(model.exits), "data_split": model.data_split, "parity": parity.to_dict()},
+                "exits": list(model.exits), "data_split": model.data_split,
+                "parity": parity.to_dict() if parity else None},
         tools=_tool_versions(exporter),
         backend_info=backend_info,
         quantization=quantization,

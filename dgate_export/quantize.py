@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from .calibrate import DEFAULT_DELTA
+from .contract import CARRY_IN_PREFIX, CONFIDENCE, INDEX, INPUT, LOGITS, is_carry
 from .errors import UserError
 
 CALIBRATION_ROWS = 512  # default --calibration-rows
@@ -164,25 +165,32 @@ def _chunks(n: int) -> Iterator[slice]:
         yield slice(start, min(n, start + CHUNK))
 
 
+def _all_rows(sessions: list[Any], x: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """Every segment's outputs (carries included) for every row of x: nobody leaves, so each segment takes
+    the previous one's carries with the identity index. Not the runtime's loop: no exits, no compaction."""
+    outputs: list[dict[str, np.ndarray]] = []
+    for k, session in enumerate(sessions):
+        feeds = {INPUT: x} if k == 0 else _next_feeds(outputs[-1], len(x))
+        names = [o.name for o in session.get_outputs()]
+        outputs.append(dict(zip(names, session.run(names, feeds))))
+    return outputs
+
+
+def _next_feeds(out: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    feed = {CARRY_IN_PREFIX + name: value for name, value in out.items() if is_carry(name)}
+    feed[INDEX] = np.arange(rows, dtype=np.int64)
+    return feed
+
+
 def every_exit(sessions: list[Any], x: np.ndarray) -> list[dict[str, np.ndarray]]:
     """Every segment's outputs for every row of x (nobody leaves), in chunks of CHUNK rows."""
-    from .build import _run_chain
-
-    parts: list[list[dict[str, np.ndarray]]] = []
-    for rows in _chunks(len(x)):
-        outs = _run_chain(sessions, x[rows], [np.inf] * (len(sessions) - 1))[3]
-        parts.append(outs)
+    parts = [_all_rows(sessions, x[rows]) for rows in _chunks(len(x))]
     return [{name: np.concatenate([p[k][name] for p in parts]) for name in parts[0][k]} for k in range(len(sessions))]
 
 
 def segment_feeds(outputs: list[dict[str, np.ndarray]], x: np.ndarray) -> list[dict[str, np.ndarray]]:
     """Each segment's inputs when every row reaches it: x for segment 0, then the previous carries."""
-    feeds = [{"input": x}]
-    for out in outputs[:-1]:
-        feed = {f"prev_{name}": value for name, value in out.items() if name.startswith("carry_")}
-        feed["index"] = np.arange(len(x), dtype=np.int64)
-        feeds.append(feed)
-    return feeds
+    return [{INPUT: x}] + [_next_feeds(out, len(x)) for out in outputs[:-1]]
 
 
 class _Reader:
@@ -191,14 +199,14 @@ class _Reader:
 
     def __init__(self, feeds: dict[str, np.ndarray]):
         self.feeds = feeds
-        self.n = len(next(v for k, v in feeds.items() if k != "index"))
+        self.n = len(next(v for k, v in feeds.items() if k != INDEX))
         self.slices = _chunks(self.n)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         rows = next(self.slices, None)
         if rows is None:
             return None
-        return {k: (np.arange(rows.stop - rows.start, dtype=np.int64) if k == "index" else v[rows])
+        return {k: (np.arange(rows.stop - rows.start, dtype=np.int64) if k == INDEX else v[rows])
                 for k, v in self.feeds.items()}
 
     def rewind(self) -> None:
@@ -337,7 +345,8 @@ def _rel(got: np.ndarray, ref: np.ndarray) -> float:
 def check_int8(float_paths: list[Path], int8_paths: list[Path], probe: np.ndarray, thresholds: list[float],
                tol: Int8Tolerance | None = None) -> Int8Report:
     """Compare the int8 graphs (segments, then the baseline) with the float ones; UserError when out of bounds."""
-    from .build import _run_chain, probe_thresholds
+    from .build import probe_thresholds
+    from .calibrate import _exits_of as exits_of
 
     tol = tol or INT8_TOLERANCE
     num_gates = len(float_paths) - 2
@@ -353,7 +362,7 @@ def check_int8(float_paths: list[Path], int8_paths: list[Path], probe: np.ndarra
 
     errors, agreement, conf_errors = [], [], []
     for k in range(num_gates + 1):
-        ref, got = f_out[k]["logits"], q_out[k]["logits"]
+        ref, got = f_out[k][LOGITS], q_out[k][LOGITS]
         errors.append(_rel(got, ref))
         agreement.append(float((got.argmax(1) == ref.argmax(1)).mean()))
         where = f"segment {k}" + (f" (exit {k})" if k < num_gates else " (the final exit)")
@@ -364,10 +373,10 @@ def check_int8(float_paths: list[Path], int8_paths: list[Path], probe: np.ndarra
             raise fail(f"{where}: int8 predictions equal the fp32 graph's on {agreement[-1]:.1%} of {len(probe)} "
                        f"probe rows, fewer than {tol.prediction_agreement:.0%}.")
         if k < num_gates:
-            conf_errors.append(float(np.abs(q_out[k]["confidence"] - f_out[k]["confidence"]).max()))
+            conf_errors.append(float(np.abs(q_out[k][CONFIDENCE] - f_out[k][CONFIDENCE]).max()))
     f_base, q_base = _sessions(float_paths[-1:])[0], _sessions(int8_paths[-1:])[0]
-    ref = np.concatenate([f_base.run(["logits"], {"input": probe[r]})[0] for r in _chunks(len(probe))])
-    got = np.concatenate([q_base.run(["logits"], {"input": probe[r]})[0] for r in _chunks(len(probe))])
+    ref = np.concatenate([f_base.run([LOGITS], {INPUT: probe[r]})[0] for r in _chunks(len(probe))])
+    got = np.concatenate([q_base.run([LOGITS], {INPUT: probe[r]})[0] for r in _chunks(len(probe))])
     base_error, base_agreement = _rel(got, ref), float((got.argmax(1) == ref.argmax(1)).mean())
     if base_error > tol.logit_rel or base_agreement < tol.prediction_agreement:
         raise fail(f"baseline.onnx: int8 logits differ from the fp32 graph's by {base_error:.3f} (bound "
@@ -375,9 +384,11 @@ def check_int8(float_paths: list[Path], int8_paths: list[Path], probe: np.ndarra
                    f"{tol.prediction_agreement:.0%}).")
     decisions = {}
     for name, thr in (("bundle thresholds", thresholds),
-                      ("probe thresholds", probe_thresholds([o["confidence"] for o in f_out[:-1]]))):
-        f_exits = np.concatenate([_run_chain(f_sessions, probe[r], thr)[1] for r in _chunks(len(probe))])
-        q_exits = np.concatenate([_run_chain(q_sessions, probe[r], thr)[1] for r in _chunks(len(probe))])
+                      ("probe thresholds", probe_thresholds([o[CONFIDENCE] for o in f_out[:-1]]))):
+        # every gate's confidence of every row is known: the exit is the first gate it passes (rows are
+        # independent, so this is what the compacting runtime decides)
+        f_exits = exits_of(np.stack([o[CONFIDENCE] for o in f_out[:-1]]), thr)
+        q_exits = exits_of(np.stack([o[CONFIDENCE] for o in q_out[:-1]]), thr)
         decisions[name] = float((f_exits == q_exits).mean())
         if decisions[name] < tol.decision_agreement:
             raise fail(f"with the {name} {[round(t, 4) for t in thr]}, {decisions[name]:.1%} of {len(probe)} probe "
@@ -431,7 +442,7 @@ def quantize_bundle(model, segment_paths: list[Path], baseline_path: Path, optio
         for src, dst in zip(paths, floats):
             shutil.copyfile(src, dst)
         outputs = every_exit(_sessions(floats[:-1]), data.x)
-        feeds = [*segment_feeds(outputs, data.x), {"input": data.x}]
+        feeds = [*segment_feeds(outputs, data.x), {INPUT: data.x}]
         graphs = {}
         for k, (path, feed) in enumerate(zip(paths, feeds)):
             graphs[path.name] = quantize_graph(path, feed, backend=backend,

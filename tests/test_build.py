@@ -16,7 +16,7 @@ from export_models import gated, save
 
 from dgate_export import checkpoint
 from dgate_export.backends import get_backend
-from dgate_export.build import build_bundle, probe_thresholds
+from dgate_export.build import abs_error, build_bundle, probe_thresholds, rel_error, within
 from dgate_export.cli import main
 from dgate_export.errors import UserError
 from dgate_export.manifest import load_manifest, verify_bundle
@@ -45,6 +45,38 @@ def test_probe_thresholds_split_every_gate_and_avoid_rows():
     t = probe_thresholds([saturated])[0]
     assert 0.99 < t < 1.0
     assert probe_thresholds([np.ones(8)]) == [2.0]
+
+
+def test_parity_criterion_never_passes_nan_or_inf():
+    assert within(1e-5, 1e-4) and within(1e-4, 1e-4) and not within(2e-4, 1e-4)
+    assert not within(float("nan"), 1e-4) and not within(float("inf"), 1e-4)
+    ref = np.array([[2.0, -4.0]], dtype=np.float32)
+    assert rel_error(np.array([[2.0, -3.0]], np.float32), ref) == pytest.approx(0.25)
+    assert rel_error(np.array([[np.nan, -4.0]], np.float32), ref) == float("inf")
+    assert abs_error(np.array([0.5, np.inf], np.float32), np.array([0.5, 0.5])) == float("inf")
+    assert abs_error(np.array([np.nan, 0.5], np.float32), np.array([0.5, 0.5])) == float("inf")
+    assert rel_error(ref, np.array([[np.nan, 1.0]])) == float("inf")  # a NaN in torch fails as well
+
+
+def test_a_wrong_carry_link_fails_the_build_at_parity(tmp_path, skip_ckpt, monkeypatch):
+    """The ONNX graphs are right but the bundle links segment 1's two carries crosswise (prev_carry_0 takes
+    carry_1, both [rows, 4, 8, 8]): parity runs the draft bundle through GatedRuntime and fails the build."""
+    from dgate_export.manifest import Segment
+
+    right = Segment.carry_inputs
+
+    def crossed(segment):
+        links = right.fget(segment)
+        return [(dst, src) for (dst, _), (_, src) in zip(links, links[::-1])]
+
+    monkeypatch.setattr(Segment, "carry_inputs", property(crossed))
+    path, _ = skip_ckpt
+    lines = []
+    with pytest.raises(UserError) as info:
+        build_bundle(path, tmp_path / "out", max_batch=32, progress=lines.append)
+    assert "step 5/9 (parity)" in str(info.value) and "exit 1's logits differ" in str(info.value)
+    assert not any(line.startswith("[6/9]") for line in lines)  # no engine was built
+    assert _listing(tmp_path) == []
 
 
 def _check_bundle(out, model, precision="fp32", max_batch=256):
@@ -106,7 +138,7 @@ def test_build_skip_model(tmp_path, skip_ckpt):
     assert manifest.tools["exporter"] == "dynamo" and manifest.backend_info["onnxruntime"]
     assert manifest.source["checkpoint"] == "skip.pt"
     assert [line.split()[1] for line in lines if line.startswith("[")] == [
-        "load", "split", "export", "check", "parity", "engines", "manifest", "rename"]
+        "load", "flops", "export", "check", "parity", "engines", "manifest", "verify", "rename"]
     assert os.stat(out).st_mode & 0o777 == 0o777 & ~_umask()
 
 
@@ -242,7 +274,7 @@ def test_failure_midway_leaves_nothing(tmp_path):
     with pytest.raises(UserError) as info:
         build_bundle(path, out_parent / "svd", progress=lines.append)
     message = str(info.value)
-    assert "step 3/8 (export)" in message and "segment 2 (after exit 'block2')" in message
+    assert "step 3/9 (export)" in message and "segment 2 (after exit 'block2')" in message
     assert "--exporter" in message  # what to try
     assert any("segment1.onnx" in line for line in lines)  # it really failed midway
     assert _listing(out_parent) == []
@@ -258,7 +290,7 @@ def test_cli_build_and_inspect(tmp_path, skip_ckpt):
     result = runner.invoke(main, ["build", str(path), "-o", str(out), "--max-batch", "8", "--exporter",
                                   "torchscript"])
     assert result.exit_code == 0, result.output
-    assert "[5/8] parity" in result.output and "built" in result.output
+    assert "[5/9] parity" in result.output and "built" in result.output
 
     result = runner.invoke(main, ["inspect", str(out)])
     assert result.exit_code == 0, result.output

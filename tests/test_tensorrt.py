@@ -500,3 +500,36 @@ def test_int8_bundle_builds_and_runs_like_onnxruntime(tmp_path):
 
         floats, _ = make_tiny_bundle(tmp_path / "f", max_batch=8)
         backend.build(floats / "segment0.onnx", floats, {"precision": "int8", "max_batch": 8})
+
+
+@pytest.mark.tensorrt
+@pytest.mark.slow
+def test_build_checks_the_engines_against_torch_through_the_runtime(tmp_path, monkeypatch):
+    """Step 8 (verify) loads the built bundle with GatedRuntime on TensorRT and compares it with torch: it
+    records the engines' parity, and an engine whose logits are off fails the build there."""
+    if not TRT_OK:
+        pytest.skip(f"TensorRT backend unavailable: {TRT_WHY}")
+    from export_models import gated, save
+
+    from dgate_export.build import build_bundle
+    from dgate_export.manifest import load_manifest
+
+    path = save(gated(thresholds=[0.6, 0.5]), tmp_path / "skip.pt")
+    lines: list[str] = []
+    out = build_bundle(path, tmp_path / "ok", backend="tensorrt", max_batch=16, progress=lines.append)
+    assert any(line.startswith("[8/9] verify") and "tensorrt" in line for line in lines), lines
+    assert any("TensorRT, every row out at each of the 3 exits" in line for line in lines), lines
+    assert load_manifest(out).source["parity_tensorrt"]["probe_rows"] == 16
+
+    from dgate_export.backends.tensorrt.runner import Runner as TensorRTRunner
+
+    right = TensorRTRunner.run
+
+    def off(self, feeds, host=None):  # an engine whose logits are 0.5 off (the runtime reads them on the host)
+        outputs = right(self, feeds, host)
+        return {**outputs, "logits": np.asarray(outputs["logits"]) + 0.5}
+
+    monkeypatch.setattr(TensorRTRunner, "run", off)
+    with pytest.raises(UserError, match=r"step 8/9 \(verify\).*TensorRT: exit 0's logits differ"):
+        build_bundle(path, tmp_path / "bad", backend="tensorrt", max_batch=16, progress=None)
+    assert not (tmp_path / "bad").exists()
