@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime_speedup import exit_costs, thresholds_for
+from runtime_speedup import thresholds_for
 
 from dgate_export.runtime import GatedRuntime
 
@@ -135,7 +135,7 @@ def measure_bundle(bundle: Path, x: np.ndarray, args, modes: list[str], own_thre
     for family in ("fixed", "graphs"):
         if family in runtimes:
             baselines[f"baseline-{family}"] = runtimes[family].baseline_runner()
-    costs = exit_costs(plain)
+    costs = plain.manifest.exit_costs()
     base_flops = float(plain.manifest.baseline.flops or costs[-1])
     report: dict = {"bundle": str(bundle), "modes": list(runtimes), "name": plain.manifest.name, "thresholds": thresholds,
                     "setup_seconds": setup_s, "tables": {m: [{str(b): t for b, t in seg.items()} for seg in tab]

@@ -47,7 +47,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dgate_export.bench import exit_costs, latency_stats
+from dgate_export.bench import latency_stats
+from dgate_export.contract import expected_cost
 from dgate_export.data import load_dataset
 from dgate_export.runtime import GatedRuntime
 from dgate_export.serving import TritonServer, find_server, write_repository
@@ -192,7 +193,7 @@ def main() -> None:
     res = rt.run(x)
     fractions = res.exit_counts / res.exit_counts.sum()
     baseline_flops = float(rt.manifest.baseline.flops or 0)
-    ideal = baseline_flops / float(np.dot(fractions, exit_costs(rt)))
+    ideal = baseline_flops / expected_cost(rt.manifest.exit_costs(), fractions)
     print(f"exit fractions {np.round(fractions, 3).tolist()}, ideal speed-up {ideal:.2f}x", flush=True)
 
     report: dict = {"bundle": str(args.bundle), "ideal_speedup": ideal, "exit_fractions": fractions.tolist(),

@@ -8,13 +8,22 @@ and is the oracle every backend is checked against.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from .contract import DEFAULT_CONFIDENCE, NEVER_EXIT, exit_costs, expected_cost
 from .errors import UserError
-from .gates import LAYOUT_HELP, check_confidence, check_layout, confidence_torch, detect_layouts, make_head
+from .gates import (
+    LAYOUT_HELP,
+    GateHead,
+    check_confidence,
+    check_layout,
+    confidence_torch,
+    detect_layouts,
+    make_head,
+)
 from .split import split_backbone
 
 
@@ -48,7 +57,7 @@ class GatedModel(nn.Module):
         self.backbone = backbone.eval()
         self.exits = list(exits)
         self.arch = {"name": arch["name"], "kwargs": dict(arch.get("kwargs") or {})}
-        self.head_spec = {"name": head, "kwargs": dict(head_kwargs or {})}
+        self.head_spec: dict[str, Any] = {"name": head, "kwargs": dict(head_kwargs or {})}
         self.confidence = check_confidence(confidence)
         self.num_classes = int(num_classes)
         self.input_shape = tuple(int(d) for d in input_shape)
@@ -70,7 +79,7 @@ class GatedModel(nn.Module):
             )
         shapes = [tuple(int(d) for d in c[0].shape[1:]) for c in carries[:-1]]
         self.feature_layouts = self._layouts(feature_layout, shapes, example)
-        self.heads = nn.ModuleList(
+        self.heads: nn.ModuleList = nn.ModuleList(
             make_head(head, shape, self.num_classes, layout, **self.head_spec["kwargs"])
             for shape, layout in zip(shapes, self.feature_layouts)
         )
@@ -122,7 +131,8 @@ class GatedModel(nn.Module):
 
     def gate_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         carries = self.run_segments(x)
-        return [head.pool(c[0]) for head, c in zip(self.heads, carries)], carries[-1][0]
+        heads = cast(list[GateHead], list(self.heads))
+        return [head.pool(c[0]) for head, c in zip(heads, carries)], carries[-1][0]
 
     @torch.no_grad()
     def early_exit(self, x: torch.Tensor, thresholds: list[float] | None = None) -> EarlyExit:

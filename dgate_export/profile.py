@@ -49,7 +49,7 @@ def measure(bundle: str | Path, batch_sizes: list[int], *, backend: str | None =
             runner_options: dict[str, Any] | None = None, warmup_ms: float = 200.0,
             min_seconds: float = 2.0, seed: int = 0) -> dict[str, Any]:
     """The profile of a bundle at these batch sizes (a dict, schema dgate-profile/1)."""
-    from .bench import exit_costs, exit_time_costs
+    from .bench import exit_time_costs
     from .runtime import GatedRuntime
 
     rt = GatedRuntime.load(bundle, backend=backend, **(runner_options or {}))
@@ -61,7 +61,7 @@ def measure(bundle: str | Path, batch_sizes: list[int], *, backend: str | None =
                             "was built for.", "Give e.g. --batch-size 1.")
         baseline = rt.baseline_runner()
         rt.warmup()
-        costs = exit_costs(rt)
+        costs = rt.manifest.exit_costs()
         chw = tuple(int(d) for d in manifest.input.shape[1:])
         x = np.random.default_rng(seed).standard_normal((max(batch_sizes) * 2, *chw), dtype=np.float32)
         load_before = os.getloadavg()
@@ -86,13 +86,9 @@ def measure(bundle: str | Path, batch_sizes: list[int], *, backend: str | None =
 
 
 def write_profile(profile: dict[str, Any], path: str | Path) -> Path:
-    from .calibrate import _atomic_write
+    from .files import write_text_atomic
 
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(json.dumps(profile, indent=1) + "\n")
-
-    _atomic_write(Path(path), write)
-    return Path(path)
+    return write_text_atomic(path, json.dumps(profile, indent=1) + "\n")
 
 
 def load_costs(path: str | Path, *, batch_size: int | None, manifest: Manifest | None = None,

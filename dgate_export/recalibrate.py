@@ -48,7 +48,6 @@ def recalibrate(bundle: str | Path, val: Any, test: Any | None, *, max_drop: flo
                 time_cost: tuple[list[float], dict] | None = None, data_record: dict[str, Any] | None = None):
     """Choose the bundle's thresholds on `val` (a data.Dataset), evaluate them on `test`, rewrite the
     manifest. Returns (Calibration, test Evaluation or None, old thresholds)."""
-    from .bench import exit_costs
     from .calibrate import _evaluate, calibrate_scores, check_target
     from .manifest import verify_bundle, write_manifest
     from .runtime import GatedRuntime
@@ -57,7 +56,7 @@ def recalibrate(bundle: str | Path, val: Any, test: Any | None, *, max_drop: flo
     manifest = verify_bundle(bundle)
     rt = GatedRuntime.load(bundle, backend=backend, **(runner_options or {}))
     try:
-        flops = exit_costs(rt)
+        flops = rt.manifest.exit_costs()
         base_flops = float(manifest.baseline.flops or flops[-1])
         _check_labels(val.y, manifest.num_classes)
         conf, correct = exit_scores(rt, val.x, val.y)

@@ -59,10 +59,10 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -86,15 +86,17 @@ class RunResult:
 class GatedRuntime:
     """The scheduler over one bundle's K+1 segment runners."""
 
-    def __init__(self, manifest: Manifest, runners: list[Any], thresholds: Sequence[float] | None = None):
+    def __init__(self, manifest: Manifest, runners: Sequence[backends.Runner],
+                 thresholds: Sequence[float] | None = None):
         self.manifest = manifest
         self.num_gates = manifest.num_gates
         self.num_classes = manifest.num_classes
         self.class_names = manifest.class_names
         self.max_batch = manifest.max_batch
         self.input_shape = tuple(int(d) for d in manifest.input.shape[1:])  # (C, H, W)
-        self._runners = runners
-        self._open: Any = None  # set by load(): opens another artifact of the bundle like the segments
+        self._runners = list(runners)
+        # set by load(): opens another artifact of the bundle like the segments
+        self._open: Callable[[str], backends.Runner] | None = None
         self._backend_name = manifest.backend
         self._float = np.dtype(manifest.input.dtype)
         self._measure = manifest.confidence
@@ -103,12 +105,14 @@ class GatedRuntime:
         self._links = [seg.carry_inputs for seg in manifest.segments]
         self._input_name = manifest.input.name
         # Backends that prefer few distinct shapes get every segment's batch padded to a bucket.
-        self._buckets = bool(getattr(runners[0], "batch_buckets", False))
+        self._buckets = runners[0].batch_buckets
         # Runners with fixed-address slots (ONNX Runtime's fixed_buffers / cuda_graphs) run the slot loop.
-        self._fixed = all(getattr(r, "fixed_buffers", False) for r in runners)
+        self._fixed = all(r.fixed_buffers for r in runners)
         # Batch 1 runs from slots where the runners say it pays (ONNX Runtime's CPU provider: measured 4-6%
         # faster than plain session runs, benchmarks/README.md "Runtime modes") or where all runs do.
-        self._one_in_slots = self._fixed or all(getattr(r, "slots_for_one", False) for r in runners)
+        self._one_in_slots = self._fixed or all(r.slots_for_one for r in runners)
+        self._slotted = (cast(list[backends.FixedRunner], self._runners) if self._fixed or self._one_in_slots
+                         else [])
         self._bucket_times: list[dict[int, float]] | None = None  # compact-or-pad table, see bucket_times
         self._rows = np.arange(self.max_batch, dtype=np.int64)  # shared by all calls: sliced, never written
         self._rows.flags.writeable = False
@@ -153,7 +157,7 @@ class GatedRuntime:
         rt._backend_name = name
         return rt
 
-    def baseline_runner(self) -> Any:
+    def baseline_runner(self) -> backends.Runner:
         """A runner of the bundle's un-gated baseline (input "input", output "logits") on the same
         backend with the same options, for benchmarks and comparisons."""
         if self._open is None:
@@ -172,8 +176,7 @@ class GatedRuntime:
 
     def close(self) -> None:
         for runner in self._runners:
-            if hasattr(runner, "close"):
-                runner.close()
+            runner.close()
 
     # ------------------------------------------------------------------------------------------ running
 
@@ -236,7 +239,7 @@ class GatedRuntime:
         gate one read of the confidences; the logits of the rows that left are read once, at the end."""
         rows = self._rows[: len(x)]  # original row of each live sample; rows past len(rows) are padding
         bucket = batch_bucket(len(x), self.max_batch)
-        slot = self._runners[0].slot(bucket)
+        slot = self._slotted[0].slot(bucket)
         slot.write(self._input_name, x)
         slot.run()
         left = []  # (slot, its rows that left there or None for the first len(where), original rows, exit)
@@ -258,7 +261,7 @@ class GatedRuntime:
             else:
                 keep = self._rows[: len(rows)]
             bucket = self.next_bucket(k + 1, bucket, len(keep))
-            slot = self._runners[k + 1].slot(bucket, slot, self._links[k + 1])
+            slot = self._slotted[k + 1].slot(bucket, slot, self._links[k + 1])
             slot.write(INDEX, keep)
             slot.run()
         else:
@@ -335,14 +338,14 @@ class GatedRuntime:
         keep = self._rows[:b]
         times = []
         if self._fixed:
-            slot = self._runners[0].slot(b)
+            slot = self._slotted[0].slot(b)
             slot.write(self._input_name, x)
             t0 = time.perf_counter()
             slot.run()
             slot.read(CONFIDENCE)
             times.append(time.perf_counter() - t0)
             for k in range(1, self.num_gates + 1):
-                slot = self._runners[k].slot(b, slot, self._links[k])
+                slot = self._slotted[k].slot(b, slot, self._links[k])
                 t0 = time.perf_counter()
                 slot.write(INDEX, keep)
                 slot.run()
@@ -374,7 +377,7 @@ class GatedRuntime:
         is made and run, three times with CUDA graphs: a slot captures its graph on its third run."""
         sizes = self.buckets() if self._buckets else [1, self.max_batch]
         no_exit = [NEVER_EXIT] * self.num_gates  # above any confidence: every segment runs
-        runs = 3 if any(getattr(r, "cuda_graphs", False) for r in self._runners) else 1
+        runs = 3 if any(r.cuda_graphs for r in self._runners) else 1
         for b in sizes:
             for _ in range(runs if self._fixed else 1):
                 self.run(np.zeros((b, *self.input_shape), dtype=self._float), thresholds=no_exit)
@@ -382,14 +385,14 @@ class GatedRuntime:
             return
         chain = {}  # (segment, bucket): the slot the runs above used
         for b in sizes:
-            slot = chain[0, b] = self._runners[0].slot(b)
+            slot = chain[0, b] = self._slotted[0].slot(b)
             for k in range(1, self.num_gates + 1):
-                slot = chain[k, b] = self._runners[k].slot(b, slot, self._links[k])
+                slot = chain[k, b] = self._slotted[k].slot(b, slot, self._links[k])
         for k in range(1, self.num_gates + 1):
             for up in sizes:
                 upstream = chain[k - 1, up]  # its output buffers are those of every slot of its size
                 for b in sorted({self.next_bucket(k, up, n) for n in range(1, up + 1)}):
-                    slot = self._runners[k].slot(b, upstream, self._links[k])
+                    slot = self._slotted[k].slot(b, upstream, self._links[k])
                     slot.write(INDEX, self._rows[:1])
                     while slot.runs < runs:
                         slot.run()
@@ -411,14 +414,14 @@ class GatedRuntime:
 
     def _run_one_fixed(self, x: np.ndarray, thr: tuple[float, ...]) -> RunResult:
         """`_run_one` over the slots of bucket 1. Their `index` is always [0]: written on first use only."""
-        slot = self._runners[0].slot(1)
+        slot = self._slotted[0].slot(1)
         slot.write(self._input_name, x)
         slot.run()
         for k in range(self.num_gates):
             c = slot.read("confidence").item()
             if c >= thr[k]:
                 return self._result_one(slot.read("logits"), k, c)
-            slot = self._runners[k + 1].slot(1, slot, self._links[k + 1])
+            slot = self._slotted[k + 1].slot(1, slot, self._links[k + 1])
             if not slot.runs:
                 slot.write("index", self._rows[:1])
             slot.run()

@@ -150,7 +150,7 @@ def _make_segment(gm: fx.GraphModule, inputs, body, outputs) -> fx.GraphModule:
         if node not in env:
             if node.op != "get_attr":
                 raise AssertionError(f"{node.name} is used across a cut but not carried")
-            env[node] = graph.get_attr(node.target)
+            env[node] = graph.get_attr(str(node.target))  # a get_attr node's target is its attribute path
         return env[node]
 
     for node in body:

@@ -56,7 +56,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,7 @@ def _ort() -> Any:
     return onnxruntime
 
 
-def build(onnx_path: Path, out_dir: Path, options: dict) -> dict:
+def build(onnx_path: Path, out_dir: Path, options: Mapping[str, Any]) -> dict[str, Any]:
     """The ONNX graph is what ONNX Runtime runs: check that it loads, and name it as the engine.
 
     An offline-optimized copy (SessionOptions.optimized_model_filepath) was measured and does not pay:
@@ -135,12 +135,12 @@ def build(onnx_path: Path, out_dir: Path, options: dict) -> dict:
     return {"file": onnx_path.name, "sha256": sha256_file(onnx_path)}
 
 
-def finish_build(out_dir: Path, options: dict) -> dict:
+def finish_build(out_dir: Path, options: Mapping[str, Any]) -> dict[str, Any]:
     ort = _ort()
     return {"onnxruntime": ort.__version__}
 
 
-def _providers(options: dict, ort: Any) -> tuple[list[Any], bool]:
+def _providers(options: Mapping[str, Any], ort: Any) -> tuple[list[Any], bool]:
     """Resolve options["providers"] into ORT's providers list; True when outputs can live on a GPU."""
     asked = options.get("providers") or ["cpu"]
     if isinstance(asked, str):
@@ -189,7 +189,7 @@ def _preload_cuda_libraries(ort: Any) -> None:
         ort.preload_dlls()
 
 
-def session_options(options: dict, ort: Any) -> Any:
+def session_options(options: Mapping[str, Any], ort: Any) -> Any:
     unknown = set(options) - _KNOWN_OPTIONS
     if unknown:
         raise UserError(f"Unknown onnxruntime option(s): {', '.join(sorted(unknown))}.",
@@ -216,7 +216,7 @@ def session_options(options: dict, ort: Any) -> Any:
 class Runner:
     """One segment's InferenceSession. `run` is safe from several threads at once (ORT sessions are)."""
 
-    def __init__(self, path: Path, options: dict | None = None):
+    def __init__(self, path: Path, options: Mapping[str, Any] | None = None):
         options = dict(options or {})
         ort = self._ort = _ort()
         path = self.path = Path(path)

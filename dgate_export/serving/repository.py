@@ -166,10 +166,10 @@ class _Writer:
                        for n, t, d in GATE_OUTPUTS]
         else:
             outputs = [_tensor_config(n, t, [-1, m.num_classes] if d == -2 else [-1]) for n, t, d in GATE_OUTPUTS]
-        batching = [f"max_batch_size: {m.max_batch}",
-                    f"dynamic_batching {{ max_queue_delay_microseconds: {self.delay_us} }}"] if batching \
+        batch_lines = [f"max_batch_size: {m.max_batch}",
+                       f"dynamic_batching {{ max_queue_delay_microseconds: {self.delay_us} }}"] if batching \
             else ["max_batch_size: 0"]
-        config = [f'name: "{name}"', 'backend: "python"', *batching,
+        config = [f'name: "{name}"', 'backend: "python"', *batch_lines,
                   _block("input", inputs), _block("output", outputs),
                   f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]"]
         _write(version.parent / "config.pbtxt", "\n".join(config) + "\n")

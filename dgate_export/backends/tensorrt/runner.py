@@ -306,6 +306,8 @@ class Runner:
         # Read by GatedRuntime: under CUDA graphs it pads every batch to a bucket itself (so a graph per
         # bucket serves every size) and decides per gate whether to compact (its bucket_times table).
         self.batch_buckets = self.cuda_graphs
+        self.fixed_buffers = False  # the interface's slots are ONNX Runtime's; TensorRT binds its own buffers
+        self.slots_for_one = False
         self._lock = threading.Lock()
         self._local = threading.local()
         self._states: list[_State] = []
