@@ -17,11 +17,32 @@ from .contract import CONFIDENCES, DEFAULT_CONFIDENCE
 from .data import DEFAULT_VAL_SIZE
 from .errors import UserError
 
+# Packages that come with an extra, not with `pip install dgate-export` (which runs and benchmarks bundles).
+EXTRAS = {"torch": "compile", "torchvision": "compile", "onnx": "compile", "onnxscript": "compile",
+          "tensorrt": "tensorrt", "cuda": "tensorrt"}
+
+
+def missing_extra(err: ModuleNotFoundError) -> UserError | None:
+    """A UserError naming the extra to install when `err` is a package of an extra, else None."""
+    package = (err.name or "").split(".")[0]
+    extra = EXTRAS.get(package)
+    if extra is None:
+        return None
+    return UserError(f"This command needs {package}, which is not installed here: it comes with the "
+                     f"dgate-export[{extra}] extra (the plain install only runs and benchmarks bundles).",
+                     f"Install it: pip install 'dgate-export[{extra}]'.")
+
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except ModuleNotFoundError as missing:
+                err = missing_extra(missing)
+                if err is None:
+                    raise
+                raise err from missing
         except UserError as err:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
@@ -392,7 +413,15 @@ class _GateCommand(click.Command):
     """`gate --help` ends with the architecture zoo (imports torch only when help is shown)."""
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        from .zoo import list_archs
+        try:
+            from .zoo import list_archs
+        except ModuleNotFoundError as missing:
+            err = missing_extra(missing)
+            if err is None:
+                raise
+            with formatter.section("Architectures (--arch)"):
+                formatter.write_text(str(err))
+            return
 
         rows = [(a.name, a.description + (f"; exits {', '.join(a.default_exits)}" if a.default_exits else ""))
                 for a in list_archs()]
@@ -405,7 +434,7 @@ def _recorded_split(model, model_path: str, val_size: int | None, seed: int | No
     """calibrate's validation split: the one MODEL records (a different one given is refused), else
     the given values or gate's defaults (checkpoints written before the split was recorded)."""
     recorded = model.data_split or {}
-    chosen = {"val_size": val_size, "seed": seed}
+    chosen: dict[str, int | None] = {"val_size": val_size, "seed": seed}
     for key, value in chosen.items():
         if value is None:
             chosen[key] = recorded.get(key, DEFAULT_VAL_SIZE if key == "val_size" else 0)
@@ -416,10 +445,10 @@ def _recorded_split(model, model_path: str, val_size: int | None, seed: int | No
                 f"{recorded['seed']}; {flag} {value} would choose thresholds on other rows, some of which "
                 "the gates were trained on.",
                 f"Leave out {flag}: calibrate uses the recorded split.")
-    return int(chosen["val_size"]), int(chosen["seed"])
+    return int(chosen["val_size"] or 0), int(chosen["seed"] or 0)
 
 
-def _load_splits(data: str, data_dir, channels: int | None, val_size: int, seed: int) -> dict:
+def _load_splits(data: str, data_dir, channels: int | None, val_size: int | None, seed: int) -> dict:
     from .data import SPLITS, load_dataset
 
     return {s: load_dataset(data, s, data_dir=data_dir, channels=channels, val_size=val_size, seed=seed)
@@ -548,7 +577,8 @@ def _load_weights(backbone, weights: str) -> None:
 @click.option("--data", required=True, help="fashion-mnist or npz:PATH.")
 @click.option("--data-dir", default=None, type=click.Path(), help="Folder of the Fashion-MNIST IDX files.")
 @click.option("--repeat-channels", is_flag=True, help="Repeat 1-channel data to the model's channel count.")
-@click.option("--val-size", default=DEFAULT_VAL_SIZE, show_default=True, help="Validation rows held out of training.")
+@click.option("--val-size", default=None, type=click.IntRange(min=1),
+              help=f"Validation rows held out of training [10% of the training rows, at most {DEFAULT_VAL_SIZE}].")
 @click.option("--epochs", default=10, show_default=True, help="Gate training epochs (on cached features).")
 @click.option("--backbone-epochs", default=2, show_default=True, help="Backbone epochs when there are no --weights.")
 @click.option("--batch-size", default=128, show_default=True, help="Backbone training batch size.")
@@ -610,6 +640,11 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
     channels = _input_channels(backbone)
     splits = _load_splits(data, data_dir, channels if repeat_channels else None, val_size, seed)
     train = splits["train"]
+    if val_size is None and splits["val"].val_size is not None:
+        val_size = splits["val"].val_size
+        click.echo(f"validation split: {val_size} of the {val_size + len(train)} training rows held out for "
+                   f"calibration (the default, 10% up to {DEFAULT_VAL_SIZE}; --val-size to choose)")
+    val_size = DEFAULT_VAL_SIZE if val_size is None else val_size  # recorded; unused where the data has x_val
     if channels is not None:
         for ds in splits.values():
             check_input_shape(ds.x, (channels, *ds.x.shape[2:]), where=f"data set {data!r} ({ds.split})")

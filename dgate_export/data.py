@@ -10,7 +10,8 @@ labels `y` [N]. Specs:
   `x_test`, `y_test`, optionally `x_val`, `y_val`). `x` is float32 [N, C, H, W], already normalized as the
   model expects; `y` is int64 [N]. Optional `class_names` (array of str).
 
-Splits: "train" is the training set minus a seeded validation split of `val_size` rows, "val" is that
+Splits: "train" is the training set minus a seeded validation split of `val_size` rows (None: 10% of the
+training rows, at most DEFAULT_VAL_SIZE; `Dataset.val_size` says what was used), "val" is that
 split, "test" the held-out test set. The validation split is what calibration uses; test is never seen
 by training or calibration. A one-set npz has no held-out test set: its "test" split is the whole file
 (what `bench` measures on) and `Dataset.separate_test` is False so that callers can say so.
@@ -28,7 +29,8 @@ import numpy as np
 from .errors import UserError
 
 SPLITS = ("train", "val", "test")
-DEFAULT_VAL_SIZE = 5000  # rows of the seeded validation split cut out of a training set
+DEFAULT_VAL_SIZE = 5000  # rows of the seeded validation split cut out of a training set (at most)
+DEFAULT_VAL_FRACTION = 0.1  # of the training rows, when no validation size is given
 DEFAULT_FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -57,6 +59,7 @@ class Dataset:
     spec: str = ""
     split: str = ""
     separate_test: bool = True         # False when "test" is the same data that train/val come from
+    val_size: int | None = None        # rows of the validation split cut out of the training set (None: none cut)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -153,9 +156,9 @@ def check_finite(x: np.ndarray, where: str) -> None:
                     "Remove or repair those rows and save the file again.")
 
 
-def _load_npz(path_text: str, split: str, *, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray,
-                                                                               list[str] | None, bool]:
-    """Return (x, y, class_names, separate_test) of `split` of an npz file (see the module docstring)."""
+def _load_npz(path_text: str, split: str, *, val_size: int | None,
+              seed: int) -> tuple[np.ndarray, np.ndarray, list[str] | None, bool, int | None]:
+    """(x, y, class_names, separate_test, validation rows cut) of `split` of an npz file (module docstring)."""
     path = Path(path_text)
     if not path_text or not path.is_file():
         raise UserError(f"--data npz:{path_text}: no such file.", "Give the path of an existing .npz file.")
@@ -177,9 +180,9 @@ def _load_npz(path_text: str, split: str, *, val_size: int, seed: int) -> tuple[
             # One set: train/val are a seeded partition of it, "test" is all of it (for bench).
             x, y = pair("")
             if split == "test":
-                return x, y, names, False
-            x, y = _split(x, y, split, val_size=val_size, seed=seed, where=str(path))
-            return x, y, names, False
+                return x, y, names, False, None
+            x, y, cut = _split(x, y, split, val_size=val_size, seed=seed, where=str(path))
+            return x, y, names, False, cut
         if not {"x_train", "y_train"} <= keys:
             raise UserError(f"{path} holds arrays {sorted(keys)}; expected `x` and `y`, or `x_train`, "
                             "`y_train`, `x_test`, `y_test` (optionally `x_val`, `y_val`).",
@@ -193,8 +196,9 @@ def _load_npz(path_text: str, split: str, *, val_size: int, seed: int) -> tuple[
             x, y = pair("_" + split)
         else:
             x, y = pair("_train")
-            x, y = _split(x, y, split, val_size=val_size, seed=seed, where=str(path))
-        return x, y, names, True
+            x, y, cut = _split(x, y, split, val_size=val_size, seed=seed, where=str(path))
+            return x, y, names, True, cut
+        return x, y, names, True, None
 
 
 def _repeat_channels(x: np.ndarray, normalization: dict | None, channels: int | None, where: str):
@@ -211,39 +215,49 @@ def _repeat_channels(x: np.ndarray, normalization: dict | None, channels: int | 
 
 
 def load_dataset(spec: str, split: str, *, data_dir: str | Path | None = None, channels: int | None = None,
-                 val_size: int = DEFAULT_VAL_SIZE, seed: int = 0) -> Dataset:
-    """Load split "train", "val" or "test" of data set `spec` (see the module docstring)."""
+                 val_size: int | None = DEFAULT_VAL_SIZE, seed: int = 0) -> Dataset:
+    """Load split "train", "val" or "test" of data set `spec` (see the module docstring); `val_size` None:
+    the default for the data's size (default_val_size)."""
     if split not in SPLITS:
         raise UserError(f"Unknown split {split!r}.", f"Choose one of: {', '.join(SPLITS)}.")
     normalization: dict | None
+    cut: int | None = None
     if spec == "fashion-mnist":
         x, y = _fashion_mnist("test" if split == "test" else "train", Path(data_dir) if data_dir else None)
         if split != "test":
-            x, y = _split(x, y, split, val_size=val_size, seed=seed, where=spec)
+            x, y, cut = _split(x, y, split, val_size=val_size, seed=seed, where=spec)
         names: list[str] | None = list(FMNIST_CLASSES)
         normalization = {"scale": 1.0 / 255.0, "mean": [_FMNIST_MEAN], "std": [_FMNIST_STD]}
         separate_test = True
     elif spec.startswith("npz:"):
-        x, y, names, separate_test = _load_npz(spec[4:], split, val_size=val_size, seed=seed)
+        x, y, names, separate_test, cut = _load_npz(spec[4:], split, val_size=val_size, seed=seed)
         normalization = None
     else:
         raise UserError(f"Unknown data set {spec!r}.",
                         "Use `fashion-mnist` or `npz:PATH` (arrays x float32 [N,C,H,W] and y int64 [N]).")
     x, normalization = _repeat_channels(x, normalization, channels, spec)
-    return Dataset(np.ascontiguousarray(x), y, names, normalization, spec, split, separate_test)
+    return Dataset(np.ascontiguousarray(x), y, names, normalization, spec, split, separate_test, cut)
 
 
-def _split(x: np.ndarray, y: np.ndarray, split: str, *, val_size: int, seed: int,
-           where: str) -> tuple[np.ndarray, np.ndarray]:
-    """Cut "train" or "val" out of a training set: a seeded random split of `val_size` rows."""
+def default_val_size(training_rows: int) -> int:
+    """The validation split for a training set of this many rows: 10%, at most DEFAULT_VAL_SIZE, at least 1."""
+    return max(1, min(DEFAULT_VAL_SIZE, int(training_rows * DEFAULT_VAL_FRACTION)))
+
+
+def _split(x: np.ndarray, y: np.ndarray, split: str, *, val_size: int | None, seed: int,
+           where: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Cut "train" or "val" out of a training set: a seeded random split of `val_size` rows (None: the
+    default for its size). Returns (x, y, validation rows)."""
     n = y.shape[0]
+    if val_size is None:
+        val_size = default_val_size(n)
     if not 0 < val_size < n:
         raise UserError(f"{where}: validation size {val_size} does not fit {n} training rows.",
                         f"Choose a validation size between 1 and {n - 1}.")
     # A fixed seeded permutation: the same seed gives the same validation rows in gate and calibrate.
     order = np.random.default_rng(seed).permutation(n)
     rows = np.sort(order[:val_size] if split == "val" else order[val_size:])
-    return x[rows], y[rows]
+    return x[rows], y[rows], val_size
 
 
 def check_input_shape(x: np.ndarray, expected_chw: tuple[int, int, int] | list[int], *,

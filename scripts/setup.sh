@@ -20,7 +20,7 @@ echo "== installing packages into .venv (torch is large: a few minutes the first
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 # torch/torchvision pinned to the releases this project is tested with (see docs/install.md).
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -e ".[dev,ray]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q -e ".[compile,dev,ray]" 2>&1 | grep -v "^WARNING: Location" || true
 # tensorrt-stubs declares a dependency on tensorrt, whose libraries cannot install without an NVIDIA
 # index; the stubs alone are what mypy needs.
 .venv/bin/python -m pip install -q --no-deps tensorrt-stubs 2>&1 | grep -v "^WARNING: Location" || true

@@ -243,3 +243,16 @@ def test_demo_settings_on_full_fashion_mnist(tmp_path):
     assert test["accuracy"] >= test["accuracy_ungated"] - 0.01  # the promise, kept on the test split
     assert "With probability at least 90%" in " ".join(result.output.split())
     assert test["flops_reduction"] > 0.1
+
+
+def test_gate_on_a_small_npz_scales_the_validation_split(tmp_path):
+    """512 rows (what a new user tried): the default validation split is 10% of them, and gate says so."""
+    data = load_dataset("fashion-mnist", "test").subset(512, seed=0)
+    path = tmp_path / "d.npz"
+    np.savez(path, x=data.x, y=data.y)
+    out = tmp_path / "small.pt"
+    result = run("gate", "--arch", NAME, "--data", f"npz:{path}", "--backbone-epochs", 1, "--epochs", 1,
+                 "--no-progress", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "validation split: 51 of the 512 training rows" in text(result)
+    assert checkpoint.load(out).data_split == {"data": f"npz:{path}", "val_size": 51, "seed": 0}

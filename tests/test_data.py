@@ -94,6 +94,19 @@ def test_npz_one_set(tmp_path):
     np.testing.assert_array_equal(np.sort(np.concatenate([train.y, val.y])), np.sort(y))
 
 
+def test_default_validation_size_scales_with_the_data(tmp_path):
+    from dgate_export.data import DEFAULT_VAL_SIZE, default_val_size
+
+    assert [default_val_size(n) for n in (5, 50, 512, 60000, 10**6)] == [1, 5, 51, 5000, DEFAULT_VAL_SIZE]
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(50, 1, 4, 4)).astype(np.float32),
+             y=rng.integers(0, 3, size=50).astype(np.int64))
+    train = load_dataset(f"npz:{tmp_path / 'd.npz'}", "train", val_size=None)
+    val = load_dataset(f"npz:{tmp_path / 'd.npz'}", "val", val_size=None)
+    assert (len(train), len(val), train.val_size, val.val_size) == (45, 5, 5, 5)
+    assert load_dataset(f"npz:{tmp_path / 'd.npz'}", "test").val_size is None
+
+
 def test_npz_split_arrays(tmp_path):
     rng = np.random.default_rng(0)
 
