@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .contract import INPUT, LOGITS, NEVER_EXIT, expected_cost
+from .contract import INPUT, LOGITS, NEVER_EXIT, exit_at, expected_cost
 from .errors import UserError
 from .files import atomic_write, write_text_atomic
 from .runtime import GatedRuntime
@@ -90,12 +90,9 @@ def exit_time_costs(rt: GatedRuntime, baseline, x: np.ndarray, batch_size: int, 
     every sample leaves at exit k (segments 0..k and gates 0..k run), timed interleaved with the baseline.
     The time-based counterpart of the FLOPs costs: where FLOPs are not time (small early layers run
     fewer FLOP/s) the FLOPs ideal cannot be reached, whatever the runtime does."""
-    never, always = NEVER_EXIT, -1.0  # confidences lie in [0, 1]
     rel = []
     for k in range(rt.num_gates + 1):
-        thr = [never] * rt.num_gates
-        if k < rt.num_gates:
-            thr[k] = always
+        thr = exit_at(k, rt.num_gates)
         t = time_batches(rt, baseline, x, batch_size, costs, baseline_flops, warmup_ms=warmup_ms,
                          min_iterations=3, min_seconds=min_seconds, thresholds=thr)
         rel.append(1.0 / t["speedup"])

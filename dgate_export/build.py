@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .contract import INPUT, LOGITS, NEVER_EXIT
+from .contract import INPUT, LOGITS, exit_at
 from .errors import UserError
 from .files import UMASK, sha256_file
 from .manifest import (
@@ -473,11 +473,6 @@ def rel_error(got: np.ndarray, ref: Any) -> float:
 
 def _as_numpy(ref: Any) -> np.ndarray:
     return ref.float().numpy() if hasattr(ref, "float") else np.asarray(ref, dtype=np.float32)
-
-
-def exit_at(k: int, num_gates: int) -> list[float]:
-    """Thresholds that send every sample out at exit k (k = num_gates: through every segment)."""
-    return [-1.0 if j == k else NEVER_EXIT for j in range(num_gates)]
 
 
 def check_parity(model, runtime, *, precision: str, where: str = "ONNX Runtime",

@@ -31,6 +31,12 @@ DEFAULT_CONFIDENCE = "max-softmax"
 # A threshold above every confidence (all confidences lie in [0, 1]): the gate never lets a sample leave.
 # Finite, so that it can be written to a manifest or JSON and passes the runtime's threshold checks.
 NEVER_EXIT = 1.01
+ALWAYS_EXIT = -1.0  # below every confidence: every sample reaching the gate leaves there
+
+
+def exit_at(k: int, num_gates: int) -> list[float]:
+    """Thresholds that send every sample out at exit k (k = num_gates: through every segment)."""
+    return [ALWAYS_EXIT if j == k else NEVER_EXIT for j in range(num_gates)]
 
 
 def carry(i: int) -> str:

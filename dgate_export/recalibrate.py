@@ -19,9 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from .contract import exit_at
 from .errors import UserError
-
-_NEVER, _ALWAYS = 2.0**30, -1.0  # thresholds that force every sample past, or out at, a gate
 
 
 def exit_scores(rt, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -30,10 +29,7 @@ def exit_scores(rt, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
     conf = np.empty((k_gates, len(x)), dtype=np.float32)
     correct = np.empty((k_gates + 1, len(x)), dtype=bool)
     for k in range(k_gates + 1):
-        thr = [_NEVER] * k_gates
-        if k < k_gates:
-            thr[k] = _ALWAYS
-        res = rt.run(x, thresholds=thr)
+        res = rt.run(x, thresholds=exit_at(k, k_gates))
         if not (res.exits == k).all():
             raise RuntimeError(f"forcing exit {k} sent samples to exits {np.unique(res.exits).tolist()}")
         correct[k] = res.predictions == y
