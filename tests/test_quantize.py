@@ -71,7 +71,7 @@ def test_int8_build_passes_its_checks(small, tmp_path):
     tol = quantize.INT8_TOLERANCE
     assert max(check["logit_errors"]) <= tol.logit_rel and min(check["prediction_agreement"]) >= tol.prediction_agreement
     assert min(check["decision_agreement"].values()) >= tol.decision_agreement
-    assert any(line.startswith("[6/9] quantize") for line in lines)
+    assert any(line.startswith("[6/10] quantize") for line in lines)
     # The thresholds are the int8 graphs' own: recomputed here from the bundle on the validation rows.
     val = load_dataset(data, "val", val_size=VAL, seed=0)
     rt = GatedRuntime.load(out)
@@ -112,7 +112,7 @@ def test_int8_out_of_bounds_fails_the_build_and_leaves_nothing(small, tmp_path, 
     with pytest.raises(UserError) as info:
         build_bundle(path, tmp_path / "b", precision="int8", int8=_options(data), exporter="torchscript",
                      max_batch=64, progress=_quiet)
-    assert "step 6/9 (quantize)" in info.value.message and "segment 0" in info.value.message
+    assert "step 6/10 (quantize)" in info.value.message and "segment 0" in info.value.message
     assert "more than 0.0001" in info.value.message and "--calibration-rows" in info.value.hint
     assert list(tmp_path.iterdir()) == []
 
@@ -137,7 +137,7 @@ def test_corrupted_calibration_data_is_refused_before_export(small, tmp_path):
         with pytest.raises(UserError, match=phrase) as info:
             build_bundle(path, tmp_path / "engines" / "b", precision="int8", int8=_options(data, rows),
                          exporter="torchscript", progress=lines.append)
-        assert "step 1/9 (load)" in info.value.message, name
+        assert "step 1/10 (load)" in info.value.message, name
         assert lines == [], name  # nothing exported
         assert list(tmp_path.iterdir()) == [], name  # not even the parent directory
 
