@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dgate_export.bench import exit_costs, latency_stats, quality
+from dgate_export.bench import latency_stats, quality
 from dgate_export.data import load_dataset
 from dgate_export.runtime import GatedRuntime
 
@@ -107,7 +107,7 @@ def run_network(network: str, args) -> dict:
     rts = {p: GatedRuntime.load(ROOT / commands[p][4]) for p in ("fp32", "int8")}
     bases = {p: rts[p].baseline_runner() for p in rts}
     manifest = rts["fp32"].manifest
-    costs = exit_costs(rts["fp32"])
+    costs = rts["fp32"].manifest.exit_costs()
     baseline_flops = float(manifest.baseline.flops)
     acc = {p: quality(rts[p], bases[p], test.x, test.y, costs, baseline_flops) for p in rts}
     for p, q in acc.items():

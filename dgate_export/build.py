@@ -327,7 +327,7 @@ def _run_steps(tmp: Path, steps: _Steps, *, model_path: Path, name: str, backend
                          lambda m: f"{MANIFEST_FILE}, {len(m.segments) + 1} graphs hashed")
 
     def verify() -> ParityReport | None:
-        if backend == "onnxruntime" or int8 is not None:
+        if backend == "onnxruntime" or precision == "int8":
             return None  # the engines are the graphs step 5 ran, or int8 graphs step quantize checked
         engine_report = _parity_of_bundle(model, tmp, backend, precision, steps.progress)
         assert manifest.source is not None
@@ -335,7 +335,7 @@ def _run_steps(tmp: Path, steps: _Steps, *, model_path: Path, name: str, backend
         write_manifest(tmp, manifest)
         return engine_report
 
-    skipped = "int8: checked at step quantize" if int8 is not None else "its engines are the graphs step 5 checked"
+    skipped = "int8: checked at step quantize" if precision == "int8" else "its engines are the graphs step 5 checked"
     steps.run("verify", verify, lambda r: f"{backend}: " + (r.summary() if r else skipped))
     return manifest
 
