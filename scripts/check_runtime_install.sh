@@ -36,7 +36,11 @@ echo "== pip install . (no extras) into a fresh venv"
 "$PY" -m venv "$WORK/venv"
 V=$WORK/venv/bin
 "$V/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-"$V/python" -m pip install -q "$ROOT" > "$WORK/pip.log" 2>&1 || { cat "$WORK/pip.log"; fail "pip install ."; }
+# A copy of the tracked files as they are in the working tree: pip builds in the source folder (build/,
+# *.egg-info), which must not be the checkout.
+mkdir "$WORK/src"
+git ls-files -z | tar --null -T - -cf - | tar -xf - -C "$WORK/src"
+"$V/python" -m pip install -q "$WORK/src" > "$WORK/pip.log" 2>&1 || { cat "$WORK/pip.log"; fail "pip install ."; }
 
 cd "$WORK"  # not the checkout: the installed package, not the source tree, must answer
 echo "== import dgate_export.runtime"
