@@ -24,6 +24,7 @@ and benchmarks/plots/NETWORK_curve.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -31,21 +32,49 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from dgate_export import checkpoint
-from dgate_export.calibrate import calibrate, evaluate
+from dgate_export.calibrate import Evaluation, calibrate, evaluate
 from dgate_export.data import load_dataset
 from dgate_export.train import collect_exit_logits
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 CLI = [str(Path(sys.executable).parent / "dgate-export")]  # the console script of this venv
-NETWORKS = ("resnet56", "densenet_bc")
+NETWORKS = ("resnet56", "densenet_bc", "resnet101", "densenet201")
 MAX_DROP = 0.01
 BATCH_SIZES = (1, 256)
+
+
+SUBSET = {"samples": 300, "seed": 0}
+
+
+@torch.no_grad()
+def subset_figures(model, test, data: str) -> dict:
+    """Right answers and exit counts on a fixed seeded subset of the test split: what
+    tests/test_benchmarks_data.py reproduces exactly from the committed weights (the paper's networks
+    are too slow there for the whole split)."""
+    rows = np.random.default_rng(SUBSET["seed"]).permutation(len(test))[:SUBSET["samples"]]
+    x, y = torch.from_numpy(test.x[rows]), test.y[rows]
+    ungated = model.backbone(x).argmax(1).numpy()
+    out = model.early_exit(x)
+    return dict(SUBSET, data=data, right_ungated=int((ungated == y).sum()),
+                right_gated=int((out.logits.argmax(1).numpy() == y).sum()),
+                exit_counts=np.bincount(out.exits.numpy(), minlength=model.num_gates + 1).tolist())
+
+
+def _data_spec(split: dict) -> str:
+    """The gated model's recorded data spec (its gating data at 32x32 is written first if missing)."""
+    sys.path.insert(0, str(BENCH))
+    from train_backbones import FMNIST32_GATE, fashion_mnist_32_gate  # type: ignore[import-not-found]
+
+    if split["data"] == "npz:" + str(FMNIST32_GATE.relative_to(ROOT)):
+        fashion_mnist_32_gate(split["val_size"], split["seed"])
+    return "npz:" + str(ROOT / split["data"][4:]) if split["data"].startswith("npz:") else split["data"]
 
 
 def oracle(test_logits: list[np.ndarray], labels: np.ndarray, costs: list[float], baseline: float) -> dict:
@@ -140,29 +169,51 @@ def run_network(network: str, args) -> dict:
     costs, baseline = model.exit_costs(), float(model.flops["baseline"])
     # gate_networks.py's setting, on the calibration half of validation (the search half chose the design).
     setting = json.loads((BENCH / "results" / f"{network}_calibration.json").read_text())
-    val = load_dataset("fashion-mnist", "val", val_size=setting.get("val_size", 5000), seed=setting.get("val_seed", 0))
-    test = load_dataset("fashion-mnist", "test")
+    # The paper's networks were gated with `dgate-export gate` (gate_networks.gate_with_cli), on their
+    # own data (Fashion-MNIST resized to 32x32) with the gray channel repeated to 3.
+    by_cli = "gate_command" in setting
+    data = _data_spec(model.data_split) if by_cli else "fashion-mnist"
+    channels = model.input_shape[0] if by_cli else None
+    val = load_dataset(data, "val", val_size=setting.get("val_size", 5000), seed=setting.get("val_seed", 0),
+                       channels=channels)
+    test = load_dataset(data, "test", channels=channels)
     val_logits, yv = collect_exit_logits(model, val, progress=False)
     test_logits, yt = collect_exit_logits(model, test, progress=False)
-    # Thresholds on the calibration half; the search half, which chose the design, is what calibrate's
-    # holdout keeps out: the thresholds' drop there is a held-out check inside validation.
-    halves = {"holdout": 0.5, "seed": setting["halves_seed"]}
-    cal = calibrate(val_logits, yv, confidence=model.confidence, costs=costs, baseline_flops=baseline,
-                    max_drop=setting["target"], refine=setting["refine"], upper_bound=setting["upper_bound"],
-                    guarantee=setting.get("guarantee_mode", "none"), **halves)
-    held_out = cal.held_out
-    # The plain setting (max_drop 0.01 on the same rows, refined, no bound), for comparison.
-    plain = calibrate(val_logits, yv, confidence=model.confidence, costs=costs, baseline_flops=baseline,
-                      max_drop=MAX_DROP, guarantee="none", **halves)
+    if by_cli:
+        # The thresholds are the CLI's, chosen on its rows with its default promise; they are taken
+        # as they are, with the gate's own record of the choice (its Pareto front) for the curve.
+        fields = [f.name for f in dataclasses.fields(Evaluation)]
+        cal = SimpleNamespace(validation=Evaluation(**{k: setting["validation"][k] for k in fields}),
+                              curve=setting["curve"], to_dict=lambda: setting)
+        held_out = setting.get("held_out")  # the rows the CLI held out of the choice, if its default does
+        if held_out is None:  # the committed model reproduces the gate's own validation figures
+            again = evaluate(val_logits, yv, confidence=model.confidence, thresholds=model.thresholds,
+                             costs=costs, baseline_flops=baseline)
+            if (again.accuracy, again.exit_fractions) != (cal.validation.accuracy, cal.validation.exit_fractions):
+                raise SystemExit(f"{network}: validation {again.to_dict()} differs from the gate's "
+                                 f"{setting['validation']}")
+        plain = calibrate(val_logits, yv, confidence=model.confidence, costs=costs, baseline_flops=baseline,
+                          max_drop=MAX_DROP, guarantee="none")
+    else:
+        # Thresholds on the calibration half; the search half, which chose the design, is what calibrate's
+        # holdout keeps out: the thresholds' drop there is a held-out check inside validation.
+        halves = {"holdout": 0.5, "seed": setting["halves_seed"]}
+        cal = calibrate(val_logits, yv, confidence=model.confidence, costs=costs, baseline_flops=baseline,
+                        max_drop=setting["target"], refine=setting["refine"], upper_bound=setting["upper_bound"],
+                        guarantee=setting.get("guarantee_mode", "none"), **halves)
+        held_out = cal.held_out.to_dict()
+        # The plain setting (max_drop 0.01 on the same rows, refined, no bound), for comparison.
+        plain = calibrate(val_logits, yv, confidence=model.confidence, costs=costs, baseline_flops=baseline,
+                          max_drop=MAX_DROP, guarantee="none", **halves)
+        # The same decisions on every validation row (thresholds now sit half-way between neighbouring
+        # confidences, the committed ones on a confidence).
+        same = [evaluate(val_logits, yv, confidence=model.confidence, thresholds=t, costs=costs,
+                         baseline_flops=baseline) for t in (cal.thresholds, model.thresholds)]
+        if (same[0].exit_fractions, same[0].accuracy) != (same[1].exit_fractions, same[1].accuracy):
+            raise SystemExit(f"{network}: re-derived thresholds {cal.thresholds} differ from the committed "
+                             f"{model.thresholds}")
     plain_test = evaluate(test_logits, yt, confidence=model.confidence, thresholds=plain.thresholds, costs=costs,
                           baseline_flops=baseline)
-    # The same decisions on every validation row (thresholds now sit half-way between neighbouring
-    # confidences, the committed ones on a confidence).
-    same = [evaluate(val_logits, yv, confidence=model.confidence, thresholds=t, costs=costs, baseline_flops=baseline)
-            for t in (cal.thresholds, model.thresholds)]
-    if (same[0].exit_fractions, same[0].accuracy) != (same[1].exit_fractions, same[1].accuracy):
-        raise SystemExit(f"{network}: re-derived thresholds {cal.thresholds} differ from the committed "
-                         f"{model.thresholds}")
     test_eval = evaluate(test_logits, yt, confidence=model.confidence, thresholds=model.thresholds, costs=costs,
                          baseline_flops=baseline)
     test_curve = []
@@ -184,7 +235,9 @@ def run_network(network: str, args) -> dict:
     bench_json = BENCH / "results" / f"{network}_bench.json"
     build_cmd = ["dgate-export", "build", str(model_path.relative_to(ROOT)), "-o",
                  str(bundle.relative_to(ROOT)), "--force"]
-    bench_cmd = ["dgate-export", "bench", "--engine", str(bundle.relative_to(ROOT)), "--data", "fashion-mnist",
+    bench_cmd = ["dgate-export", "bench", "--engine", str(bundle.relative_to(ROOT)),
+                 "--data", model.data_split["data"] if by_cli else "fashion-mnist",
+                 *(["--repeat-channels"] if by_cli else []),
                  "--batch-sizes", ",".join(map(str, BATCH_SIZES)), "--min-seconds", str(args.min_seconds),
                  "--exit-times", "--json", str(bench_json.relative_to(ROOT))]
     load_before = os.getloadavg()
@@ -215,14 +268,19 @@ def run_network(network: str, args) -> dict:
         "exit_fractions": test_eval.exit_fractions,
         "exit_accuracy": test_eval.exit_accuracy,
         "exit_costs": costs,
-        "calibration": {"max_drop": setting["target"], "refine": setting["refine"],
-                        "upper_bound": setting["upper_bound"],
-                        "rows": f"calibration half of validation ({cal.validation.samples} rows, seed "
-                                f"{setting['halves_seed']}); "
-                                "the search half chose exits, head and confidence, and the bound level "
-                                "(gate_networks.py)"},
+        "calibration": ({"max_drop": setting["target"], "mode": setting["mode"], "upper_bound": setting["upper_bound"],
+                         "holdout": setting.get("holdout"), "method": setting["method"],
+                         "rows": f"validation ({cal.validation.samples} rows) as `dgate-export gate` chose them "
+                                 "with its default promise; default exits; the grid head",
+                         "command": setting["gate_command"]} if by_cli else
+                        {"max_drop": setting["target"], "refine": setting["refine"],
+                         "upper_bound": setting["upper_bound"],
+                         "rows": f"calibration half of validation ({cal.validation.samples} rows, seed "
+                                 f"{setting['halves_seed']}); "
+                                 "the search half chose exits, head and confidence, and the bound level "
+                                 "(gate_networks.py)"}),
         "validation": cal.validation.to_dict(),
-        "validation_search_half": held_out.to_dict(),
+        "validation_search_half": held_out,
         "plain_max_drop_0.01": {"thresholds": plain.thresholds, "validation": plain.validation.to_dict(),
                                 "test": plain_test.to_dict()},
         "oracle": orc,
@@ -237,6 +295,8 @@ def run_network(network: str, args) -> dict:
                     "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__},
         "command": f"python benchmarks/run.py {network}" + f"  # runs: {' '.join(build_cmd)}; {' '.join(bench_cmd)}",
     }
+    if by_cli:
+        row["test_subset"] = subset_figures(model, test, model.data_split["data"])
     for b in BATCH_SIZES:
         row[f"speedup_b{b}"] = speed[b]["speedup"]
         row[f"ideal_speedup_b{b}"] = speed[b]["ideal_speedup"]
@@ -246,7 +306,7 @@ def run_network(network: str, args) -> dict:
     return row
 
 
-TARGETS = {"resnet56": 0.55, "densenet_bc": 0.50}
+TARGETS = {"resnet56": 0.55, "densenet_bc": 0.50, "resnet101": 0.50, "densenet201": 0.50}
 
 
 def table(rows: list[dict]) -> str:
@@ -276,10 +336,11 @@ def table(rows: list[dict]) -> str:
               "calibration half / search half / test |"), "|---|---|---|---|---|---|"]
     for r in rows:
         v, h = r["validation"], r["validation_search_half"]
+        # None: gated by the CLI on all of its validation rows, no half held out.
+        h_drop, h_saved = (f"{100 * h['accuracy_drop']:.2f}", f"{100 * h['flops_reduction']:.1f}%") if h else ("—", "—")
         lines.append(f"| {r['network']} | {r['calibration']['upper_bound']} | {100 * v['accuracy_drop']:.2f} "
-                     f"| {100 * h['accuracy_drop']:.2f} "
-                     f"| {r['accuracy_drop_points']:.2f} | {100 * v['flops_reduction']:.1f}% / "
-                     f"{100 * h['flops_reduction']:.1f}% / {100 * r['flops_reduction']:.1f}% |")
+                     f"| {h_drop} | {r['accuracy_drop_points']:.2f} | {100 * v['flops_reduction']:.1f}% / "
+                     f"{h_saved} / {100 * r['flops_reduction']:.1f}% |")
     lines += ["", ("Thresholds calibrated plainly to max_drop 0.01 on the calibration half (same gates, no "
               "upper bound), on test:"), "", "| network | gated acc | drop (pts) | FLOPs saved | exits |", "|---|---|---|---|---|"]
     for r in rows:
@@ -319,12 +380,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("networks", nargs="*", default=list(NETWORKS))
     parser.add_argument("--min-seconds", type=float, default=5.0, help="timed seconds per batch size and engine")
     parser.add_argument("--skip-build", action="store_true", help="reuse engines/bench-NETWORK")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for the logits (timing: one)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = BENCH / "results.json"
+    new = {network: run_network(network, args) for network in args.networks}
+    # Read the other rows only now: another run.py (another network) may have written them meanwhile.
     previous = {r["network"]: r for r in json.loads(out.read_text())} if out.is_file() else {}
-    for network in args.networks:
-        previous[network] = run_network(network, args)
+    previous.update(new)
     rows = [previous[n] for n in NETWORKS if n in previous] + [r for n, r in previous.items() if n not in NETWORKS]
     out.write_text(json.dumps(rows, indent=1) + "\n")
     (BENCH / "results.md").write_text(table(rows))

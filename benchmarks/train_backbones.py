@@ -43,22 +43,30 @@ PARTIAL = ROOT / "runs" / "train"
 NETWORKS = {
     "resnet56": {"stem_stride": 1},
     "densenet_bc": {"stem_stride": 1},
-    "resnet101": {"num_classes": 10},
+    "resnet101": {"num_classes": 10, "zero_init_residual": True},
     "densenet201": {"num_classes": 10},
 }
 # The d-gate paper's own networks, as torchvision builds them (ImageNet stem: 7x7 stride-2 convolution
 # and a max-pool), 3-channel input (the gray channel repeated), on Fashion-MNIST resized to 32x32 as
 # CIFAR: torchvision's DenseNet-201 cannot take 28x28 (its third transition would pool a 1x1 map).
+# ResNet-101 with torchvision's `zero_init_residual=True` (each block's last BatchNorm starts at zero,
+# so every block starts as the identity): with the default init it diverged in the first 40 steps at
+# both lr 0.1 and 0.025, batch 32 (loss 6-9, benchmarks/results/train_attempts/).
 TORCHVISION = {"resnet101": "torchvision/resnet101", "densenet201": "torchvision/densenet201"}
 CHANNELS = {"resnet101": 3, "densenet201": 3}
 DATA = {"resnet101": "fashion-mnist-32", "densenet201": "fashion-mnist-32"}
 FMNIST32 = ROOT / "runs" / "data" / "fashion-mnist-32.npz"
-# What `dgate-export gate` gets for the paper's networks (gate_networks.gate_with_cli): 5000 of the
-# backbone's training rows to train the gates on, 5000 of its held-out validation rows to calibrate on,
-# the whole test split. A subset because each pass over 50 000 images through ResNet-101 or DenseNet-201
-# costs minutes of a core that 8 agents share.
+# What the paper's networks are gated and measured on (gate_networks.gate_with_cli, run.py): seeded
+# subsets, because every pass of an image through ResNet-101 or DenseNet-201 costs a few ms of a CPU
+# that 8 agents share: 3000 of the backbone's training rows to train the gates, 3000 of its held-out
+# validation rows to calibrate the thresholds, 2000 rows of the test split for the table.
 FMNIST32_GATE = ROOT / "runs" / "data" / "fashion-mnist-32-gate.npz"
-GATE_ROWS = {"train": 5000, "val": 5000}
+GATE_ROWS = {"train": 3000, "val": 3000, "test": 2000}
+
+
+def gate_rows(n: int, split: str, seed: int) -> np.ndarray:
+    """Sorted row indices of `split`'s subset (GATE_ROWS) out of its n rows, seeded by (seed, n)."""
+    return np.sort(np.random.default_rng([seed, n]).permutation(n)[:GATE_ROWS[split]])
 
 
 def arch_name(network: str) -> str:
@@ -109,9 +117,7 @@ def fashion_mnist_32_gate(val_size: int, seed: int, path: Path = FMNIST32_GATE) 
     arrays = {}
     for split in ("train", "val", "test"):
         ds = load_dataset(full, split, val_size=val_size, seed=seed)
-        rows = np.arange(len(ds))
-        if split in GATE_ROWS:  # seeded, then in file order
-            rows = np.sort(np.random.default_rng([seed, len(ds)]).permutation(len(ds))[:GATE_ROWS[split]])
+        rows = gate_rows(len(ds), split, seed)
         arrays[f"x_{split}"], arrays[f"y_{split}"] = ds.x[rows], ds.y[rows]
         names = ds.class_names
     tmp = path.with_suffix(".tmp.npz")
