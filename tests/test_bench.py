@@ -93,8 +93,8 @@ def test_exit_times_give_a_time_based_ideal(bundle, tmp_path):
     (s,) = report["speed"]
     costs = s["exit_time_costs"]
     assert len(costs) == 3
-    # leaving at gate 0 runs one of three sessions: cheaper than running them all
-    assert costs[0] < costs[-1]
+    # No ordering of the costs is asserted: they are timings (3 short rounds), and on a loaded machine
+    # leaving at gate 0 measured slower than running all three sessions. Speed belongs in benchmarks/.
     assert "runtime efficiency" in r.text
 
 
