@@ -44,10 +44,21 @@ class SegmentModel:
     dgate_export/serving/repository.py), so the rows are kept here before the request.
     """
 
+    # The runtime's Runner interface (dgate_export.backends.Runner): Triton batches, not the runtime.
+    batch_buckets = False
+    fixed_buffers = False
+    cuda_graphs = False
+    slots_for_one = False
+
     def __init__(self, model: str, inputs: list[str], outputs: list[str]):
         self.model = model
         self.inputs = inputs
         self.outputs = outputs
+        self.input_names = inputs
+        self.output_names = outputs
+
+    def close(self) -> None:
+        pass  # nothing held: each run is one BLS request
 
     def run(self, feeds: dict, host=None) -> dict:
         index = feeds.get("index")

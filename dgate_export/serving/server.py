@@ -203,8 +203,9 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
+                status = self.process.returncode  # stop() forgets the process
                 self.stop()
-                raise UserError(f"tritonserver exited with status {self.process.returncode} before it was ready. "
+                raise UserError(f"tritonserver exited with status {status} before it was ready. "
                                 f"Its log ends:\n{self.log_tail()}",
                                 "Fix what the log says (a model that failed to load is named there).")
             if self.ready():
