@@ -866,6 +866,7 @@ def serve_cmd(bundle, port, grpc_port, repo, platform, instances, segment_instan
     ready, prints the endpoints and an example request, and stops the server on Ctrl-C.
     """
     import shutil
+    import signal
     import tempfile
     import time
     from pathlib import Path
@@ -894,6 +895,11 @@ def serve_cmd(bundle, port, grpc_port, repo, platform, instances, segment_instan
                                 segment_instances=segment_instances, max_queue_delay_us=max_queue_delay_us,
                                 kind=kind, threads=threads, name=name, unbatched=unbatched,
                                 gate_batching=gate_batching, force=work is not None)
+        # Ctrl-C and SIGTERM (docker stop, systemd) both stop the server in order, whatever disposition
+        # this process inherited (a parent may have ignored or blocked SIGINT).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         server = TritonServer(info.path, http_port=port, grpc_port=grpc_port, install=install)
         click.echo(f"starting tritonserver ({install.binary}) for {info.path} ...")
         server.start()

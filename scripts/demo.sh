@@ -2,8 +2,9 @@
 # End-to-end demo on Fashion-MNIST (the Debian package dataset-fashion-mnist):
 #   1. gate: train a small zoo ResNet-20 briefly (no --weights), attach 3 d-gates (grid heads: pooling
 #      to a few cells keeps where features fired; the paper's linear head is --head linear, the CLI
-#      default), train them with the backbone frozen, calibrate thresholds on the validation split for at most 1 point of accuracy
-#      drop, report un-gated vs gated accuracy and FLOPs on the test split.
+#      default), train them with the backbone frozen, calibrate thresholds on the validation split
+#      with the default promise (accuracy drop at most 1 point on new data with probability >= 90%),
+#      report un-gated vs gated accuracy and FLOPs on the test split.
 #   2. build: per-segment ONNX graphs + the un-gated baseline, checked against torch -> engines/demo
 #   3. bench: accuracy, exits, FLOPs, latency and throughput of the bundle vs the baseline, both on
 #      ONNX Runtime (CPU), on the test split, with a threshold sweep and a plot.

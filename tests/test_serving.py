@@ -375,7 +375,8 @@ def test_serve_command_answers_and_stops_on_ctrl_c(tiny, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", str(tiny), "--port", str(http),
                              "--grpc-port", str(grpc), "--instances", "1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+                            stderr=subprocess.STDOUT, text=True, env={**env, "PYTHONUNBUFFERED": "1"},
+                            start_new_session=True)
     try:
         lines = []
         deadline = time.monotonic() + 120
