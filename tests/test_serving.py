@@ -395,6 +395,8 @@ def test_serve_command_answers_and_stops_on_ctrl_c(tiny, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+            # the server runs in a session of its own: a killed `serve` leaves it behind
+            subprocess.run(["pkill", "-f", f"tritonserver.*--http-port={http} "], check=False)
     assert proc.returncode == 0, output
     assert "stopped" in output
     with pytest.raises(OSError):
