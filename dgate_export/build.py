@@ -38,7 +38,7 @@ import numpy as np
 
 from .contract import INPUT, LOGITS, exit_at
 from .errors import UserError
-from .files import UMASK, sha256_file
+from .files import UMASK, replace_dir, sha256_file
 from .manifest import (
     MANIFEST_FILE,
     PRECISIONS,
@@ -150,7 +150,7 @@ def build_bundle(
                                backend_module=backend_module, precision=precision, max_batch=max_batch,
                                opset=opset, backend_options=dict(backend_options or {}), exporter=exporter,
                                int8=int8)
-        steps.run("rename", lambda: _move_into_place(tmp, out, force), lambda _r: str(out))
+        steps.run("rename", lambda: replace_dir(tmp, out, force), lambda _r: str(out))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for parent in created_parents:  # parents made for this build, innermost first, if still empty
@@ -191,23 +191,6 @@ def _make_parents(parent: Path) -> list[Path]:
         p = p.parent
     parent.mkdir(parents=True, exist_ok=True)
     return missing  # innermost first
-
-
-def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if not force:  # appeared while we were building
-        raise UserError(f"The output directory {out} appeared during the build.", "Pass --force or choose another -o.")
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rename(out, old / "bundle")
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old / "bundle", out)  # put the previous bundle back
-        old.rmdir()
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from .errors import UserError
 
 
 def _read_umask() -> int:
@@ -51,3 +54,23 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def replace_dir(tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished folder `tmp` to `out` (a sibling). An existing `out` is replaced only with
+    `force`, and put back if the rename fails, so a reader sees the old folder or the new one."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if not force:  # appeared while we were writing
+        raise UserError(f"The output directory {out} appeared while it was being written.",
+                        "Pass --force or choose another -o.")
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, old / "previous")
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old / "previous", out)  # put the previous folder back
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import replace_dir
 from ..manifest import CARRY_IN_PREFIX, Manifest, TensorSpec, verify_bundle
 
 PLATFORMS = ("auto", "onnxruntime", "tensorrt", "python")
@@ -106,13 +106,7 @@ def write_repository(bundle: str | Path, out: str | Path, *, platform: str = "au
         models = writer.write_all(name, instances, unbatched)
         shutil.rmtree(tmp / ".graphs", ignore_errors=True)  # the gather-free graphs, copied into their models
         (tmp / "README.md").write_text(_readme(manifest, name, platform, kind, models, out.name), encoding="utf-8")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
