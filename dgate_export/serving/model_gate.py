@@ -24,6 +24,7 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from dgate_export.contract import CONFIDENCE, INDEX, INPUT, LOGITS
 from dgate_export.errors import UserError  # the copy next to this file
 from dgate_export.manifest import Manifest
 from dgate_export.runtime import GatedRuntime
@@ -61,7 +62,7 @@ class SegmentModel:
         pass  # nothing held: each run is one BLS request
 
     def run(self, feeds: dict, host=None) -> dict:
-        index = feeds.get("index")
+        index = feeds.get(INDEX)
         tensors = []
         for name in self.inputs:
             value = feeds[name]
@@ -76,8 +77,8 @@ class SegmentModel:
         if response.has_error():
             raise SegmentError(f"{self.model}: {response.error().message()}")
         out = {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in self.outputs}
-        if "confidence" in out:
-            out["confidence"] = out["confidence"].reshape(-1)  # [batch] travels as [batch, 1]
+        if CONFIDENCE in out:
+            out[CONFIDENCE] = out[CONFIDENCE].reshape(-1)  # [batch] travels as [batch, 1]
         return out
 
 
@@ -118,7 +119,7 @@ class TritonPythonModel:
         return self._batched(requests)
 
     def _input(self, request):
-        x = pb_utils.get_input_tensor_by_name(request, "input")
+        x = pb_utils.get_input_tensor_by_name(request, INPUT)
         raw = pb_utils.get_input_tensor_by_name(request, RAW_INPUT) if self.has_raw else None
         if (x is None) == (raw is None):
             raise UserError("Send exactly one of the inputs 'input' (model input)"
@@ -165,8 +166,8 @@ def _error(err):
 
 
 def _response(res, rows):
-    outputs = [pb_utils.Tensor("logits", np.ascontiguousarray(res.logits[rows], dtype=np.float32)),
+    outputs = [pb_utils.Tensor(LOGITS, np.ascontiguousarray(res.logits[rows], dtype=np.float32)),
                pb_utils.Tensor("predictions", np.ascontiguousarray(res.predictions[rows], dtype=np.int64)),
                pb_utils.Tensor("exits", np.ascontiguousarray(res.exits[rows])),
-               pb_utils.Tensor("confidence", np.ascontiguousarray(res.confidence[rows]))]
+               pb_utils.Tensor(CONFIDENCE, np.ascontiguousarray(res.confidence[rows]))]
     return pb_utils.InferenceResponse(output_tensors=outputs)

@@ -30,6 +30,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..contract import INDEX, INPUT
 from ..errors import UserError
 from ..files import replace_dir
 from ..manifest import CARRY_IN_PREFIX, Manifest, TensorSpec, verify_bundle
@@ -151,7 +152,7 @@ class _Writer:
         version = self._model_dir(name)
         c, h, w = (int(d) for d in m.input.shape[1:])
         lead = [] if batching else [-1]  # batched: Triton's batch dimension stands for N
-        inputs = [_tensor_config("input", _TRITON_TYPES[m.input.dtype], [*lead, c, h, w],
+        inputs = [_tensor_config(INPUT, _TRITON_TYPES[m.input.dtype], [*lead, c, h, w],
                                  optional=m.input.normalization is not None)]
         if m.input.normalization is not None:
             inputs.append(_tensor_config(RAW_INPUT, "TYPE_UINT8", [*lead, c, h, w], optional=True))
@@ -177,7 +178,7 @@ class _Writer:
 
     def segment_model(self, name: str, index: int, batching: bool) -> None:
         seg = self.m.segments[index]
-        inputs = [t for t in seg.inputs if t.name != "index"]
+        inputs = [t for t in seg.inputs if t.name != INDEX]
         artifact = seg.engine["file"] if self.platform == "tensorrt" else seg.file
         self._model(name, inputs, seg.outputs, self._graph(index, artifact), batching)
 
@@ -218,7 +219,7 @@ class _Writer:
 
     def _inputs(self, index: int) -> list[str]:
         """The segment model's inputs: the bundle's, less `index` (see the module docstring)."""
-        return [t.name for t in self.m.segments[index].inputs if t.name != "index"]
+        return [t.name for t in self.m.segments[index].inputs if t.name != INDEX]
 
     def _graph(self, index: int, artifact: str) -> Path:
         """The artifact the repository ships for segment `index` (built once, shared by its copies)."""
@@ -251,7 +252,7 @@ def drop_index(src: Path, dst: Path) -> None:
                         "pip install onnx") from err
     model = onnx.load(str(src))
     graph = model.graph
-    index = [i for i in graph.input if i.name == "index"]
+    index = [i for i in graph.input if i.name == INDEX]
     carries = [i.name for i in graph.input if i.name.startswith(CARRY_IN_PREFIX)]
     if len(index) != 1 or not carries:
         raise UserError(f"{src.name} has no 'index' input or no carries, so it is not a segment k>0 graph.",
@@ -262,7 +263,7 @@ def drop_index(src: Path, dst: Path) -> None:
                               helper.make_tensor(p + "one", TensorProto.INT64, [], [1])])
     nodes = [helper.make_node("Shape", [carries[0]], [p + "shape"], name=p + "shape", start=0, end=1),
              helper.make_node("Squeeze", [p + "shape"], [p + "rows"], name=p + "rows"),
-             helper.make_node("Range", [p + "zero", p + "rows", p + "one"], ["index"], name=p + "index")]
+             helper.make_node("Range", [p + "zero", p + "rows", p + "one"], [INDEX], name=p + INDEX)]
     for node in reversed(nodes):
         graph.node.insert(0, node)
     onnx.save(model, str(dst))
