@@ -1,6 +1,8 @@
-"""Type-check this backend against TensorRT's API with mypy, on machines where TensorRT cannot run.
+"""Type-check the TensorRT backend against TensorRT's API with mypy, on machines where TensorRT cannot run.
 
-    python -m dgate_export.backends.tensorrt._typecheck      # exit status 0: clean
+    .venv/bin/python scripts/typecheck_tensorrt.py      # exit status 0: clean
+
+A developer tool (it needs mypy and tensorrt-stubs, the dev extra), kept out of the installed package.
 
 Plain `mypy dgate_export/backends/tensorrt` does not check TensorRT calls: the `tensorrt-stubs`
 package (10.13) installs its .pyi files as `tensorrt/` and `tensorrt_bindings/` without a py.typed
@@ -8,7 +10,7 @@ marker, so mypy skips them and (with ignore_missing_imports) treats tensorrt as 
 signatures are also not valid Python (a parameter named `in`, a required parameter after defaults).
 
 So this script copies the installed stubs into .mypy_cache/dgate-tensorrt-stubs/, repairs those
-signatures, points MYPYPATH at the copy and runs mypy on this package. It first checks a probe that
+signatures, points MYPYPATH at the copy and runs mypy on the backend's package. It first checks a probe that
 calls an API TensorRT 10 removed (`Builder.build_engine`): if mypy accepted it, the stubs would not be
 in effect and a clean result would mean nothing, so that counts as a failure.
 """
@@ -23,8 +25,8 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-REPO_ROOT = PACKAGE_DIR.parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = REPO_ROOT / "dgate_export" / "backends" / "tensorrt"
 STUB_DIR = REPO_ROOT / ".mypy_cache" / "dgate-tensorrt-stubs"
 
 _PROBE = """\
@@ -56,7 +58,7 @@ def prepare_stubs(target: Path = STUB_DIR) -> Path:
         raise SystemExit("tensorrt-stubs is not installed: pip install tensorrt-stubs (see pyproject dev extra)") from err
     stubs = [f for f in files if str(f).endswith(".pyi")]
     if not stubs:
-        raise SystemExit("tensorrt-stubs has no .pyi files: its layout changed; update _typecheck.py")
+        raise SystemExit("tensorrt-stubs has no .pyi files: its layout changed; update scripts/typecheck_tensorrt.py")
     for rel in stubs:
         text = _repair(Path(str(rel.locate())).read_text(encoding="utf-8"))
         compile(text, str(rel), "exec")  # still invalid: the stubs changed; fail loudly here
@@ -74,7 +76,7 @@ def _mypy(args: list[str], stubs: Path) -> subprocess.CompletedProcess[str]:
 
 
 def typecheck(paths: list[str] | None = None) -> tuple[int, str]:
-    """(exit status, mypy's report) for `paths` (default: this package)."""
+    """(exit status, mypy's report) for `paths` (default: the TensorRT backend's package)."""
     stubs = prepare_stubs()
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "trt_probe.py"
