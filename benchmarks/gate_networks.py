@@ -50,13 +50,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dgate_export import checkpoint
+from dgate_export import checkpoint, gate_pipeline
 from dgate_export.calibrate import calibrate, holdout_rows
 from dgate_export.contract import CONFIDENCES
 from dgate_export.data import load_dataset
+from dgate_export.gate_pipeline import GateOptions
 from dgate_export.gated import GatedModel
 from dgate_export.train import collect_exit_logits, train_gates
-from dgate_export.zoo import build_backbone
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "benchmarks" / "weights"
@@ -101,19 +101,24 @@ def backbone_record(network: str) -> dict:
     return record
 
 
+def gate_options(network: str, head: str = "linear", hidden: int = 256) -> GateOptions:
+    """What `dgate-export gate` would be given for this network: its sidecar's constructor arguments and
+    validation split, Fashion-MNIST, the head (hidden units for mlp and grid)."""
+    record = backbone_record(network)
+    return GateOptions(arch=network, arch_kwargs=record["arch_kwargs"], data="fashion-mnist",
+                       output=WEIGHTS / f"{network}_gated.pt", val_size=record["val_size"], seed=record["seed"],
+                       head=head, head_kwargs={"hidden": hidden} if head in ("mlp", "grid") else None)
+
+
 def load_backbone(network: str, weights: Path | None = None):
-    backbone = build_backbone(network, backbone_record(network)["arch_kwargs"])
-    backbone.load_state_dict(torch.load(weights or WEIGHTS / f"{network}.pth", weights_only=True))
-    return backbone.eval()
+    options = gate_options(network)
+    return gate_pipeline.load_backbone(network, options.arch_kwargs, weights or WEIGHTS / f"{network}.pth").eval()
 
 
 def gated_model(network: str, backbone, exits: list[str], head: str, data, hidden: int) -> GatedModel:
-    record = backbone_record(network)
-    return GatedModel.attach(backbone, exits, arch={"name": network, "kwargs": record["arch_kwargs"]},
-                             data_split={"data": "fashion-mnist", "val_size": record["val_size"], "seed": record["seed"]},
-                             num_classes=10, input_shape=(1, 28, 28), head=head,
-                             head_kwargs={"hidden": hidden} if head in ("mlp", "grid") else None,
-                             class_names=data.class_names, normalization=data.normalization)
+    options = gate_options(network, head, hidden)
+    assert options.val_size is not None
+    return gate_pipeline.attach(backbone, exits, options, [data], val_size=options.val_size)
 
 
 def half_state(state: dict) -> dict:
@@ -186,11 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     network, spec = args.network, NETWORKS[args.network]
     candidates = spec["candidates"]
     split = backbone_record(network)
-    split_kwargs = {"val_size": split["val_size"], "seed": split["seed"]}
-    train = load_dataset("fashion-mnist", "train", **split_kwargs)
+    options = gate_options(network)  # the data and its validation split (the test split is not loaded)
+    train = load_dataset(options.data, "train", val_size=options.val_size, seed=options.seed)
     if args.gate_train_samples:
         train = train.subset(args.gate_train_samples, seed=args.seed)
-    val = load_dataset("fashion-mnist", "val", **split_kwargs)
+    val = load_dataset(options.data, "val", val_size=options.val_size, seed=options.seed)
 
     big: dict[str, GatedModel] = {}
     val_logits: dict[str, list] = {}

@@ -448,124 +448,23 @@ def _recorded_split(model, model_path: str, val_size: int | None, seed: int | No
     return int(chosen["val_size"] or 0), int(chosen["seed"] or 0)
 
 
-def _load_splits(data: str, data_dir, channels: int | None, val_size: int | None, seed: int) -> dict:
-    from .data import SPLITS, load_dataset
+def _print_calibration(result, test, exits, *, shared_test: str | None = None) -> None:
+    """The calibration report: the tables, then how the thresholds were chosen (and, with `shared_test`, the
+    data set whose test figures include rows seen in training and calibration)."""
+    from .calibrate import print_report
 
-    return {s: load_dataset(data, s, data_dir=data_dir, channels=channels, val_size=val_size, seed=seed)
-            for s in SPLITS}
-
-
-def _calibrate_and_report(model, splits: dict, *, confidence: str, max_drop, budget, upper_bound, holdout,
-                          seed: int, progress: bool, guarantee: str = "ltt", delta: float = 0.1,
-                          time_cost: tuple[list[float], dict] | None = None):
-    """Choose thresholds on the validation split, apply them to `model`, report validation and test.
-    With `time_cost` (relative exit times from a profile, and its description) the expected measured time
-    is minimized instead of FLOPs."""
-    from .calibrate import calibrate as choose_thresholds
-    from .calibrate import evaluate, print_report
-    from .train import collect_exit_logits
-
-    flops = model.flops or model.count_flops()
-    costs = model.exit_costs()
-    val_logits, val_y = collect_exit_logits(model, splits["val"], progress=progress)
-    result = choose_thresholds(val_logits, val_y, confidence=confidence,
-                               costs=time_cost[0] if time_cost else costs,
-                               baseline_flops=1.0 if time_cost else flops["baseline"], max_drop=max_drop,
-                               budget=budget, upper_bound=upper_bound, holdout=holdout, seed=seed,
-                               guarantee=guarantee, delta=delta)
-    if time_cost:
-        _measured_time_figures(result, val_logits, val_y, confidence, costs, flops["baseline"], time_cost,
-                               holdout, seed)
-    model.thresholds = list(result.thresholds)
-    model.confidence = confidence
-    test_logits, test_y = collect_exit_logits(model, splits["test"], progress=progress)
-    test = evaluate(test_logits, test_y, confidence=confidence, thresholds=result.thresholds, costs=costs,
-                    baseline_flops=flops["baseline"])
-    print_report(result, test, model.exits)
-    if not splits["test"].separate_test:
-        click.echo(f"note: {splits['test'].spec} has no separate test arrays (x_test, y_test): the test "
+    print_report(result, test, exits)
+    if shared_test is not None:
+        click.echo(f"note: {shared_test} has no separate test arrays (x_test, y_test): the test "
                    "figures include rows used for training and calibration.")
     click.echo(f"calibration: {result.method}")
     if result.cost:
         click.echo(f"expected measured time: {result.cost['expected']:.3f} x the un-gated model's "
                    f"({result.cost['description']})")
-    return result, test
 
 
-def _measured_time_figures(result, val_logits, val_y, confidence: str, flops_costs, baseline_flops: float,
-                           time_cost: tuple[list[float], dict], holdout, seed: int) -> None:
-    """After a calibration on measured times: keep the time figures in result.cost, put the FLOPs figures of
-    the same rows back in the report, and refuse thresholds that are slower than the un-gated model."""
-    import numpy as np
-
-    from .calibrate import evaluate, holdout_rows
-
-    costs, info = time_cost
-    expected = result.validation.expected_flops  # in units of the un-gated model's time
-    if expected >= 1.0:
-        raise UserError(
-            f"On this target ({info['description']}) the cheapest thresholds that keep the promise would take "
-            f"{expected:.3f} x the un-gated model's time: gating would slow it down (the first exit alone costs "
-            f"{costs[0]:.3f}, the whole gated chain {costs[-1]:.3f}). Nothing was written.",
-            "Disable the gates (thresholds above 1, e.g. bench --thresholds "
-            f"{','.join(['1.01'] * (len(costs) - 1))}) or serve the un-gated baseline on this target; or "
-            "profile another batch size or backend, where gating pays.")
-    rows = np.arange(len(val_y))
-    if holdout is not None:
-        rows, out = holdout_rows(len(val_y), holdout, seed)
-        result.held_out = evaluate([lg[out] for lg in val_logits], val_y[out], confidence=confidence,
-                                   thresholds=result.thresholds, costs=flops_costs, baseline_flops=baseline_flops)
-    result.validation = evaluate([lg[rows] for lg in val_logits], val_y[rows], confidence=confidence,
-                                 thresholds=result.thresholds, costs=flops_costs, baseline_flops=baseline_flops)
-    result.cost = dict(info, unit="measured time / un-gated", exit_costs=list(costs), expected=float(expected))
-    result.method += f"; cost: {info['description']} (the curve's costs are relative times)"
-
-
-def _save_gated(model, output: str, result, test) -> None:
-    from pathlib import Path
-
-    from . import checkpoint
-    from .calibrate import save_curve
-
-    path = checkpoint.save(model, output)
-    curve_json, curve_png = Path(path).with_suffix(".curve.json"), Path(path).with_suffix(".curve.png")
-    save_curve(result, curve_json, curve_png, test=test)
-    click.echo(f"wrote {path}, {curve_json}, {curve_png}")
-
-
-def _input_channels(backbone) -> int | None:
-    """Channels the backbone takes: those of its first convolution (None when it has none)."""
-    from torch import nn
-
-    for module in backbone.modules():
-        if isinstance(module, nn.Conv2d | nn.Conv1d | nn.Conv3d):
-            return int(module.in_channels)
-    return None
-
-
-def _load_weights(backbone, weights: str) -> None:
-    from pathlib import Path
-
-    import torch
-
-    from .checkpoint import load_state, unreadable_torch_file
-
-    if not Path(weights).is_file():
-        raise UserError(f"--weights {weights}: no such file.", "Give a state_dict saved with torch.save.")
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise unreadable_torch_file(err, f"--weights {weights}", "a state_dict (a dict of tensors)",
-                                    "Save the weights with torch.save(model.state_dict(), path).") from err
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"--weights {weights} is not a state_dict (a dict of tensors).",
-                        "Save the weights with torch.save(model.state_dict(), path).")
-    try:
-        load_state(backbone, state)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise UserError(f"--weights {weights} do not fit the architecture: {first}",
-                        "Check --arch and --arch-kwargs (width, depth, num_classes) against the weights.") from err
+def _wrote(files) -> None:
+    click.echo(f"wrote {files.path}, {files.curve_json}, {files.curve_png}")
 
 
 @main.command(cls=_GateCommand)
@@ -606,20 +505,10 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
     is written next to the output (model.curve.json, model.curve.png).
     """
     import json
-    from pathlib import Path
 
-    import torch
-
-    from .data import check_input_shape
-    from .gated import GatedModel
-    from .outputs import check_writable
-    from .train import train_backbone, train_gates
-    from .zoo import arch_info, build_backbone
+    from .gate_pipeline import GateOptions, gate_backbone
 
     max_drop, budget = _target(max_drop, budget)
-    if Path(output).is_dir():
-        raise UserError(f"-o {output} is a directory.", "Give the file to write, e.g. -o runs/model.pt.")
-    check_writable(output)  # before minutes of training
     try:
         kwargs = json.loads(arch_kwargs) if arch_kwargs else {}
     except json.JSONDecodeError as err:
@@ -627,53 +516,17 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
     if not isinstance(kwargs, dict):
         raise UserError("--arch-kwargs must be a JSON object.", 'Write it like \'{"width": 8}\'.')
     layouts = [v.strip() for v in feature_layout.split(",") if v.strip()] or ["auto"]
-    info = arch_info(arch)
-    exit_names = [e.strip() for e in exits.split(",") if e.strip()] if exits else list(info.default_exits)
-    if not exit_names:
-        raise UserError(f"Architecture {arch!r} has no default exits.",
-                        "Name the modules to gate after with --exits a,b,c.")
-
-    torch.manual_seed(seed)
-    backbone = build_backbone(arch, kwargs)
-    if weights:
-        _load_weights(backbone, weights)
-    channels = _input_channels(backbone)
-    splits = _load_splits(data, data_dir, channels if repeat_channels else None, val_size, seed)
-    train = splits["train"]
-    if val_size is None and splits["val"].val_size is not None:
-        val_size = splits["val"].val_size
-        click.echo(f"validation split: {val_size} of the {val_size + len(train)} training rows held out for "
-                   f"calibration (the default, 10% up to {DEFAULT_VAL_SIZE}; --val-size to choose)")
-    val_size = DEFAULT_VAL_SIZE if val_size is None else val_size  # recorded; unused where the data has x_val
-    if channels is not None:
-        for ds in splits.values():
-            check_input_shape(ds.x, (channels, *ds.x.shape[2:]), where=f"data set {data!r} ({ds.split})")
-    num_classes = max(ds.num_classes for ds in splits.values())
-    gate_options = {"arch": {"name": arch, "kwargs": kwargs}, "num_classes": num_classes,
-                        "input_shape": tuple(train.x.shape[1:]), "head": head, "confidence": confidence,
-                        "class_names": train.class_names, "normalization": train.normalization,
-                        "feature_layout": layouts[0] if len(layouts) == 1 else layouts}
-    # Check the exits (names, order, branches) and the output size before minutes of training.
-    GatedModel.attach(backbone, exit_names, **gate_options)
-
-    if weights:
-        click.echo(f"backbone: {arch} with weights from {weights}")
-    else:
-        click.echo(f"No --weights: training the backbone {arch} on {data} ({len(train)} images) for "
-                   f"{backbone_epochs} epoch(s) first.")
-        train_backbone(backbone, train, epochs=backbone_epochs, batch_size=batch_size, seed=seed,
-                       progress=progress)
-
-    torch.manual_seed(seed)
-    model = GatedModel.attach(backbone, exit_names, data_split={"data": data, "val_size": val_size, "seed": seed},
-                              **gate_options)
-    model.count_flops()
-    gate_acc = train_gates(model, train, epochs=epochs, loss=loss, seed=seed, progress=progress)
-    click.echo("gate training accuracy: " + ", ".join(f"{e} {a:.2%}" for e, a in zip(exit_names, gate_acc)))
-    result, test = _calibrate_and_report(model, splits, confidence=confidence, max_drop=max_drop, budget=budget,
-                                         upper_bound=upper_bound, holdout=holdout, seed=seed,
-                                         progress=progress, guarantee=guarantee, delta=delta)
-    _save_gated(model, output, result, test)
+    options = GateOptions(
+        arch=arch, data=data, output=output, arch_kwargs=kwargs, weights=weights,
+        exits=[e.strip() for e in exits.split(",") if e.strip()] if exits else None, data_dir=data_dir,
+        repeat_channels=repeat_channels, val_size=val_size, epochs=epochs, backbone_epochs=backbone_epochs,
+        batch_size=batch_size, head=head, feature_layout=layouts[0] if len(layouts) == 1 else layouts,
+        confidence=confidence, loss=loss, max_drop=max_drop, budget=budget, guarantee=guarantee, delta=delta,
+        upper_bound=upper_bound, holdout=holdout, seed=seed, progress_bars=progress)
+    gated = gate_backbone(options, progress=click.echo)
+    _print_calibration(gated.calibration, gated.test, gated.model.exits,
+                       shared_test=None if gated.separate_test else data)
+    _wrote(gated.files)
 
 
 @main.command("calibrate")
@@ -705,7 +558,8 @@ def calibrate_cmd(model_path, bundle, data, data_dir, repeat_channels, val_size,
     seed, and they are used.
     """
     from . import checkpoint
-    from .data import check_input_shape
+    from .data import check_input_shape, load_splits
+    from .gate_pipeline import calibrate_model, save_gated
     from .outputs import check_writable
 
     max_drop, budget = _target(max_drop, budget)
@@ -741,22 +595,22 @@ def calibrate_cmd(model_path, bundle, data, data_dir, repeat_channels, val_size,
         click.echo(f"warning: {model_path} was gated on --data {gated_on}, this calibrates on {data}: its "
                    "validation rows must be ones the gates were never trained on.", err=True)
     channels = model.input_shape[0] if repeat_channels else None
-    splits = _load_splits(data, data_dir, channels, val_size, seed)
+    splits = load_splits(data, data_dir=data_dir, channels=channels, val_size=val_size, seed=seed)
     for ds in splits.values():
         check_input_shape(ds.x, model.input_shape, where=f"data set {data!r} ({ds.split})")
-    result, test = _calibrate_and_report(model, splits, confidence=confidence or model.confidence,
-                                         max_drop=max_drop, budget=budget, upper_bound=upper_bound,
-                                         holdout=holdout, seed=seed, progress=progress, guarantee=guarantee,
-                                         delta=delta, time_cost=time_cost)
-    _save_gated(model, output or model_path, result, test)
+    done = calibrate_model(model, splits, confidence=confidence or model.confidence, max_drop=max_drop,
+                           budget=budget, upper_bound=upper_bound, holdout=holdout, seed=seed, progress_bars=progress,
+                           guarantee=guarantee, delta=delta, time_cost=time_cost)
+    _print_calibration(done.calibration, done.test, model.exits,
+                       shared_test=None if splits["test"].separate_test else data)
+    _wrote(save_gated(model, output or model_path, done.calibration, done.test))
 
 
 def _calibrate_engine(bundle, data, data_dir, repeat_channels, val_size, seed, *, max_drop, budget, guarantee, delta,
                       upper_bound, cost_path, cost_batch) -> None:
     from types import SimpleNamespace
 
-    from .calibrate import print_report
-    from .data import check_input_shape
+    from .data import check_input_shape, load_splits
     from .manifest import verify_bundle
     from .recalibrate import recalibrate
 
@@ -769,7 +623,8 @@ def _calibrate_engine(bundle, data, data_dir, repeat_channels, val_size, seed, *
         click.echo(f"warning: {bundle} was gated on --data {gated_on}, this calibrates on {data}: its validation "
                    "rows must be ones the gates were never trained on.", err=True)
     chw = tuple(int(d) for d in manifest.input.shape[1:])
-    splits = _load_splits(data, data_dir, chw[0] if repeat_channels else None, val_size, seed)
+    splits = load_splits(data, data_dir=data_dir, channels=chw[0] if repeat_channels else None, val_size=val_size,
+                         seed=seed)
     for name in ("val", "test"):
         check_input_shape(splits[name].x, list(chw), where=f"data set {data!r} ({name})")
     time_cost = None
@@ -785,11 +640,7 @@ def _calibrate_engine(bundle, data, data_dir, repeat_channels, val_size, seed, *
                                     data_record={"spec": data, "val_size": val_size, "seed": seed,
                                                  "rows": len(splits["val"])})
     exits = [s.gate.exit for s in manifest.segments if s.gate is not None]
-    print_report(result, test, exits)
-    click.echo(f"calibration: {result.method}")
-    if result.cost:
-        click.echo(f"expected measured time: {result.cost['expected']:.3f} x the un-gated model's "
-                   f"({result.cost['description']})")
+    _print_calibration(result, test, exits)
     click.echo(f"thresholds {[round(t, 4) for t in old]} -> {[round(t, 4) for t in result.thresholds]}; "
                f"rewrote {bundle}/manifest.json (artifacts unchanged, hashes verified)")
 

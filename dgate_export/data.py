@@ -239,6 +239,13 @@ def load_dataset(spec: str, split: str, *, data_dir: str | Path | None = None, c
     return Dataset(np.ascontiguousarray(x), y, names, normalization, spec, split, separate_test, cut)
 
 
+def load_splits(spec: str, *, data_dir: str | Path | None = None, channels: int | None = None,
+                val_size: int | None = DEFAULT_VAL_SIZE, seed: int = 0) -> dict[str, Dataset]:
+    """All three splits of `spec` ("train", "val", "test"), cut with the same validation split."""
+    return {s: load_dataset(spec, s, data_dir=data_dir, channels=channels, val_size=val_size, seed=seed)
+            for s in SPLITS}
+
+
 def default_val_size(training_rows: int) -> int:
     """The validation split for a training set of this many rows: 10%, at most DEFAULT_VAL_SIZE, at least 1."""
     return max(1, min(DEFAULT_VAL_SIZE, int(training_rows * DEFAULT_VAL_FRACTION)))

@@ -13,6 +13,7 @@ from tiny_arch import NAME, TinyCNN
 from dgate_export import checkpoint
 from dgate_export.cli import main
 from dgate_export.data import DEFAULT_FMNIST_DIR, load_dataset
+from dgate_export.gate_pipeline import GateOptions, gate_backbone
 
 pytestmark = pytest.mark.skipif(
     not (DEFAULT_FMNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
@@ -185,6 +186,41 @@ def test_gate_with_weights_skips_backbone_training(npz, tmp_path):
     curve = json.loads((tmp_path / "m.curve.json").read_text())  # gate passes --holdout to the calibration
     assert curve["holdout"] == 0.25 and curve["held_out"]["samples"] > 0
     assert torch.equal(model.backbone.state_dict()["stem.0.weight"], torch.load(weights)["stem.0.weight"])
+
+
+def test_gate_pipeline_returns_what_it_made(npz, tmp_path, capsys):
+    """The module behind `gate`: typed options in, data out; progress lines to the callback, no report printed."""
+    torch.manual_seed(0)
+    weights = tmp_path / "backbone.pth"
+    torch.save(TinyCNN().state_dict(), weights)
+    lines: list[str] = []
+    options = GateOptions(arch=NAME, data=f"npz:{npz}", output=tmp_path / "g.pt", weights=weights, epochs=1,
+                          head="mlp", head_kwargs={"hidden": 16}, guarantee="none", progress_bars=False)
+    gated = gate_backbone(options, progress=lines.append)
+    assert capsys.readouterr().out == ""  # the report is the caller's to print
+    assert lines[0] == f"backbone: {NAME} with weights from {weights}"
+    assert lines[1].startswith("gate training accuracy: stem ") and len(lines) == 2
+    assert len(gated.gate_accuracy) == gated.model.num_gates == 3
+    files = gated.files
+    assert (files.path, files.curve_json, files.curve_png) == (tmp_path / "g.pt", tmp_path / "g.curve.json",
+                                                               tmp_path / "g.curve.png")
+    saved = checkpoint.load(files.path)
+    assert saved.thresholds == pytest.approx(gated.calibration.thresholds) == gated.model.thresholds
+    assert saved.head_spec == {"name": "mlp", "kwargs": {"hidden": 16}}
+    assert saved.data_split == {"data": f"npz:{npz}", "val_size": 5000, "seed": 0} and gated.val_size == 5000
+    assert gated.separate_test and gated.test.samples == 800 and gated.calibration.validation.samples == 800
+    assert json.loads(files.curve_json.read_text())["test"] == gated.test.to_dict()
+
+
+def test_gate_refuses_a_bad_target_before_training(npz, tmp_path):
+    for extra, message in ((["--upper-bound", 0.9], "add --guarantee none"),
+                           (["--delta", 1.5], "delta 1.5 is not a probability"),
+                           (["--max-drop", 1.0], "max_drop 1.0 is not an accuracy drop")):
+        result = run("gate", "--arch", NAME, "--data", f"npz:{npz}", "--backbone-epochs", 1, "--epochs", 1,
+                     "--no-progress", "-o", tmp_path / "m.pt", *extra)
+        assert result.exit_code == 2, result.output
+        assert message in text(result) and "training" not in result.output
+        assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("extra, message", [
