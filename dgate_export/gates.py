@@ -103,13 +103,11 @@ class MLPHead(GateHead):
 class GridHead(MLPHead):
     """Average pooling to a grid of at most `grid` x `grid` cells + one hidden layer.
 
-    Global pooling keeps which features fired but not where; in early layers, whose channels are few,
-    the where is most of what there is (Fashion-MNIST, ResNet-56's first stage: 75% validation
-    accuracy from a globally pooled MLP head against 94% for the whole network). A cell is k x k
-    pixels, k the smallest divisor of the side that leaves at most `grid` cells (28 -> 4 cells of 7,
-    14 -> 2 of 7, 7 -> 1), so the pooling is one reshape and one mean, exact in every exporter.
-    (An AveragePool with kernel = stride = k gives the same values; in ONNX Runtime's CPU provider it
-    made DenseNet-BC's first segment 22-28% slower and ResNet-56's 3% faster, so it is not used.)
+    Global pooling keeps which features fired but not where, and in early layers with few channels the
+    where is most of what there is. A cell is k x k pixels, k the smallest divisor of the side that
+    leaves at most `grid` cells (28 -> 4 cells of 7, 14 -> 2 of 7, 7 -> 1): one reshape and one mean,
+    exact in every exporter (an AveragePool is equal but was slower on ONNX Runtime's CPU provider).
+    Figures: benchmarks/README.md, "Run 4, first try" and "Why batch-1 efficiency is 0.65-0.71".
     """
 
     def __init__(self, in_shape: tuple[int, ...], num_classes: int, hidden: int = 128, grid: int = 4):

@@ -19,29 +19,16 @@ The embedding contract (`RunResult`, arrays indexed by the input's row):
     confidence   float32 [N]           the bundle's confidence measure at the exit taken
     exit_counts  int64   [K+1]         how many samples took each exit
 
-The loop (docs/architecture.md "The runtime loop"), for each chunk of at most max_batch rows:
-
-    out = segment[0].run({"input": x})
-    rows = arange(n)                                 # original row of each live sample
-    for k in 0 .. K-1:
-        leave = out[CONFIDENCE] >= threshold[k]
-        logits[rows[leave]] = out[LOGITS][leave]; exits[rows[leave]] = k
-        keep = nonzero(~leave)                       # row numbers in this segment's batch
-        if keep is empty: stop                       # everyone left: later segments never run
-        rows = rows[keep]
-        out = segment[k+1].run({"prev_carry_i": out["carry_i"] for each carry, "index": keep})  # gathers
-    logits[rows] = out[LOGITS]; exits[rows] = K; confidence[rows] = measure(out[LOGITS])
-
-(A batch of one sample runs the same loop with Python scalars instead of numpy arrays: cheaper.)
-Where the backend's runner asks for `batch_buckets` (ONNX Runtime on a GPU), x and every `keep` are
-padded to the next power of two by repeating their last row, and the padded rows' results are
-dropped; `warmup()` runs every segment once at every batch size it will then see.
-Where every runner has `fixed_buffers` (ONNX Runtime's fixed_buffers / cuda_graphs options), the same
-loop runs over slots bound once per (segment, bucket) (`_run_chunk_fixed`, `_run_one_fixed`): per gate
-one read of the confidences, the exited rows' logits read once per chunk. On ONNX Runtime's CPU
-provider single samples always run from slots (`slots_for_one`: measured faster). With a compact-or-pad table
-(`bucket_times`, measured by `profile_buckets()`), `next_bucket` keeps a batch padded where compacting
-would not be faster. docs/architecture.md "Fixed buffers, compact or pad".
+For each chunk of at most max_batch rows: run segment 0 on every row; at gate k the rows whose
+confidence reaches threshold k leave with that exit's logits, and segment k+1 runs on the others only
+(its graph gathers their carries by `index`); later segments never run once every row has left. The
+loop in pseudo-code is in docs/architecture.md, "The runtime loop". Batches of one run the same loop
+with Python scalars (`_run_one`). Where the runners ask for `batch_buckets` (ONNX Runtime on a GPU)
+every batch is padded to a power of two (padded rows' results dropped) and `warmup()` runs every size
+it will see; where they have `fixed_buffers` (and for single samples where they have `slots_for_one`:
+ONNX Runtime's CPU provider), the loop runs over slots bound once per (segment, bucket), and a `bucket_times` table (`profile_buckets()`) lets `next_bucket` keep a batch padded where
+compacting is not faster: docs/architecture.md, "Fixed buffers, compact or pad". Timings of these
+paths: benchmarks/README.md, "Runtime modes".
 
 Input: float arrays are model input (float64 is converted with a warning); uint8 arrays are raw
 pixels, normalized with the manifest's input.normalization as x = (raw * scale - mean[c]) / std[c]
@@ -399,7 +386,8 @@ class GatedRuntime:
 
     def _run_one(self, x: np.ndarray, thr: tuple[float, ...]) -> RunResult:
         """The same loop for one sample with Python scalars: at batch 1, numpy calls between segment runs
-        cost as much as the segments' own per-run overhead (measured: 60-85 us per call for ResNet-20)."""
+        cost as much as the segments' own per-run overhead (benchmarks/README.md, "Measurements behind
+        the defaults")."""
         out = self._runners[0].run({self._input_name: x}, host=HOST_OUTPUTS)
         for k in range(self.num_gates):
             c = out[CONFIDENCE].item()

@@ -15,29 +15,19 @@ Runner options (all optional; `GatedRuntime.load(..., **options)` passes them th
 | `fixed_buffers` | off | every (segment, batch bucket) runs from buffers allocated once and bound once by I/O binding (`Runner.slot`); implies `batch_buckets`. Works on every provider (CI tests it on the CPU); what CUDA graphs need. |
 | `cuda_graphs` | off | CUDA provider only, implies `fixed_buffers`: the session is made with `enable_cuda_graph` and each slot captures and replays its own graph (`gpu_graph_id`). |
 
-Why buckets on a GPU: the CUDA provider prepares every convolution once per new input shape (cuDNN
-algorithm search: tens of ms), and batch compaction gives every segment a different batch size on
-nearly every call. Measured on an H200 (onnxruntime-gpu 1.31.1, ResNet-56 bundle of benchmarks/, batch
-256, Fashion-MNIST test): without buckets the gated runtime took 491 ms per batch against 2.3 ms for
-the un-gated model (97 ms with `cudnn_conv_algo_search` HEURISTIC). Buckets alone were not enough
-(mean 54 ms, median 3.1 ms, and as slow on a second pass over the same batches): the provider evidently
-keeps the convolution set-up of the last shape only, so a session whose batch size alternates redoes it.
-So on a GPU each batch size gets its own session (made on first use; `GatedRuntime.warmup()` makes them
-all), and a session only ever sees one shape: 2.87 ms per batch of 256 (max 3.8 ms), against 58 ms
-(max 445 ms) with buckets and one session (`scripts/gpu_check.sh`, benchmarks/results/gpu/). On CPU,
-ONNX Runtime has no per-shape cost worth padding for.
-
-Measured on the 2-core development machine while other jobs were running (load ~5): a ResNet-20 chain
-of 4 sessions at batch 1 ran 2.0 ms with 1 thread, 2.7 ms with 2 threads and 11.9 ms with 2 spinning
-threads; at batch 256, 315, 359 and 826 ms. One thread is the default: it is best for latency and for
-many threads calling one runtime; a second thread can only pay for large batches on an idle machine
-(`intra_op_num_threads=2`). Spinning stays off: it multiplied the time by up to 6 here.
-
-On CPU, `run` feeds numpy arrays to the session and returns numpy outputs. Per call on a small
-segment here (thread CPU time): `InferenceSession.run` 20 us, its underlying binding 13 us (used),
-I/O binding rebound per call 30 us (it only wins when the bindings never change), `run_with_ort_values`
-76 us. With a CUDA or TensorRT provider, `run` uses I/O binding: outputs not named in `host` stay on
-the device as `OrtValue`s that another Runner takes as feeds, so carries never cross the bus.
+Why these defaults (the figures: benchmarks/README.md, "On a GPU" and "Measurements behind the
+defaults"):
+- A session per batch size on a GPU: the CUDA provider prepares every convolution per input shape
+  (tens of ms) and keeps only the last shape's set-up, while compaction gives a segment a new batch
+  size on nearly every call. So `batch_buckets` pads to powers of two and each bucket gets its own
+  session (made on first use; `GatedRuntime.warmup()` makes them all). On CPU no per-shape cost is
+  worth padding for.
+- One thread, no spinning: a gated run alternates K+1 small sessions, whose pool threads (spinning or
+  not) fight over the cores the next session needs. `intra_op_num_threads=2` can pay for large
+  batches on an idle machine.
+- On CPU `run` calls the session's underlying binding directly with numpy arrays (the cheapest call
+  measured). With a CUDA or TensorRT provider it uses I/O binding: outputs not named in `host` stay
+  on the device as `OrtValue`s that another Runner takes as feeds, so carries never cross the bus.
 
 With `fixed_buffers` (or `cuda_graphs`), `Runner.slot(rows, upstream, links)` gives this thread's
 `Slot` for a batch bucket: every buffer allocated once (on the CPU numpy arrays that the OrtValues
@@ -46,9 +36,8 @@ to an IOBinding; carries are bound to the upstream slot's output buffers. `run()
 bucket size (the un-gated baseline in `bench`) goes through a slot as well. With `cuda_graphs` the
 sessions are made with the CUDA provider's `enable_cuda_graph`, every slot has its own `gpu_graph_id`
 (ONNX Runtime captures it on the slot's third run and replays it after), slots run one at a time per
-Runner, and runs outside slots pass `gpu_graph_id=-1` (no capture, no replay).
-Measured on the 2-core machine (shared, loaded), ResNet-56 bundle: see benchmarks/README.md "Runtime
-modes".
+Runner, and runs outside slots pass `gpu_graph_id=-1` (no capture, no replay). Timings: benchmarks/
+README.md, "Runtime modes".
 """
 
 from __future__ import annotations
@@ -112,10 +101,8 @@ def _ort() -> Any:
 def build(onnx_path: Path, out_dir: Path, options: Mapping[str, Any]) -> dict[str, Any]:
     """The ONNX graph is what ONNX Runtime runs: check that it loads, and name it as the engine.
 
-    An offline-optimized copy (SessionOptions.optimized_model_filepath) was measured and does not pay:
-    it runs no faster and only saves graph optimization at session creation (torchvision ResNet-18:
-    0.27-0.39 s -> 0.08 s with an ORT_ENABLE_ALL copy, which is tied to the CPU it was made on;
-    -> 0.20 s with a portable ORT_ENABLE_EXTENDED copy).
+    No offline-optimized copy (SessionOptions.optimized_model_filepath): it runs no faster and only
+    saves graph optimization at session creation (benchmarks/README.md, "Measurements behind the defaults").
     """
     onnx_path = Path(onnx_path)
     if onnx_path.parent.resolve() != Path(out_dir).resolve():
