@@ -71,7 +71,7 @@ from . import contract
 from .confidence import check_confidence_name, confidence
 from .contract import NEVER_EXIT
 from .errors import UserError
-from .files import atomic_write
+from .files import write_text_atomic
 
 DISABLED = NEVER_EXIT  # a threshold above every confidence: the gate never lets a sample leave
 _GRID_CELLS = 1_000_000      # target size of the exhaustive grid (G^K)
@@ -719,97 +719,9 @@ def calibrate_scores(conf: np.ndarray, correct: np.ndarray, *, confidence: str, 
 # --- the curve on disk ------------------------------------------------------------------------------
 
 
-def save_curve(result: Calibration, json_path: str | os.PathLike, png_path: str | os.PathLike | None = None,
-               *, test: Evaluation | None = None) -> None:
-    """Write the calibration (with its accuracy-vs-cost front) as JSON and, optionally, a PNG plot."""
+def save_curve(result: Calibration, json_path: str | os.PathLike, *, test: Evaluation | None = None) -> Path:
+    """Write the calibration (with its accuracy-vs-cost front) as JSON; render.calibration_plot draws it."""
     payload = result.to_dict()
     if test is not None:
         payload["test"] = test.to_dict()
-
-    def write_json(tmp: Path) -> None:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1)
-            f.write("\n")
-
-    atomic_write(Path(json_path), write_json)
-    if png_path is None:
-        return
-    # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    val = result.validation
-    fig = Figure(figsize=(6.4, 4.4), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    xs = [p["relative_flops"] for p in result.curve]
-    ys = [100 * p["accuracy"] for p in result.curve]
-    ax.step(xs, ys, where="post", color="tab:blue", label="gated, validation (Pareto front)")
-    ax.axhline(100 * val.accuracy_ungated, color="gray", ls="--", lw=1)
-    ax.plot([1.0], [100 * val.accuracy_ungated], "D", color="gray", label="un-gated, validation")
-    ax.plot([val.expected_flops / val.baseline_flops], [100 * val.accuracy], "o", color="tab:red",
-            label=f"chosen ({result.mode}={result.target:g}), validation")
-    if test is not None:
-        ax.plot([test.expected_flops / test.baseline_flops], [100 * test.accuracy], "s", color="tab:green",
-                label="chosen, test")
-    ax.set_xlabel("expected FLOPs / un-gated FLOPs")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"Accuracy vs cost ({result.confidence})")
-    lo = min(ys + [100 * val.accuracy]) if ys else 100 * val.accuracy
-    ax.set_ylim(max(lo - 1, 100 * val.accuracy_ungated - 15), 100 * val.accuracy_ungated + 2)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    atomic_write(Path(png_path), lambda tmp: fig.savefig(tmp, format="png"))
-
-
-# --- the report on the terminal ---------------------------------------------------------------------
-
-
-def print_report(result: Calibration, test: Evaluation | None, exits: list[str], *, console=None) -> None:
-    """Rich tables: un-gated vs gated (validation and test), then every exit's share and accuracy."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    val = result.validation
-    if result.mode == "budget":
-        target = f"expected FLOPs <= {result.target:g} x un-gated on validation"
-    elif result.guarantee is not None:
-        target = f"accuracy drop <= {result.target:g} on new data, probability >= {1 - result.guarantee.delta:g}"
-    else:
-        target = f"accuracy drop <= {result.target:g} on validation"
-    summary = Table(title=f"Gating ({result.confidence}; thresholds for {target})")
-    for col in ("split", "un-gated", "gated", "drop", "FLOPs gated / un-gated", "saved", "ideal"):
-        summary.add_column(col, justify="left" if col == "split" else "right")
-    for name, ev in (("val", val), ("val, held out", result.held_out), ("test", test)):
-        if ev is None:
-            continue
-        summary.add_row(name, f"{ev.accuracy_ungated:.2%}", f"{ev.accuracy:.2%}", f"{ev.accuracy_drop:+.2%}",
-                        f"{_si(ev.expected_flops)} / {_si(ev.baseline_flops)}", f"{ev.flops_reduction:.1%}",
-                        f"{ev.ideal_speedup:.2f}x")
-    console.print(summary)
-    console.print(result.promise())
-
-    per_exit = Table(title="Exits (share of samples leaving there; accuracy of those samples)")
-    for col in ("exit", "after", "threshold", "val share", "test share", "test acc"):
-        per_exit.add_column(col, justify="left" if col == "after" else "right")
-    names = list(exits) + ["backbone output"]
-    for k, name in enumerate(names):
-        gate = k < len(result.thresholds)
-        acc = test.exit_accuracy[k] if test is not None else None
-        per_exit.add_row(
-            str(k), name,
-            ("disabled" if result.thresholds[k] >= DISABLED else f"{result.thresholds[k]:.4f}") if gate else "-",
-            f"{val.exit_fractions[k]:.1%}",
-            f"{test.exit_fractions[k]:.1%}" if test is not None else "-",
-            f"{acc:.2%}" if acc is not None else "-",
-        )
-    console.print(per_exit)
-
-
-def _si(flops: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if flops >= scale:
-            return f"{flops / scale:.3g}{unit}"
-    return f"{flops:.0f}"
+    return write_text_atomic(json_path, json.dumps(payload, indent=1) + "\n")

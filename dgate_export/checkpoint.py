@@ -13,7 +13,9 @@ import pickle
 import re
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -135,41 +137,48 @@ def load(path: str | os.PathLike) -> GatedModel:
     return model.eval()
 
 
-def describe(path: str | os.PathLike) -> None:
-    """Print a gated checkpoint as tables (used by `dgate-export inspect model.pt`)."""
-    from rich.console import Console
-    from rich.table import Table
+@dataclass
+class SegmentSummary:
+    ends_at: str               # the exit module the segment ends at; "output" for the last segment
+    params: int                # the segment's parameters, plus its gate head's
+    flops: int                 # per sample, the segment alone
+    head_flops: int | None     # the gate head's (None: the last segment has none)
+    threshold: float | None    # the gate's (None: the last segment)
+    cost: float                # FLOPs per sample of leaving here (segments and heads up to here)
 
+
+@dataclass
+class CheckpointSummary:
+    """What `dgate-export inspect model.pt` shows (render.checkpoint_tables prints it)."""
+
+    path: str
+    arch: dict[str, Any]
+    input_shape: list[int]
+    num_classes: int
+    confidence: str
+    head: str
+    feature_layouts: list[str]
+    segments: list[SegmentSummary]
+    baseline_flops: int
+    data_split: dict[str, Any] | None
+
+
+def summarize(path: str | os.PathLike) -> CheckpointSummary:
+    """Load a gated checkpoint and sum up its segments: parameters, FLOPs, thresholds, exit costs."""
     model = load(path)
     flops = model.flops or model.count_flops()
-    console = Console()
-    console.print(f"[bold]{path}[/]: {model.arch['name']} {model.arch['kwargs'] or ''}, "
-                  f"input {list(model.input_shape)}, {model.num_classes} classes, "
-                  f"confidence {model.confidence}, head {model.head_spec['name']}, feature layouts "
-                  f"{', '.join(model.feature_layouts)}")
-    table = Table(title="segments (FLOPs per sample, 2 x MACs)")
-    for col in ("segment", "ends at", "params", "FLOPs", "head FLOPs", "threshold", "cost if exiting here"):
-        table.add_column(col, justify="right" if col not in ("ends at",) else "left")
     costs = model.exit_costs()
+    segments = []
     for k, segment in enumerate(model.segments):
         gate = k < model.num_gates
         params = sum(p.numel() for p in segment.parameters()) + (
             sum(p.numel() for p in model.heads[k].parameters()) if gate else 0)
-        table.add_row(
-            str(k),
-            model.exits[k] if gate else "output",
-            f"{params:,}",
-            f"{flops['segments'][k]:,}",
-            f"{flops['heads'][k]:,}" if gate else "-",
-            f"{model.thresholds[k]:.4f}" if gate else "-",
-            f"{costs[k]:,.0f} ({costs[k] / flops['baseline']:.0%})",
-        )
-    console.print(table)
-    console.print(f"baseline (un-gated) FLOPs per sample: {flops['baseline']:,}")
-    split = model.data_split
-    console.print(f"validation split (gates trained without it; calibrate uses it): {split['val_size']} rows "
-                  f"of {split['data']}, seed {split['seed']}" if split else
-                  "validation split: not recorded (an older checkpoint; give calibrate the --val-size and --seed gate had)")
+        segments.append(SegmentSummary(model.exits[k] if gate else "output", params, flops["segments"][k],
+                                       flops["heads"][k] if gate else None,
+                                       model.thresholds[k] if gate else None, costs[k]))
+    return CheckpointSummary(str(path), model.arch, list(model.input_shape), model.num_classes, model.confidence,
+                             model.head_spec["name"], list(model.feature_layouts), segments, flops["baseline"],
+                             model.data_split)
 
 
 def unreadable_torch_file(err: BaseException, what: str, expected: str, hint: str) -> UserError:

@@ -131,6 +131,7 @@ def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes,
     import numpy as np
 
     from . import bench as bench_mod
+    from . import render
     from .manifest import load_manifest
 
     manifest = load_manifest(bundle)  # a clear error before any data is read
@@ -166,11 +167,11 @@ def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes,
     report = bench_mod.run_bench(bundle, x, y, options, data_info=info, backend=backend,
                                  runner_options=runner_options or None)
     bench_mod.check_report(report)
-    bench_mod.print_report(report)
+    render.bench_tables(report)
     if json_path:
         click.echo(f"wrote {bench_mod.write_json(report, json_path)}")
     if plot_path:
-        click.echo(f"wrote {bench_mod.plot_report(report, plot_path)}")
+        click.echo(f"wrote {render.bench_plot(report, plot_path)}")
 
 
 @main.command("profile")
@@ -345,13 +346,18 @@ def inspect_cmd(path):
 
     target = Path(path)
     if target.is_dir():
-        from .manifest import describe_bundle
+        from .manifest import check_files, load_manifest, raise_if_damaged
+        from .render import bundle_tables
 
-        describe_bundle(target)
+        manifest = load_manifest(target)
+        checks = check_files(manifest)
+        bundle_tables(target, manifest, checks)  # first: a damaged bundle still shows what it claims to be
+        raise_if_damaged(target, checks)
     elif target.is_file():
-        from .checkpoint import describe
+        from .checkpoint import summarize
+        from .render import checkpoint_tables
 
-        describe(target)
+        checkpoint_tables(summarize(target))
     else:
         raise UserError(f"{path}: no such file or directory.",
                         "Give a bundle directory (engines/NAME) or a gated checkpoint (model.pt).")
@@ -451,9 +457,9 @@ def _recorded_split(model, model_path: str, val_size: int | None, seed: int | No
 def _print_calibration(result, test, exits, *, shared_test: str | None = None) -> None:
     """The calibration report: the tables, then how the thresholds were chosen (and, with `shared_test`, the
     data set whose test figures include rows seen in training and calibration)."""
-    from .calibrate import print_report
+    from .render import calibration_tables
 
-    print_report(result, test, exits)
+    calibration_tables(result, test, exits)
     if shared_test is not None:
         click.echo(f"note: {shared_test} has no separate test arrays (x_test, y_test): the test "
                    "figures include rows used for training and calibration.")

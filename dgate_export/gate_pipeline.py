@@ -323,8 +323,10 @@ def save_gated(model: GatedModel, output: str | os.PathLike, result: Calibration
     """model.pt, then its accuracy-vs-cost curve beside it (model.curve.json, model.curve.png)."""
     from . import checkpoint
     from .calibrate import save_curve
+    from .render import calibration_plot
 
     path = checkpoint.save(model, output)
     curve_json, curve_png = Path(path).with_suffix(".curve.json"), Path(path).with_suffix(".curve.png")
-    save_curve(result, curve_json, curve_png, test=test)
+    save_curve(result, curve_json, test=test)
+    calibration_plot(result, curve_png, test=test)
     return SavedModel(Path(path), curve_json, curve_png)

@@ -281,7 +281,13 @@ def check_files(manifest: Manifest, bundle_dir: str | Path | None = None) -> lis
 def verify_bundle(bundle_dir: str | Path) -> Manifest:
     """Load the manifest and check every artifact's sha256; raise UserError on any missing or changed file."""
     manifest = load_manifest(bundle_dir)
-    bad = [c for c in check_files(manifest) if c.status != "ok"]
+    raise_if_damaged(bundle_dir, check_files(manifest))
+    return manifest
+
+
+def raise_if_damaged(bundle_dir: str | Path, checks: list[FileCheck]) -> None:
+    """UserError naming every artifact that is missing or whose sha256 differs from the manifest's."""
+    bad = [c for c in checks if c.status != "ok"]
     if bad:
         listing = ", ".join(f"{c.file} ({c.status})" for c in bad)
         raise UserError(
@@ -289,7 +295,6 @@ def verify_bundle(bundle_dir: str | Path) -> Manifest:
             "(the sha256 recorded in manifest.json does not match the file on disk).",
             "Rebuild the bundle with `dgate-export build ... --force`; do not edit its files by hand.",
         )
-    return manifest
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -565,120 +570,3 @@ def _check_chain(segments: list[Segment], input_spec: InputSpec, num_classes: in
         if seg.inputs != want:
             raise _Bad(f"{at}.inputs must be the previous segment's carries renamed prev_carry_i (leading dim {ROWS!r}) and "
                        f"'index' int64 [{BATCH!r}]: expected {[t.to_dict() for t in want]}")
-
-
-# ----------------------------------------------------------------------------------------------- display
-
-
-def describe_bundle(bundle_dir: str | Path) -> Manifest:
-    """Print a bundle as tables and verify its hashes (`dgate-export inspect engines/NAME`).
-
-    The tables are printed first, so a damaged bundle still shows what it claims to be; then a
-    UserError is raised if any artifact is missing or changed.
-    """
-    from rich.console import Console
-    from rich.table import Table
-
-    manifest = load_manifest(bundle_dir)
-    console = Console()
-    inp = manifest.input
-    norm = inp.normalization
-    console.print(
-        f"[bold]{bundle_dir}[/]: bundle {manifest.name!r} ({manifest.format}), backend {manifest.backend}, "
-        f"precision {manifest.precision}, max batch {manifest.max_batch}, opset {manifest.opset}, "
-        f"created {manifest.created}"
-    )
-    console.print(
-        f"input {_tensor_text(TensorSpec(inp.name, inp.shape, inp.dtype))} {inp.layout}; normalization "
-        + (f"x = (raw * {norm['scale']:.6g} - mean) / std, mean {norm['mean']}, std {norm['std']}" if norm else "none")
-    )
-    if manifest.quantization is not None:
-        console.print(quantization_text(manifest.quantization))
-    names = ", ".join(manifest.class_names) if manifest.class_names else "unnamed"
-    console.print(f"{manifest.num_classes} classes ({names}); confidence {manifest.confidence}")
-
-    checks = {c.file: c for c in check_files(manifest)}
-    table = Table(title="segments (FLOPs per sample, 2 x MACs)")
-    for col in ("seg", "exit", "threshold", "FLOPs", "head FLOPs", "cost if exiting", "file", "sha256"):
-        table.add_column(col, justify="right" if col in ("seg", "threshold", "FLOPs", "head FLOPs") else "left")
-    baseline_flops = manifest.baseline.flops
-    cost: int | None = 0
-    for seg in manifest.segments:
-        gate = seg.gate
-        if cost is not None and seg.flops is not None and (gate is None or gate.head_flops is not None):
-            cost += seg.flops + (gate.head_flops or 0 if gate else 0)
-        else:
-            cost = None
-        share = f" ({cost / baseline_flops:.0%})" if baseline_flops and cost is not None else ""
-        table.add_row(
-            str(seg.index), gate.exit if gate else "(output)", f"{gate.threshold:.4f}" if gate else "-",
-            _count(seg.flops), _count(gate.head_flops) if gate else "-",
-            f"{_count(cost)}{share}" if cost is not None else "?",
-            _files_text(seg.file, seg.engine["file"]), _status_text(checks, seg.file, seg.engine["file"]),
-        )
-    b = manifest.baseline
-    table.add_row("base", "(un-gated)", "-", _count(b.flops), "-", f"{_count(b.flops)} (100%)" if b.flops else "?",
-                  _files_text(b.file, b.engine["file"]), _status_text(checks, b.file, b.engine["file"]))
-    console.print(table)
-    if manifest.calibration:
-        cal = manifest.calibration
-        console.print(f"thresholds fitted to this bundle's confidences ({cal.get('created')}, on "
-                      f"{(cal.get('on') or {}).get('precision')}): {cal.get('promise')}")
-
-    tensors = Table(title="tensors (batch, rows: dynamic 1..max batch)")
-    for col in ("seg", "inputs", "outputs"):
-        tensors.add_column(col, justify="right" if col == "seg" else "left")
-    for seg in manifest.segments:
-        tensors.add_row(str(seg.index), "\n".join(_tensor_text(t) for t in seg.inputs),
-                        "\n".join(_tensor_text(t) for t in seg.outputs))
-    tensors.add_row("base", "\n".join(_tensor_text(t) for t in b.inputs),
-                    "\n".join(_tensor_text(t) for t in b.outputs))
-    console.print(tensors)
-    tools = ", ".join(f"{k} {v}" for k, v in manifest.tools.items())
-    console.print(f"tools: {tools}")
-    if manifest.backend_info:
-        console.print(f"backend info: {json.dumps(manifest.backend_info)}")
-    bad = [c for c in checks.values() if c.status != "ok"]
-    if bad:
-        listing = ", ".join(f"{c.file} ({c.status})" for c in bad)
-        raise UserError(f"The bundle {bundle_dir} is damaged: {listing} (sha256 differs from manifest.json).",
-                        "Rebuild the bundle with `dgate-export build ... --force`; do not edit its files by hand.")
-    console.print(f"all {len(checks)} artifacts match their sha256")
-    return manifest
-
-
-def quantization_text(q: dict[str, Any]) -> str:
-    """One line on how an int8 bundle was quantized (inspect, bench)."""
-    cal = q.get("calibration") or {}
-    src = cal.get("source") or {}
-    thr = q.get("thresholds") or {}
-    return (f"int8: {q.get('method', '?')}; weights {q.get('weights', '?')}, activations {q.get('activations', '?')}; "
-            f"calibrated on {cal.get('rows', '?')} rows of {src.get('data', '?')} ({src.get('split', '?')} split); "
-            f"thresholds fitted on {thr.get('fitted_on', '?')}")
-
-
-def _count(value: float | None) -> str:
-    """FLOPs in a short form (21.9M) so the table fits 80 columns."""
-    if value is None:
-        return "?"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= size:
-            return f"{value / size:.3g}{unit}"
-    return f"{value:g}"
-
-
-def _files_text(graph: str, engine: str) -> str:
-    return graph if graph == engine else f"{graph}\n{engine}"
-
-
-def _tensor_text(t: TensorSpec) -> str:
-    from rich.markup import escape  # "[batch, 3]" would read as markup
-
-    return escape(f"{t.name} {t.dtype} [{', '.join(str(d) for d in t.shape)}]")
-
-
-def _status_text(checks: dict[str, FileCheck], *files: str) -> str:
-    statuses = {checks[f].status for f in files}
-    if statuses == {"ok"}:
-        return "[green]ok[/]"
-    return "[red]" + "/".join(sorted(statuses - {"ok"})) + "[/]"

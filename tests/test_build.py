@@ -309,7 +309,7 @@ def test_cli_build_and_inspect(tmp_path, skip_ckpt):
     assert "segment1.onnx (mismatch)" in result.output
     assert "segments" in result.output  # the table is still shown
 
-    result = runner.invoke(main, ["inspect", str(path)])  # a checkpoint file goes to checkpoint.describe
+    result = runner.invoke(main, ["inspect", str(path)])  # a checkpoint file: checkpoint.summarize, render.checkpoint_tables
     assert result.exit_code == 0, result.output
     assert "test_skipnet" in result.output
     assert "validation split: not recorded" in " ".join(result.output.split())

@@ -11,6 +11,7 @@ import pytest
 from dgate_export import calibrate as cal
 from dgate_export.calibrate import DISABLED, calibrate, evaluate, exit_costs, save_curve
 from dgate_export.errors import UserError
+from dgate_export.render import calibration_plot
 
 COSTS = [10.0, 25.0, 40.0, 70.0]   # cumulative FLOPs of leaving at exits 0..3
 BASELINE = 65.0                    # the un-gated backbone (no heads)
@@ -224,12 +225,13 @@ def test_exit_costs_from_flops():
     assert exit_costs(flops) == [11.0, 27.0, 45.0, 75.0]
 
 
-def test_save_curve_writes_json_and_png(tmp_path):
+def test_save_curve_writes_json_and_render_the_png(tmp_path):
     logits, y = synthetic()
     result = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, guarantee="none", max_drop=0.01)
     test = evaluate(logits, y, confidence="max-softmax", thresholds=result.thresholds, costs=COSTS,
                     baseline_flops=BASELINE)
-    save_curve(result, tmp_path / "m.curve.json", tmp_path / "m.curve.png", test=test)
+    save_curve(result, tmp_path / "m.curve.json", test=test)
+    calibration_plot(result, tmp_path / "m.curve.png", test=test)
     data = json.loads((tmp_path / "m.curve.json").read_text())
     assert data["thresholds"] == result.thresholds and data["mode"] == "max_drop"
     assert len(data["curve"]) == len(result.curve) and "flops_reduction" in data["test"]
