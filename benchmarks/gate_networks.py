@@ -27,8 +27,8 @@ Steps (the backbone stays frozen throughout):
 The d-gate paper's own networks (`resnet101`, `densenet201`: torchvision's, trained by
 train_backbones.py on Fashion-MNIST resized to 32x32) are gated the way a user would gate them: one
 `dgate-export gate` command with its default exits, calibration and promise, and the grid head
-(`gate_with_cli`), on seeded subsets (train_backbones.GATE_ROWS: 3000 training rows for the gates,
-3000 of the backbone's held-out validation rows for the thresholds, 2000 test rows). Their backbones
+(`gate_with_cli`), on train_backbones.GATE_ROWS: 20 000 training rows for the gates, all 10 000 of
+the backbone's held-out validation rows for the thresholds, the whole test split. Their backbones
 are rounded to float16 first, so that the committed checkpoint can store them at half the size and still be exactly the model that was calibrated and measured.
 
 Why (benchmarks/README.md, runs 1-3): choosing among ~150 designs on the same images flattered them;

@@ -4,9 +4,9 @@ benchmarks/results.json records accuracy (gated and un-gated), exit fractions an
 full 10 000-image test split, computed by benchmarks/run.py as collect_exit_logits + evaluate; the
 same computation here must give the same counts (a few seconds per network).
 
-The paper's networks (torchvision's ResNet-101 and DenseNet-201, 32x32 inputs, measured on a 2000-image
-subset of the test split) are too slow for that on two cores: they run on a fixed 300-image subset of
-it whose figures run.py recorded (`test_subset` in their rows), and must reproduce them exactly."""
+The paper's networks (torchvision's ResNet-101 and DenseNet-201, 32x32 inputs) are too slow for the
+whole split on two cores: they run on a fixed 300-image subset of it whose figures run.py recorded
+(`test_subset` in their rows), and must reproduce them exactly."""
 
 from __future__ import annotations
 
