@@ -58,6 +58,12 @@ def carry_links(input_names: Iterable[str]) -> list[tuple[str, str]]:
     return [(name, name[len(CARRY_IN_PREFIX):]) for name in input_names if name.startswith(CARRY_IN_PREFIX)]
 
 
+def batch_input(input_names: Iterable[str]) -> str:
+    """The input whose rows are a segment's batch: `index` in segments k>0 (their carries hold the
+    previous segment's rows), else `input`. Backends get it as the `batch_input` runner option."""
+    return INDEX if INDEX in list(input_names) else INPUT
+
+
 def segment_inputs(k: int, num_carries_in: int) -> list[str]:
     """Input names of segment k, taking `num_carries_in` carries from segment k-1 when k > 0."""
     return [INPUT] if k == 0 else [carry_in(i) for i in range(num_carries_in)] + [INDEX]

@@ -56,7 +56,7 @@ import numpy as np
 from . import backends
 from .backends import batch_bucket
 from .confidence import confidence as confidence_np
-from .contract import CONFIDENCE, HOST_OUTPUTS, INDEX, LOGITS, NEVER_EXIT
+from .contract import CONFIDENCE, HOST_OUTPUTS, INDEX, INPUT, LOGITS, NEVER_EXIT, batch_input
 from .errors import UserError
 from .manifest import Manifest, verify_bundle
 
@@ -138,9 +138,11 @@ class GatedRuntime:
         runner_options = {"precision": manifest.precision, "max_batch": manifest.max_batch, **options}
         if name == manifest.backend:  # e.g. TensorRT checks its engines were built for this GPU
             runner_options.setdefault("backend_info", manifest.backend_info)
-        runners = [module.Runner(manifest.path(f), runner_options) for f in files]
+        # The runners are told which input sets a run's batch (the contract's meaning, kept out of them).
+        runners = [module.Runner(manifest.path(f), {**runner_options, "batch_input": batch_input(seg.input_names)})
+                   for f, seg in zip(files, manifest.segments)]
         rt = cls(manifest, runners, thresholds)
-        rt._open = lambda f: module.Runner(manifest.path(f), runner_options)
+        rt._open = lambda f: module.Runner(manifest.path(f), {**runner_options, "batch_input": INPUT})
         rt._backend_name = name
         return rt
 

@@ -150,7 +150,7 @@ def test_slots_bind_fixed_buffers_once(tiny):
     upstream slot's output buffers in place, results equal a plain run, reads on the CPU are no copies."""
     bundle, _ = tiny
     seg0 = backend.Runner(bundle / "segment0.onnx", {"fixed_buffers": True})
-    seg1 = backend.Runner(bundle / "segment1.onnx", {"fixed_buffers": True})
+    seg1 = backend.Runner(bundle / "segment1.onnx", {"fixed_buffers": True, "batch_input": "index"})
     plain0, plain1 = backend.Runner(bundle / "segment0.onnx", {}), backend.Runner(bundle / "segment1.onnx", {})
     assert seg0.fixed_buffers and seg0.batch_buckets and not plain0.batch_buckets
     x = np.random.default_rng(0).standard_normal((8, 1, 8, 8)).astype(np.float32)
@@ -159,6 +159,7 @@ def test_slots_bind_fixed_buffers_once(tiny):
     s1 = seg1.slot(4, s0, [("prev_carry_0", "carry_0")])
     assert seg1.slot(4, s0, [("prev_carry_0", "carry_0")]) is s1 and seg1.slot(8, s0, []) is not s1
     addresses = {name: v.data_ptr() for name, v in {**s0.values, **s1.values}.items()}
+    s1.write("index", np.full(4, 6, np.int64))  # a full slot first: the 3-row writes must pad row 3 with 0
     for seed in range(2):
         x = np.random.default_rng(seed).standard_normal((8, 1, 8, 8)).astype(np.float32)
         index = np.array([7, 2, 5], dtype=np.int64)  # 3 rows in a slot of 4: padded with row 0
@@ -184,6 +185,20 @@ def test_slots_bind_fixed_buffers_once(tiny):
     np.testing.assert_array_equal(first["logits"], kept)
     odd = seg0.run({"input": x[:3]})  # 3 rows: no slot, a plain run
     np.testing.assert_array_equal(odd["logits"], want0["logits"][:3])
+
+
+def test_the_runtime_tells_each_runner_its_batch_input(tiny):
+    """The backend knows no tensor names: GatedRuntime passes `batch_input` (the contract's `index` in
+    segments k>0, `input` in segment 0 and the baseline); without it a runner takes its first input."""
+    from dgate_export.runtime import GatedRuntime
+
+    bundle, _ = tiny
+    assert backend.Runner(bundle / "segment1.onnx", {}).batch_input == "prev_carry_0"
+    with pytest.raises(UserError, match="batch_input 'nope' is not an input of segment1.onnx"):
+        backend.Runner(bundle / "segment1.onnx", {"batch_input": "nope"})
+    rt = GatedRuntime.load(bundle)
+    assert [r.batch_input for r in rt._runners] == ["input"] + ["index"] * (len(rt._runners) - 1)
+    assert rt.baseline_runner().batch_input == "input"
 
 
 def test_cuda_graphs_need_the_cuda_provider(tiny):

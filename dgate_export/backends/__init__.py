@@ -54,6 +54,9 @@ class RunnerOptions(TypedDict, total=False):
     precision: str
     max_batch: int
     backend_info: dict[str, Any]  # the manifest's, when the bundle was built for this backend
+    # The input whose leading dimension is the run's batch (later segments get more carry rows than they
+    # run) and whose padding rows are zeros (a valid row number, a valid image); default: the first input.
+    batch_input: str
 
 
 class Backend(Protocol):

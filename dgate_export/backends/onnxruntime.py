@@ -51,7 +51,6 @@ from typing import Any
 
 import numpy as np
 
-from ..contract import INDEX
 from ..errors import UserError
 from ..files import sha256_file
 
@@ -72,7 +71,7 @@ _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "exten
                "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"}
 _MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
 # What every backend receives from build / GatedRuntime; meaningless to an ORT session.
-_PASSED = {"precision", "max_batch", "opt_batch", "backend_info"}
+_PASSED = {"precision", "max_batch", "opt_batch", "backend_info", "batch_input"}
 _KNOWN_OPTIONS = {"providers", "provider_options", "intra_op_num_threads", "inter_op_num_threads",
                   "execution_mode", "allow_spinning", "graph_optimization_level", "batch_buckets",
                   "fixed_buffers", "cuda_graphs"} | _PASSED
@@ -200,6 +199,14 @@ def session_options(options: Mapping[str, Any], ort: Any) -> Any:
     return so
 
 
+def _batch_input(options: Mapping[str, Any], inputs: list[str], path: Path) -> str:
+    name = options.get("batch_input") or inputs[0]
+    if name not in inputs:
+        raise UserError(f"batch_input {name!r} is not an input of {path.name} (inputs: {', '.join(inputs)}).",
+                        "Pass one of its inputs, or leave batch_input out (the first input).")
+    return name
+
+
 class Runner:
     """One segment's InferenceSession. `run` is safe from several threads at once (ORT sessions are)."""
 
@@ -229,6 +236,7 @@ class Runner:
         self._run_direct = getattr(self._session, "_sess", None)
         self.input_names: list[str] = [i.name for i in self._session.get_inputs()]
         self.output_names: list[str] = [o.name for o in self._session.get_outputs()]
+        self.batch_input: str = _batch_input(options, self.input_names, path)
         self.providers: list[str] = self._session.get_providers()
         asked = [p[0] if isinstance(p, tuple) else p for p in providers]
         missing = [p for p in asked if p not in self.providers]
@@ -284,7 +292,7 @@ class Runner:
     def _session_for(self, feeds: dict[str, Any]) -> Any:
         if not self._per_size:
             return self._session
-        v = feeds.get(INDEX, next(iter(feeds.values())))  # INDEX sets a later segment's batch size
+        v = feeds[self.batch_input]
         return self._session_for_rows(int(v.shape()[0]) if isinstance(v, self._ort.OrtValue) else len(v))
 
     def _session_for_rows(self, rows: int) -> Any:
@@ -472,7 +480,7 @@ class Slot:
         buf = self._host[name]
         n = len(rows)
         buf[:n] = rows
-        if name == INDEX and n < self.rows:
+        if name == self.runner.batch_input and n < self.rows:
             buf[n:] = 0
         if self._on_device:
             self.values[name].update_inplace(buf)

@@ -54,13 +54,14 @@ class RunSettings:
     cuda_graph_limit: int  # graphs kept per runner and thread; beyond it, plain execution
     share_memory: bool  # one activation scratch per thread for every engine (user-managed memory)
     backend_info: Mapping[str, Any] | None  # the manifest's backend_info, checked against this machine
+    batch_input: str | None  # the input that sets the batch size (RunnerOptions); None: the first input
 
 
 BUILD_OPTIONS = frozenset({"precision", "max_batch", "opt_batch", "workspace_mb", "timing_cache",
                            "hardware_compatible", "tf32"})
 # "precision" and "max_batch" come from the manifest (GatedRuntime passes them); the engine itself knows both.
 RUN_OPTIONS = frozenset({"precision", "max_batch", "backend_info", "cuda_graphs", "cuda_graph_limit",
-                         "share_memory"})
+                         "share_memory", "batch_input"})
 
 
 def _check_known(options: Mapping[str, Any], known: frozenset[str], what: str) -> None:
@@ -127,6 +128,7 @@ def run_settings(options: Mapping[str, Any] | None) -> RunSettings:
         cuda_graph_limit=limit,
         share_memory=bool(options.get("share_memory", True)),
         backend_info=info,
+        batch_input=options.get("batch_input"),
     )
 
 
