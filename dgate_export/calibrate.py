@@ -79,6 +79,7 @@ _MAX_CANDIDATES = 1000       # cap on G for K = 1, 2
 _MAX_ROUNDS = 20
 GUARANTEES = ("ltt", "none")  # Learn then Test (default), or the drop held on the validation rows only
 DEFAULT_DELTA = 0.1            # the promise holds with probability >= 1 - delta
+DEFAULT_MAX_DROP = 0.01        # the target when neither max_drop nor budget is given
 _SEARCH_NOISE = 1.0           # weight of the search rows' own noise in the order of the path
 _TEST_CHUNK = 64              # threshold sets tested at once
 SEARCH_FRACTION = 0.3          # of the validation rows, those that order the threshold path (ltt)
@@ -577,6 +578,11 @@ def _learn_then_test(conf, correct, costs, max_drop: float, delta: float, search
 
 
 # --- the entry point ---------------------------------------------------------------------------------
+
+
+def default_target(max_drop: float | None, budget: float | None) -> tuple[float | None, float | None]:
+    """(max_drop, budget) as given, or DEFAULT_MAX_DROP when neither is."""
+    return (DEFAULT_MAX_DROP, None) if max_drop is None and budget is None else (max_drop, budget)
 
 
 def check_target(*, max_drop: float | None, budget: float | None, guarantee: str, delta: float,

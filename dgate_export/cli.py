@@ -245,9 +245,9 @@ def _target(max_drop: float | None, budget: float | None) -> tuple[float | None,
     if max_drop is not None and budget is not None:
         raise UserError("Give --max-drop or --budget, not both.",
                         "--max-drop keeps accuracy; --budget caps the expected FLOPs.")
-    if max_drop is None and budget is None:
-        return 0.01, None
-    return max_drop, budget
+    from .calibrate import default_target
+
+    return default_target(max_drop, budget)
 
 
 @main.command()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .calibrate import DEFAULT_DELTA, Calibration, Evaluation
+from .calibrate import DEFAULT_DELTA, Calibration, Evaluation, default_target
 from .contract import DEFAULT_CONFIDENCE
 from .data import DEFAULT_VAL_SIZE, Dataset
 from .errors import UserError
@@ -37,8 +37,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from .gated import GatedModel
-
-DEFAULT_MAX_DROP = 0.01  # the target when neither max_drop nor budget is given
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,7 @@ class GateOptions:
     feature_layout: str | Sequence[str] = "auto"  # one for all exits, or one per exit
     confidence: str = DEFAULT_CONFIDENCE
     loss: str = "ce"
-    # The threshold target (calibrate's keywords); neither max_drop nor budget: max_drop DEFAULT_MAX_DROP.
+    # The threshold target (calibrate's keywords); neither max_drop nor budget: calibrate.DEFAULT_MAX_DROP.
     max_drop: float | None = None
     budget: float | None = None
     guarantee: str = "ltt"
@@ -153,11 +151,9 @@ def _check(options: GateOptions) -> tuple[list[str], dict[str, Any]]:
     from .outputs import check_writable
     from .zoo import arch_info
 
-    target: dict[str, Any] = {"max_drop": options.max_drop, "budget": options.budget,
-                              "guarantee": options.guarantee, "delta": options.delta,
-                              "upper_bound": options.upper_bound, "holdout": options.holdout}
-    if options.max_drop is None and options.budget is None:
-        target["max_drop"] = DEFAULT_MAX_DROP
+    max_drop, budget = default_target(options.max_drop, options.budget)
+    target: dict[str, Any] = {"max_drop": max_drop, "budget": budget, "guarantee": options.guarantee,
+                              "delta": options.delta, "upper_bound": options.upper_bound, "holdout": options.holdout}
     check_target(**{k: v for k, v in target.items() if k != "holdout"})
     if Path(options.output).is_dir():
         raise UserError(f"-o {options.output} is a directory.", "Give the file to write, e.g. -o runs/model.pt.")

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .calibrate import DEFAULT_DELTA
+from .calibrate import DEFAULT_DELTA, default_target
 from .contract import CARRY_IN_PREFIX, CONFIDENCE, INDEX, INPUT, LOGITS, is_carry
 from .errors import UserError
 
@@ -419,8 +419,8 @@ def refit_thresholds(bundle: Path, model, options: Int8Options) -> Any:
         kept, _out = holdout_rows(len(val), options.holdout, seed)
         val = dataclasses.replace(val, x=val.x[kept], y=val.y[kept])
         record.update(rows=len(val), holdout=options.holdout)
-    max_drop = options.max_drop if options.max_drop is not None or options.budget is not None else 0.01
-    result, _test, _old = recalibrate(bundle, val, None, max_drop=max_drop, budget=options.budget,
+    max_drop, budget = default_target(options.max_drop, options.budget)
+    result, _test, _old = recalibrate(bundle, val, None, max_drop=max_drop, budget=budget,
                                       guarantee=options.guarantee, delta=options.delta,
                                       upper_bound=options.upper_bound, seed=seed, data_record=record)
     return result

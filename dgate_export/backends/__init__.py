@@ -92,6 +92,15 @@ def batch_bucket(rows: int, max_batch: int) -> int:
     return min(1 << (rows - 1).bit_length(), max_batch)
 
 
+def batch_input(asked: str | None, input_names: Sequence[str], artifact: str) -> str:
+    """RunnerOptions' `batch_input` checked against the artifact's inputs; None: its first input."""
+    name = asked or input_names[0]
+    if name not in input_names:
+        raise UserError(f"batch_input {name!r} is not an input of {artifact} (inputs: {', '.join(input_names)}).",
+                        "Pass one of its inputs, or leave batch_input out (the first input).")
+    return name
+
+
 def list_backends() -> list[str]:
     return list(_BACKENDS)
 

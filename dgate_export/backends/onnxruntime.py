@@ -53,6 +53,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..files import sha256_file
+from . import batch_input
 
 INSTALL_HINT = (
     "Install ONNX Runtime: `pip install onnxruntime` (CPU), or `pip install onnxruntime-gpu` on an NVIDIA "
@@ -199,14 +200,6 @@ def session_options(options: Mapping[str, Any], ort: Any) -> Any:
     return so
 
 
-def _batch_input(options: Mapping[str, Any], inputs: list[str], path: Path) -> str:
-    name = options.get("batch_input") or inputs[0]
-    if name not in inputs:
-        raise UserError(f"batch_input {name!r} is not an input of {path.name} (inputs: {', '.join(inputs)}).",
-                        "Pass one of its inputs, or leave batch_input out (the first input).")
-    return name
-
-
 class Runner:
     """One segment's InferenceSession. `run` is safe from several threads at once (ORT sessions are)."""
 
@@ -236,7 +229,7 @@ class Runner:
         self._run_direct = getattr(self._session, "_sess", None)
         self.input_names: list[str] = [i.name for i in self._session.get_inputs()]
         self.output_names: list[str] = [o.name for o in self._session.get_outputs()]
-        self.batch_input: str = _batch_input(options, self.input_names, path)
+        self.batch_input: str = batch_input(options.get("batch_input"), self.input_names, path.name)
         self.providers: list[str] = self._session.get_providers()
         asked = [p[0] if isinstance(p, tuple) else p for p in providers]
         missing = [p for p in asked if p not in self.providers]

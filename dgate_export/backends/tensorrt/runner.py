@@ -34,7 +34,7 @@ import numpy as np
 import tensorrt as trt
 
 from ...errors import UserError
-from .. import batch_bucket
+from .. import batch_bucket, batch_input
 from . import cuda
 from ._log import CapturingLogger
 from .common import (
@@ -299,11 +299,7 @@ class Runner:
         self._strategy = (trt.ExecutionContextAllocationStrategy.USER_MANAGED if self.memory_sharing
                           else trt.ExecutionContextAllocationStrategy.STATIC)
         self._scratch_need = _device_memory_size(engine) if self.memory_sharing else 0
-        self._drive = self.settings.batch_input or self.input_names[0]
-        if self._drive not in self.input_names:
-            raise UserError(f"batch_input {self._drive!r} is not an input of {self.path.name} "
-                            f"(inputs: {', '.join(self.input_names)}).",
-                            "Pass one of its inputs, or leave batch_input out (the first input).")
+        self._drive = batch_input(self.settings.batch_input, self.input_names, self.path.name)
         self._can_pad = self._probe_outputs()
         self.cuda_graphs = self.settings.cuda_graphs
         # Read by GatedRuntime: under CUDA graphs it pads every batch to a bucket itself (so a graph per
