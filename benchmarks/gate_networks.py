@@ -50,13 +50,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dgate_export import checkpoint, gate_pipeline
-from dgate_export.calibrate import calibrate, holdout_rows
+from dgate_export.calibrate import Target, calibrate, holdout_rows
+from dgate_export.compile import checkpoint
+from dgate_export.compile import gate as gate_pipeline
+from dgate_export.compile.gate import GateOptions
+from dgate_export.compile.model import GatedModel
+from dgate_export.compile.train import collect_exit_logits, train_gates
 from dgate_export.contract import CONFIDENCES
 from dgate_export.data import load_dataset
-from dgate_export.gate_pipeline import GateOptions
-from dgate_export.gated import GatedModel
-from dgate_export.train import collect_exit_logits, train_gates
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "benchmarks" / "weights"
@@ -232,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         logits = [lg[search] for lg in val_logits[head]]
         for k in range(1, args.max_gates + 1):
             for idx in itertools.combinations(range(len(candidates)), k):
-                cal = calibrate([logits[i] for i in idx] + [logits[-1]], labels[search], confidence="max-softmax",
-                                costs=costs_for(idx), baseline_flops=baseline, max_drop=MAX_DROP, refine=False,
-                                guarantee="none")  # a ranking of designs on the search half
+                cal = calibrate([logits[i] for i in idx] + [logits[-1]], labels[search],
+                                confidence="max-softmax", costs=costs_for(idx), baseline_flops=baseline,
+                                refine=False, target=Target(max_drop=MAX_DROP, guarantee="none"))  # a ranking of designs on the search half
                 trials.append({"exits": [candidates[i] for i in idx], "idx": idx, "head": head,
                                "confidence": "max-softmax", "val_flops_reduction": cal.validation.flops_reduction,
                                "val_accuracy": cal.validation.accuracy})
@@ -244,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         for conf in CONFIDENCES[1:]:
             logits = [lg[search] for lg in val_logits[t["head"]]]
             cal = calibrate([logits[i] for i in t["idx"]] + [logits[-1]], labels[search], confidence=conf,
-                            costs=costs_for(t["idx"]), baseline_flops=baseline, max_drop=MAX_DROP, refine=False,
-                            guarantee="none")
+                            costs=costs_for(t["idx"]), baseline_flops=baseline, refine=False,
+                            target=Target(max_drop=MAX_DROP, guarantee="none"))
             trials.append(dict(t, confidence=conf, val_flops_reduction=cal.validation.flops_reduction,
                                val_accuracy=cal.validation.accuracy))
     trials.sort(key=lambda t: -t["val_flops_reduction"])
@@ -263,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     # Thresholds on the calibration half with calibrate's own promise; the search half is what the
     # holdout keeps out (it chose the design), and the report shows the thresholds on it.
     cal = calibrate(chosen, labels, confidence=best["confidence"], costs=model.exit_costs(),
-                    baseline_flops=float(model.flops["baseline"]), max_drop=MAX_DROP, holdout=0.5, seed=HALVES_SEED)
+                    baseline_flops=float(model.flops["baseline"]), seed=HALVES_SEED,
+                    target=Target(max_drop=MAX_DROP, holdout=0.5))
     check = cal.held_out
     assert check is not None
     print(f"{cal.promise()}\ncalibration half drop {cal.validation.accuracy_drop:.4f} FLOPs "

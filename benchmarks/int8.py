@@ -82,7 +82,7 @@ def time_interleaved(runs: dict, batches: list[np.ndarray], *, min_seconds: floa
 
 def segment_times(fp32: GatedRuntime, int8: GatedRuntime, x: np.ndarray, *, min_seconds: float) -> list[dict]:
     """Every segment graph alone on all rows of x (nobody leaves), fp32 and int8 interleaved."""
-    from dgate_export.quantize import every_exit, segment_feeds
+    from dgate_export.compile.quantize import every_exit, segment_feeds
 
     feeds = segment_feeds(every_exit([r._session for r in fp32._runners], x), x)
     rows: list[dict] = []

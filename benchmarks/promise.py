@@ -15,10 +15,10 @@ import json
 import sys
 from pathlib import Path
 
-from dgate_export import checkpoint
-from dgate_export.calibrate import calibrate, evaluate
+from dgate_export.calibrate import Target, calibrate, evaluate
+from dgate_export.compile import checkpoint
+from dgate_export.compile.train import collect_exit_logits
 from dgate_export.data import load_dataset
-from dgate_export.train import collect_exit_logits
 
 BENCH = Path(__file__).resolve().parent
 SETTINGS = {"default": {}, "search half held out": {"holdout": 0.5}, "guarantee none": {"guarantee": "none"}}
@@ -36,7 +36,7 @@ def main(networks: list[str]) -> int:
         kw = {"confidence": model.confidence, "costs": model.exit_costs(), "baseline_flops": float(model.flops["baseline"])}
         out[net] = {}
         for name, extra in SETTINGS.items():
-            r = calibrate(vl, vy, max_drop=0.01, **kw, **extra)
+            r = calibrate(vl, vy, **kw, **extra, target=Target(max_drop=0.01))
             t = evaluate(tl, ty, thresholds=r.thresholds, **kw)
             out[net][name] = {"thresholds": r.thresholds, "promise": r.promise(), "method": r.method,
                               "validation": r.validation.to_dict(), "test": t.to_dict(),

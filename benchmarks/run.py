@@ -37,10 +37,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from dgate_export import checkpoint
-from dgate_export.calibrate import Evaluation, calibrate, evaluate
+from dgate_export.calibrate import Evaluation, Target, calibrate, evaluate
+from dgate_export.compile import checkpoint
+from dgate_export.compile.train import collect_exit_logits
 from dgate_export.data import load_dataset
-from dgate_export.train import collect_exit_logits
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -193,18 +193,18 @@ def run_network(network: str, args) -> dict:
                 raise SystemExit(f"{network}: validation {again.to_dict()} differs from the gate's "
                                  f"{setting['validation']}")
         plain = calibrate(val_logits, yv, confidence=model.confidence, costs=costs, baseline_flops=baseline,
-                          max_drop=MAX_DROP, guarantee="none")
+                          target=Target(max_drop=MAX_DROP, guarantee="none"))
     else:
         # Thresholds on the calibration half; the search half, which chose the design, is what calibrate's
         # holdout keeps out: the thresholds' drop there is a held-out check inside validation.
         halves = {"holdout": 0.5, "seed": setting["halves_seed"]}
         cal = calibrate(val_logits, yv, confidence=model.confidence, costs=costs, baseline_flops=baseline,
-                        max_drop=setting["target"], refine=setting["refine"], upper_bound=setting["upper_bound"],
-                        guarantee=setting.get("guarantee_mode", "none"), **halves)
+                        refine=setting["refine"], **halves,
+                        target=Target(max_drop=setting["target"], guarantee=setting.get("guarantee_mode", "none"), upper_bound=setting["upper_bound"]))
         held_out = cal.held_out.to_dict()
         # The plain setting (max_drop 0.01 on the same rows, refined, no bound), for comparison.
         plain = calibrate(val_logits, yv, confidence=model.confidence, costs=costs, baseline_flops=baseline,
-                          max_drop=MAX_DROP, guarantee="none", **halves)
+                          **halves, target=Target(max_drop=MAX_DROP, guarantee="none"))
         # The same decisions on every validation row (thresholds now sit half-way between neighbouring
         # confidences, the committed ones on a confidence).
         same = [evaluate(val_logits, yv, confidence=model.confidence, thresholds=t, costs=costs,

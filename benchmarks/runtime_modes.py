@@ -46,6 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runtime_speedup import thresholds_for
 
+from dgate_export.compile.build import BuildOptions
 from dgate_export.runtime import GatedRuntime
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,9 +63,9 @@ def build_resnet50(out: Path, size: int, x: np.ndarray, exporter: str) -> Path:
     """torchvision ResNet-50 (random weights, 10 classes) gated after layer1-3, built for ONNX Runtime."""
     import torch
 
-    from dgate_export import checkpoint, zoo
-    from dgate_export.build import build_bundle
-    from dgate_export.gated import GatedModel
+    from dgate_export.compile import checkpoint, zoo
+    from dgate_export.compile.build import build_bundle
+    from dgate_export.compile.model import GatedModel
 
     torch.manual_seed(0)
     arch = "torchvision/resnet50"
@@ -79,7 +80,8 @@ def build_resnet50(out: Path, size: int, x: np.ndarray, exporter: str) -> Path:
                 p.mul_(2.0 / max(float(logits.std()), 1e-6))
     with tempfile.TemporaryDirectory() as tmp:
         path = checkpoint.save(model, Path(tmp) / "resnet50.pt")
-        return build_bundle(path, out, max_batch=256, force=True, progress=print, exporter=exporter)
+        return build_bundle(path, out, BuildOptions(max_batch=256, force=True, exporter=exporter),
+                            progress=print)
 
 
 def time_modes(calls: dict, batches: list[np.ndarray], rounds: int) -> dict[str, np.ndarray]:

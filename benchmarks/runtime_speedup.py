@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from dgate_export import backends
+from dgate_export.compile.build import BuildOptions
 from dgate_export.contract import INPUT, LOGITS, expected_cost
 from dgate_export.data import load_dataset
 from dgate_export.files import write_text_atomic
@@ -52,9 +53,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def build_default(arch: str, arch_kwargs: dict, out: Path) -> Path:
     """A gated `arch` with the zoo's default exits (untrained heads), built for ONNX Runtime."""
-    from dgate_export import checkpoint, zoo
-    from dgate_export.build import build_bundle
-    from dgate_export.gated import GatedModel
+    from dgate_export.compile import checkpoint, zoo
+    from dgate_export.compile.build import build_bundle
+    from dgate_export.compile.model import GatedModel
 
     data = load_dataset("fashion-mnist", "test")
     kwargs = {"num_classes": 10, **arch_kwargs}
@@ -63,7 +64,7 @@ def build_default(arch: str, arch_kwargs: dict, out: Path) -> Path:
                               class_names=data.class_names, normalization=data.normalization)
     with tempfile.TemporaryDirectory() as tmp:
         path = checkpoint.save(model, Path(tmp) / f"bench-{arch}.pt")
-        return build_bundle(path, out, max_batch=256, force=True, progress=None)
+        return build_bundle(path, out, BuildOptions(max_batch=256, force=True), progress=None)
 
 
 def thresholds_for(rt: GatedRuntime, x: np.ndarray, fractions: list[float]) -> list[float]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from train_backbones import NETWORKS, arch_name  # type: ignore[import-not-found]
 
-from dgate_export.zoo import build_backbone
+from dgate_export.compile.zoo import build_backbone
 
 
 def main() -> None:

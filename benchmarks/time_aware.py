@@ -20,12 +20,12 @@ import time
 
 import numpy as np
 
-from dgate_export import checkpoint
-from dgate_export.calibrate import calibrate, evaluate
+from dgate_export.calibrate import Target, calibrate, evaluate
+from dgate_export.compile import checkpoint
+from dgate_export.compile.train import collect_exit_logits
 from dgate_export.data import load_dataset
 from dgate_export.profile import load_costs
 from dgate_export.runtime import GatedRuntime
-from dgate_export.train import collect_exit_logits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     test_logits, test_y = collect_exit_logits(model, test, progress=False)
     flops, base = model.exit_costs(), float(model.flops["baseline"])
     kw = {"confidence": model.confidence}
-    sets = {"flops": calibrate(val_logits, val_y, costs=flops, baseline_flops=base, max_drop=0.01, **kw).thresholds}
+    sets = {"flops": calibrate(val_logits, val_y, costs=flops, baseline_flops=base, **kw,
+                               target=Target(max_drop=0.01)).thresholds}
     report: dict = {"command": "python benchmarks/time_aware.py " + " ".join(argv or sys.argv[1:]), "batches": []}
     rt = GatedRuntime.load(args.bundle)
     baseline = rt.baseline_runner()
@@ -54,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         time_costs, _ = load_costs(args.profile, batch_size=b, model_structure={
             "exits": list(model.exits), "segment_flops": [int(f) for f in model.flops["segments"]],
             "head_flops": [int(f) for f in model.flops["heads"]]})
-        sets[f"time{b}"] = calibrate(val_logits, val_y, costs=time_costs, baseline_flops=1.0, max_drop=0.01,
-                                     **kw).thresholds
+        sets[f"time{b}"] = calibrate(val_logits, val_y, costs=time_costs, baseline_flops=1.0, **kw,
+                                     target=Target(max_drop=0.01)).thresholds
         runs = {"baseline": None, "flops": sets["flops"], "time": sets[f"time{b}"]}
         batches = [test.x[i:i + b] for i in range(0, len(test.x) - b + 1, b)]
         times: dict[str, list[float]] = {k: [] for k in runs}

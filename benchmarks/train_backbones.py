@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/train_backbones.py resnet56      # -> benchmarks/weights/resnet56.pth
     .venv/bin/python benchmarks/train_backbones.py densenet_bc   # -> benchmarks/weights/densenet_bc.pth
 
-The recipe is `dgate_export.train.train_backbone`'s (SGD, Nesterov momentum 0.9, weight decay 5e-4,
+The recipe is `dgate_export.compile.train.train_backbone`'s (SGD, Nesterov momentum 0.9, weight decay 5e-4,
 one-cycle learning rate peaking at 0.1 after 25% of the steps, batch 128, no augmentation), written
 out here as a step loop so that a long CPU run can be interrupted and resumed: every `--save-every`
 steps the model, optimizer, schedule and step count go to runs/train/NAME.partial.pt, and a rerun of
@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from dgate_export.checkpoint import atomic_torch_save
+from dgate_export.compile.checkpoint import atomic_torch_save
+from dgate_export.compile.zoo import build_backbone
 from dgate_export.data import load_dataset
-from dgate_export.zoo import build_backbone
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "benchmarks" / "weights"

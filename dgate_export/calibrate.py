@@ -162,6 +162,45 @@ class Calibration:
                 "promise": self.promise(), "cost": self.cost, "curve": self.curve}
 
 
+@dataclass(frozen=True)
+class Target:
+    """What the thresholds are chosen for: the one owner of the threshold target (gate, calibrate,
+    calibrate --engine, the int8 / fp16 refit of build, the Python API).
+
+    Exactly one of `max_drop` (an accuracy drop, as a fraction) or `budget` (expected FLOPs, or time
+    with a cost profile, as a fraction of the un-gated model's); neither means DEFAULT_MAX_DROP.
+    `guarantee` "ltt" makes max_drop a promise on new data with probability >= 1 - delta (module doc),
+    "none" holds it on the validation rows only (or its normal `upper_bound` at that level).
+    `holdout`: the fraction of the validation rows kept out of the choice and reported on.
+    Checked when made: a Target that exists makes sense (UserError otherwise), so a bad flag is
+    refused before any data is read.
+    """
+
+    max_drop: float | None = None
+    budget: float | None = None
+    guarantee: str = "ltt"
+    delta: float = DEFAULT_DELTA
+    upper_bound: float | None = None
+    holdout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_drop is None and self.budget is None:
+            object.__setattr__(self, "max_drop", DEFAULT_MAX_DROP)
+        check_target(max_drop=self.max_drop, budget=self.budget, guarantee=self.guarantee, delta=self.delta,
+                     upper_bound=self.upper_bound)
+        if self.holdout is not None and not 0.0 < self.holdout < 1.0:
+            raise UserError(f"holdout {self.holdout} is not a fraction in (0, 1).", "Give e.g. --holdout 0.3.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict | None) -> Target:
+        """The Target a checkpoint or manifest recorded (unknown keys ignored; None: the default)."""
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in (record or {}).items() if k in names})
+
+
 def holdout_rows(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(kept, held out) sorted row indices of n rows: a seeded random `fraction` of them held out."""
     perm = np.random.default_rng(seed).permutation(n)
@@ -194,7 +233,7 @@ def _prepare(exit_logits, labels, confidence_name: str, costs) -> tuple[np.ndarr
     return conf, correct, np.asarray(costs, dtype=np.float64)
 
 
-def _exits_of(conf: np.ndarray, thresholds) -> np.ndarray:
+def exits_of(conf: np.ndarray, thresholds) -> np.ndarray:
     """Exit index [N] of every sample: the first gate whose confidence passes, else K."""
     num_gates, n = conf.shape
     exits = np.full(n, num_gates, dtype=np.int64)
@@ -203,9 +242,10 @@ def _exits_of(conf: np.ndarray, thresholds) -> np.ndarray:
     return exits
 
 
-def _evaluate(conf, correct, costs, baseline: float, thresholds) -> Evaluation:
+def evaluate_scores(conf, correct, costs, baseline: float, thresholds) -> Evaluation:
+    """Figures of `thresholds` on per-sample scores: confidences conf [K, N] and correctness correct [K+1, N]."""
     num_exits, n = correct.shape
-    exits = _exits_of(conf, thresholds)
+    exits = exits_of(conf, thresholds)
     counts = np.bincount(exits, minlength=num_exits)
     right = np.bincount(exits, weights=correct[exits, np.arange(n)], minlength=num_exits)
     return Evaluation(
@@ -226,7 +266,7 @@ def evaluate(exit_logits, labels, *, confidence: str, thresholds, costs, baselin
     conf, correct, cost = _prepare(exit_logits, labels, confidence, costs)
     if len(thresholds) != conf.shape[0]:
         raise UserError(f"{len(thresholds)} thresholds given for {conf.shape[0]} gates.")
-    return _evaluate(conf, correct, cost, baseline_flops, thresholds)
+    return evaluate_scores(conf, correct, cost, baseline_flops, thresholds)
 
 
 # --- step 1: the exhaustive grid -------------------------------------------------------------------
@@ -352,7 +392,7 @@ def _refine(conf, correct, costs, thresholds: list[float], mode: str, feasible: 
     idx = np.arange(n)
     agree = correct == correct[-1]
     t = list(thresholds)
-    exits = _exits_of(conf, t)
+    exits = exits_of(conf, t)
     current = (int(correct[exits, idx].sum()), float(costs[exits].sum()))
     for _ in range(_MAX_ROUNDS):
         improved = False
@@ -360,7 +400,7 @@ def _refine(conf, correct, costs, thresholds: list[float], mode: str, feasible: 
             # Samples that reach gate k, and where they go when gate k lets them pass.
             trial = t.copy()
             trial[k] = DISABLED
-            through = _exits_of(conf, trial)
+            through = exits_of(conf, trial)
             reach = through >= k
             c_k = conf[k, reach]
             order = np.argsort(c_k, kind="stable")
@@ -580,11 +620,6 @@ def _learn_then_test(conf, correct, costs, max_drop: float, delta: float, search
 # --- the entry point ---------------------------------------------------------------------------------
 
 
-def default_target(max_drop: float | None, budget: float | None) -> tuple[float | None, float | None]:
-    """(max_drop, budget) as given, or DEFAULT_MAX_DROP when neither is."""
-    return (DEFAULT_MAX_DROP, None) if max_drop is None and budget is None else (max_drop, budget)
-
-
 def check_target(*, max_drop: float | None, budget: float | None, guarantee: str, delta: float,
                  upper_bound: float | None = None, search_fraction: float = SEARCH_FRACTION) -> None:
     """Refuse a calibration target that makes no sense (UserError), before any work."""
@@ -614,45 +649,49 @@ def check_target(*, max_drop: float | None, budget: float | None, guarantee: str
 
 
 def calibrate(exit_logits, labels, *, confidence: str = "max-softmax", costs, baseline_flops: float,
-              max_drop: float | None = None, budget: float | None = None, refine: bool = True,
-              upper_bound: float | None = None, holdout: float | None = None, seed: int = 0,
-              guarantee: str = "ltt", delta: float = DEFAULT_DELTA,
+              target: Target | None = None, refine: bool = True, seed: int = 0,
               search_fraction: float = SEARCH_FRACTION) -> Calibration:
-    """Thresholds for `max_drop` or `budget` (exactly one) on the validation split. With max_drop and
-    guarantee "ltt" (the default) the expected drop on new data is <= max_drop with probability >=
-    1 - delta (Learn then Test, module doc); with guarantee "none" the drop is held on these rows only,
-    or with `upper_bound` (e.g. 0.9) its normal-approximation upper bound at that level. With `holdout`
-    (e.g. 0.3) that fraction of the rows (seeded by `seed`) is kept out of the choice and reported on."""
-    check_target(max_drop=max_drop, budget=budget, guarantee=guarantee, delta=delta, upper_bound=upper_bound,
-                 search_fraction=search_fraction)
-    held = None
-    if holdout is not None:
-        none = np.zeros(0, dtype=np.int64)
-        kept, out = holdout_rows(len(labels), holdout, seed) if 0.0 < holdout < 1.0 else (none, none)
-        if not len(kept) or not len(out):
-            raise UserError(f"holdout {holdout} leaves {len(kept)} rows to calibrate on and {len(out)} to check "
-                            f"({len(labels)} in all).", "Give a fraction in (0, 1) such as 0.3.")
-        labels = np.asarray(labels)
-        held = ([lg[out] for lg in exit_logits], labels[out])
-        exit_logits, labels = [lg[kept] for lg in exit_logits], labels[kept]
+    """Thresholds for `target` (default: Target(), the default promise) on the validation split: the
+    exit logits of every exit and the labels. See `calibrate_scores`."""
     conf, correct, cost_k = _prepare(exit_logits, labels, confidence, costs)
-    result = calibrate_scores(conf, correct, confidence=confidence, costs=cost_k, baseline_flops=baseline_flops,
-                              max_drop=max_drop, budget=budget, refine=refine, upper_bound=upper_bound,
-                              guarantee=guarantee, delta=delta, search_fraction=search_fraction, seed=seed)
-    if held is not None:
-        result.holdout = holdout
-        result.method += f"; {len(held[1])} rows ({holdout:g}) held out and checked"
-        result.held_out = evaluate(held[0], held[1], confidence=confidence, thresholds=result.thresholds,
-                                   costs=costs, baseline_flops=baseline_flops)
-    return result
+    return calibrate_scores(conf, correct, confidence=confidence, costs=cost_k, baseline_flops=baseline_flops,
+                            target=target, refine=refine, seed=seed, search_fraction=search_fraction)
 
 
 def calibrate_scores(conf: np.ndarray, correct: np.ndarray, *, confidence: str, costs, baseline_flops: float,
-                     max_drop: float | None = None, budget: float | None = None, refine: bool = True,
-                     upper_bound: float | None = None, guarantee: str = "ltt", delta: float = DEFAULT_DELTA,
-                     search_fraction: float = SEARCH_FRACTION, seed: int = 0) -> Calibration:
-    """`calibrate` on per-sample scores: confidences conf [K, N] (float32) and correctness correct
-    [K+1, N] (bool) of every exit; the arguments are checked by `calibrate`."""
+                     target: Target | None = None, refine: bool = True, seed: int = 0,
+                     search_fraction: float = SEARCH_FRACTION) -> Calibration:
+    """Thresholds for `target` on per-sample scores: confidences conf [K, N] (float32) and correctness
+    correct [K+1, N] (bool) of every exit. With max_drop and guarantee "ltt" (the default) the expected
+    drop on new data is <= max_drop with probability >= 1 - delta (Learn then Test, module doc); with
+    guarantee "none" the drop is held on these rows only, or with `upper_bound` (e.g. 0.9) its
+    normal-approximation upper bound at that level. With `holdout` (e.g. 0.3) that fraction of the rows
+    (seeded by `seed`) is kept out of the choice and reported on (`Calibration.held_out`)."""
+    target = target or Target()
+    check_target(max_drop=target.max_drop, budget=target.budget, guarantee=target.guarantee, delta=target.delta,
+                 upper_bound=target.upper_bound, search_fraction=search_fraction)
+    if target.holdout is None:
+        return _choose(conf, correct, confidence=confidence, costs=costs, baseline_flops=baseline_flops,
+                       goal=target, refine=refine, seed=seed, search_fraction=search_fraction)
+    n = conf.shape[1]
+    kept, out = holdout_rows(n, target.holdout, seed)
+    if not len(kept) or not len(out):
+        raise UserError(f"holdout {target.holdout} leaves {len(kept)} rows to calibrate on and {len(out)} to check "
+                        f"({n} in all).", "Give a fraction in (0, 1) such as 0.3, or use more validation rows.")
+    result = _choose(conf[:, kept], correct[:, kept], confidence=confidence, costs=costs,
+                     baseline_flops=baseline_flops, goal=target, refine=refine, seed=seed,
+                     search_fraction=search_fraction)
+    result.holdout = target.holdout
+    result.method += f"; {len(out)} rows ({target.holdout:g}) held out and checked"
+    result.held_out = evaluate_scores(conf[:, out], correct[:, out], np.asarray(costs, dtype=np.float64),
+                                      baseline_flops, result.thresholds)
+    return result
+
+
+def _choose(conf: np.ndarray, correct: np.ndarray, *, confidence: str, costs, baseline_flops: float,
+            goal: Target, refine: bool, seed: int, search_fraction: float) -> Calibration:
+    max_drop, budget, upper_bound, delta, guarantee = goal.max_drop, goal.budget, goal.upper_bound, goal.delta, \
+        goal.guarantee
     cost_k = np.asarray(costs, dtype=np.float64)
     num_gates, n = conf.shape
     baseline = float(baseline_flops)
@@ -710,7 +749,7 @@ def calibrate_scores(conf: np.ndarray, correct: np.ndarray, *, confidence: str, 
                   + (f"; the drop's one-sided {upper_bound:.0%} upper confidence bound held to max_drop"
                      if upper_bound is not None else ""))
 
-    validation = _evaluate(conf, correct, cost_k, baseline, thresholds)
+    validation = evaluate_scores(conf, correct, cost_k, baseline, thresholds)
     curve = []
     flat_right, flat_cost = right.ravel(), cost.ravel()
     for fid in _pareto(right, cost):

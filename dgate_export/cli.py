@@ -241,13 +241,15 @@ def _calibration_target_options(command):
     return command
 
 
-def _target(max_drop: float | None, budget: float | None) -> tuple[float | None, float | None]:
+def _target(max_drop, guarantee, delta, budget, upper_bound, holdout):
+    """The calibration target flags as a calibrate.Target (checked now, before any data is read)."""
+    from .calibrate import Target
+
     if max_drop is not None and budget is not None:
         raise UserError("Give --max-drop or --budget, not both.",
                         "--max-drop keeps accuracy; --budget caps the expected FLOPs.")
-    from .calibrate import default_target
-
-    return default_target(max_drop, budget)
+    return Target(max_drop=max_drop, budget=budget, guarantee=guarantee, delta=delta, upper_bound=upper_bound,
+                  holdout=holdout)
 
 
 @main.command()
@@ -289,7 +291,7 @@ def build(model, output, backend, precision, calibration_data, calibration_rows,
     decisions, logits within tolerance) before the bundle is renamed into place; a failure at any
     step leaves nothing behind.
     """
-    from .build import build_bundle
+    from .compile.build import BuildOptions, build_bundle
 
     trt = {"opt_batch": opt_batch, "workspace_mb": workspace_mb, "timing_cache": timing_cache,
            "hardware_compatible": hardware_compatible or None, "tf32": tf32 or None}
@@ -297,45 +299,43 @@ def build(model, output, backend, precision, calibration_data, calibration_rows,
     if trt and backend != "tensorrt":
         flags = ", ".join("--" + k.replace("_", "-") for k in trt)
         raise UserError(f"{flags} only apply to --backend tensorrt.", "Drop them, or build for TensorRT.")
-    build_bundle(model, output, backend=backend, precision=precision, max_batch=max_batch, opset=opset,
-                 force=force, exporter=exporter, backend_options=trt, progress=click.echo,
-                 int8=_int8_options(precision, calibration_data, calibration_rows, data_dir, repeat_channels,
-                                    max_drop, budget, upper_bound, holdout, guarantee, delta))
+    calibration = _calibration_data(precision, calibration_data, calibration_rows, data_dir, repeat_channels,
+                                    max_drop, guarantee, delta, budget, upper_bound, holdout)
+    build_bundle(model, output, BuildOptions(backend=backend, precision=precision, max_batch=max_batch, opset=opset,
+                                             exporter=exporter, force=force, backend_options=trt,
+                                             calibration=calibration), progress=click.echo)
 
 
-def _int8_options(precision, data, rows, data_dir, repeat_channels, max_drop, budget, upper_bound, holdout,
-                  guarantee, delta):
-    """build's int8 options, or None; int8-only flags without --precision int8 are refused."""
+def _calibration_data(precision, data, rows, data_dir, repeat_channels, max_drop, guarantee, delta, budget,
+                      upper_bound, holdout):
+    """build's calibration data (int8: required; fp16: optional refit), or None; its flags without
+    --precision int8 / fp16 are refused."""
     from .calibrate import DEFAULT_DELTA
+    from .compile.quantize import CALIBRATION_ROWS, CalibrationData
 
     given = {"--calibration-data": data, "--calibration-rows": rows, "--data-dir": data_dir,
              "--repeat-channels": repeat_channels or None, "--max-drop": max_drop, "--budget": budget,
              "--upper-bound": upper_bound, "--holdout": holdout,
              "--guarantee": None if guarantee == "ltt" else guarantee, "--delta": None if delta == DEFAULT_DELTA else delta}
-    from .quantize import CALIBRATION_ROWS, Int8Options
-
     if precision == "fp16" and data is not None:
         # fp16 confidences differ from the torch model's: refit the thresholds on the fp16 bundle itself.
         if rows is not None:
             raise UserError("--calibration-rows only applies to --precision int8.", "Drop it.")
-        max_drop, budget = _target(max_drop, budget)
-        return Int8Options(data=data, data_dir=data_dir, max_drop=max_drop, budget=budget, upper_bound=upper_bound,
-                           holdout=holdout, repeat_channels=repeat_channels, guarantee=guarantee, delta=delta)
+        return CalibrationData(data=data, data_dir=data_dir, repeat_channels=repeat_channels,
+                               target=_target(max_drop, guarantee, delta, budget, upper_bound, holdout))
     if precision != "int8":
         flags = [k for k, v in given.items() if v is not None]
         if flags:
             raise UserError(f"{', '.join(flags)} only apply to --precision int8, or fp16 with --calibration-data.",
                             "Drop them, or build int8 / fp16.")
         return None
-
     if data is None:
         raise UserError("--precision int8 needs --calibration-data.",
                         "Add --calibration-data DATA (fashion-mnist, or npz:PATH): its training rows calibrate the "
                         "quantization, its validation rows fit the thresholds.")
-    max_drop, budget = _target(max_drop, budget)
-    return Int8Options(data=data, rows=CALIBRATION_ROWS if rows is None else rows, data_dir=data_dir,
-                       max_drop=max_drop, budget=budget, upper_bound=upper_bound, holdout=holdout,
-                       repeat_channels=repeat_channels, guarantee=guarantee, delta=delta)
+    return CalibrationData(data=data, rows=CALIBRATION_ROWS if rows is None else rows, data_dir=data_dir,
+                           repeat_channels=repeat_channels,
+                           target=_target(max_drop, guarantee, delta, budget, upper_bound, holdout))
 
 
 @main.command("inspect")
@@ -354,7 +354,7 @@ def inspect_cmd(path):
         bundle_tables(target, manifest, checks)  # first: a damaged bundle still shows what it claims to be
         raise_if_damaged(target, checks)
     elif target.is_file():
-        from .checkpoint import summarize
+        from .compile.checkpoint import summarize
         from .render import checkpoint_tables
 
         checkpoint_tables(summarize(target))
@@ -420,7 +420,7 @@ class _GateCommand(click.Command):
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         try:
-            from .zoo import list_archs
+            from .compile.zoo import list_archs
         except ModuleNotFoundError as missing:
             err = missing_extra(missing)
             if err is None:
@@ -434,24 +434,6 @@ class _GateCommand(click.Command):
         rows.append(("torchvision/NAME", "any torchvision classifier, random init (train it or give --weights)"))
         with formatter.section("Architectures (--arch)"):
             formatter.write_dl(rows)
-
-
-def _recorded_split(model, model_path: str, val_size: int | None, seed: int | None) -> tuple[int, int]:
-    """calibrate's validation split: the one MODEL records (a different one given is refused), else
-    the given values or gate's defaults (checkpoints written before the split was recorded)."""
-    recorded = model.data_split or {}
-    chosen: dict[str, int | None] = {"val_size": val_size, "seed": seed}
-    for key, value in chosen.items():
-        if value is None:
-            chosen[key] = recorded.get(key, DEFAULT_VAL_SIZE if key == "val_size" else 0)
-        elif key in recorded and value != recorded[key]:
-            flag = "--" + key.replace("_", "-")
-            raise UserError(
-                f"{model_path} was gated with the validation split {recorded['val_size']} rows, seed "
-                f"{recorded['seed']}; {flag} {value} would choose thresholds on other rows, some of which "
-                "the gates were trained on.",
-                f"Leave out {flag}: calibrate uses the recorded split.")
-    return int(chosen["val_size"] or 0), int(chosen["seed"] or 0)
 
 
 def _print_calibration(result, test, exits, *, shared_test: str | None = None) -> None:
@@ -512,9 +494,9 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
     """
     import json
 
-    from .gate_pipeline import GateOptions, gate_backbone
+    from .compile.gate import GateOptions, gate_backbone
 
-    max_drop, budget = _target(max_drop, budget)
+    target = _target(max_drop, guarantee, delta, budget, upper_bound, holdout)
     try:
         kwargs = json.loads(arch_kwargs) if arch_kwargs else {}
     except json.JSONDecodeError as err:
@@ -527,8 +509,7 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
         exits=[e.strip() for e in exits.split(",") if e.strip()] if exits else None, data_dir=data_dir,
         repeat_channels=repeat_channels, val_size=val_size, epochs=epochs, backbone_epochs=backbone_epochs,
         batch_size=batch_size, head=head, feature_layout=layouts[0] if len(layouts) == 1 else layouts,
-        confidence=confidence, loss=loss, max_drop=max_drop, budget=budget, guarantee=guarantee, delta=delta,
-        upper_bound=upper_bound, holdout=holdout, seed=seed, progress_bars=progress)
+        confidence=confidence, loss=loss, target=target, seed=seed, progress_bars=progress)
     gated = gate_backbone(options, progress=click.echo)
     _print_calibration(gated.calibration, gated.test, gated.model.exits,
                        shared_test=None if gated.separate_test else data)
@@ -563,92 +544,38 @@ def calibrate_cmd(model_path, bundle, data, data_dir, repeat_channels, val_size,
     chosen on rows the gates were trained on: MODEL (and a bundle built from it) records its size and
     seed, and they are used.
     """
-    from . import checkpoint
-    from .data import check_input_shape, load_splits
-    from .gate_pipeline import calibrate_model, save_gated
-    from .outputs import check_writable
+    target = _target(max_drop, guarantee, delta, budget, upper_bound, holdout)
 
-    max_drop, budget = _target(max_drop, budget)
+    def warn(line: str) -> None:
+        click.echo(line, err=True)
+
     if bundle is not None:
-        given = {"MODEL": model_path, "-o": output, "--holdout": holdout, "--confidence": confidence}
+        from .recalibrate import calibrate_bundle
+
+        given = {"MODEL": model_path, "-o": output, "--confidence": confidence}
         extra = [k for k, v in given.items() if v is not None]
         if extra:
             raise UserError(f"calibrate --engine rewrites the bundle's manifest in place; {', '.join(extra)} "
                             "do not apply (the confidence measure is built into its graphs).",
                             f"Drop {', '.join(extra)}.")
-        _calibrate_engine(bundle, data, data_dir, repeat_channels, val_size, seed, max_drop=max_drop, budget=budget,
-                          guarantee=guarantee, delta=delta, upper_bound=upper_bound, cost_path=cost_path,
-                          cost_batch=cost_batch)
+        done = calibrate_bundle(bundle, data, target=target, data_dir=data_dir, repeat_channels=repeat_channels,
+                                val_size=val_size, seed=seed, cost_path=cost_path, cost_batch=cost_batch, warn=warn)
+        _print_calibration(done.calibration, done.test, done.exits)
+        click.echo(f"thresholds {[round(t, 4) for t in done.previous]} -> "
+                   f"{[round(t, 4) for t in done.calibration.thresholds]}; rewrote {bundle}/manifest.json "
+                   "(artifacts unchanged, hashes verified)")
         return
     if model_path is None:
         raise UserError("calibrate needs a gated MODEL (model.pt) or --engine BUNDLE.",
                         "e.g. dgate-export calibrate model.pt --data fashion-mnist.")
-    check_writable(output or model_path, "-o" if output else "MODEL")
-    model = checkpoint.load(model_path)
-    time_cost = None
-    if cost_path:
-        from .profile import load_costs
+    from .compile.gate import calibrate_checkpoint
 
-        flops = model.flops or model.count_flops()
-        time_cost = load_costs(cost_path, batch_size=cost_batch, model_structure={
-            "exits": list(model.exits), "segment_flops": [int(f) for f in flops["segments"]],
-            "head_flops": [int(f) for f in flops["heads"]]})
-    elif cost_batch is not None:
-        raise UserError("--cost-batch chooses a batch size of a --cost profile.", "Add --cost profile.json.")
-    val_size, seed = _recorded_split(model, model_path, val_size, seed)
-    gated_on = (model.data_split or {}).get("data")
-    if gated_on and gated_on != data:  # a moved npz is the same data; another data set is not
-        click.echo(f"warning: {model_path} was gated on --data {gated_on}, this calibrates on {data}: its "
-                   "validation rows must be ones the gates were never trained on.", err=True)
-    channels = model.input_shape[0] if repeat_channels else None
-    splits = load_splits(data, data_dir=data_dir, channels=channels, val_size=val_size, seed=seed)
-    for ds in splits.values():
-        check_input_shape(ds.x, model.input_shape, where=f"data set {data!r} ({ds.split})")
-    done = calibrate_model(model, splits, confidence=confidence or model.confidence, max_drop=max_drop,
-                           budget=budget, upper_bound=upper_bound, holdout=holdout, seed=seed, progress_bars=progress,
-                           guarantee=guarantee, delta=delta, time_cost=time_cost)
-    _print_calibration(done.calibration, done.test, model.exits,
-                       shared_test=None if splits["test"].separate_test else data)
-    _wrote(save_gated(model, output or model_path, done.calibration, done.test))
-
-
-def _calibrate_engine(bundle, data, data_dir, repeat_channels, val_size, seed, *, max_drop, budget, guarantee, delta,
-                      upper_bound, cost_path, cost_batch) -> None:
-    from types import SimpleNamespace
-
-    from .data import check_input_shape, load_splits
-    from .manifest import verify_bundle
-    from .recalibrate import recalibrate
-
-    manifest = verify_bundle(bundle)
-    split_of = SimpleNamespace(data_split=(manifest.source or {}).get("data_split"))
-    val_size, seed = _recorded_split(split_of, f"{bundle} (built from {(manifest.source or {}).get('checkpoint')})",
-                                     val_size, seed)
-    gated_on = (split_of.data_split or {}).get("data")
-    if gated_on and gated_on != data:
-        click.echo(f"warning: {bundle} was gated on --data {gated_on}, this calibrates on {data}: its validation "
-                   "rows must be ones the gates were never trained on.", err=True)
-    chw = tuple(int(d) for d in manifest.input.shape[1:])
-    splits = load_splits(data, data_dir=data_dir, channels=chw[0] if repeat_channels else None, val_size=val_size,
-                         seed=seed)
-    for name in ("val", "test"):
-        check_input_shape(splits[name].x, list(chw), where=f"data set {data!r} ({name})")
-    time_cost = None
-    if cost_path:
-        from .profile import load_costs
-
-        time_cost = load_costs(cost_path, batch_size=cost_batch, manifest=manifest)
-    elif cost_batch is not None:
-        raise UserError("--cost-batch chooses a batch size of a --cost profile.", "Add --cost profile.json.")
-    result, test, old = recalibrate(bundle, splits["val"], splits["test"], max_drop=max_drop, budget=budget,
-                                    guarantee=guarantee, delta=delta, upper_bound=upper_bound, seed=seed,
-                                    time_cost=time_cost,
-                                    data_record={"spec": data, "val_size": val_size, "seed": seed,
-                                                 "rows": len(splits["val"])})
-    exits = [s.gate.exit for s in manifest.segments if s.gate is not None]
-    _print_calibration(result, test, exits)
-    click.echo(f"thresholds {[round(t, 4) for t in old]} -> {[round(t, 4) for t in result.thresholds]}; "
-               f"rewrote {bundle}/manifest.json (artifacts unchanged, hashes verified)")
+    done = calibrate_checkpoint(model_path, data, target=target, output=output, confidence=confidence,
+                                data_dir=data_dir, repeat_channels=repeat_channels, val_size=val_size, seed=seed,
+                                cost_path=cost_path, cost_batch=cost_batch, progress_bars=progress, warn=warn)
+    _print_calibration(done.calibration, done.test, done.model.exits,
+                       shared_test=None if done.separate_test else data)
+    _wrote(done.files)
 
 
 def _serving_options(f):
@@ -722,65 +649,10 @@ def serve_cmd(bundle, port, grpc_port, repo, platform, instances, segment_instan
     Writes the model repository (see `triton`), starts tritonserver, waits until every model is
     ready, prints the endpoints and an example request, and stops the server on Ctrl-C.
     """
-    import shutil
-    import signal
-    import tempfile
-    import time
-    from pathlib import Path
+    from .serving.serve import serve_bundle
 
-    from .manifest import load_manifest
-    from .serving import TritonServer, find_server, write_repository
-
-    if repo is not None and Path(repo).exists():
-        raise UserError(f"--repo {repo} already exists; serve writes a fresh repository there.",
-                        "Choose another --repo, remove it, or leave --repo out (a temporary folder is used).")
-    install = find_server(triton_env)  # first: no repository is written for a server that is not there
-    manifest = load_manifest(bundle)
-    if platform == "auto":
-        native = "tensorrt" if manifest.backend == "tensorrt" else "onnxruntime"
-        platform = native if native in install.available else "python"
-    if platform != "python" and platform not in install.available:
-        raise UserError(f"This Triton server has no {platform} backend (it has: "
-                        f"{', '.join(sorted(install.available)) or 'none'}).", "Use --platform python.")
-    work = None
-    if repo is None:
-        work = Path(tempfile.mkdtemp(prefix="dgate-serve-"))
-        repo = work / "repo"
-    server = None
-    try:
-        info = write_repository(bundle, repo, platform=platform, instances=instances,
-                                segment_instances=segment_instances, max_queue_delay_us=max_queue_delay_us,
-                                kind=kind, threads=threads, name=name, unbatched=unbatched,
-                                gate_batching=gate_batching, force=work is not None)
-        # Ctrl-C and SIGTERM (docker stop, systemd) both stop the server in order, whatever disposition
-        # this process inherited (a parent may have ignored or blocked SIGINT).
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-        server = TritonServer(info.path, http_port=port, grpc_port=grpc_port, install=install)
-        click.echo(f"starting tritonserver ({install.binary}) for {info.path} ...")
-        server.start()
-        c, h, w = (int(d) for d in manifest.input.shape[1:])
-        click.echo(f"ready: HTTP http://{server.http_url}  gRPC {server.grpc_url}  models: {', '.join(info.models)}")
-        click.echo(f"server log: {server.log_path}")
-        click.echo("example (tritonclient):\n"
-                   "  import numpy as np, tritonclient.http as httpclient\n"
-                   f"  client = httpclient.InferenceServerClient('{server.http_url}')\n"
-                   f"  x = np.zeros((4, {c}, {h}, {w}), np.float32)\n"
-                   f"  inp = httpclient.InferInput('input', x.shape, 'FP32'); inp.set_data_from_numpy(x)\n"
-                   f"  res = client.infer('{info.name}', [inp])   # parameters={{'thresholds': '...'}} per request\n"
-                   "  res.as_numpy('predictions'), res.as_numpy('exits')\n"
-                   "Ctrl-C stops the server.")
-        try:
-            while server.process is not None and server.process.poll() is None:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            click.echo("stopping tritonserver ...")
-        else:
-            raise UserError(f"tritonserver exited unexpectedly. Its log ends:\n{server.log_tail()}")
-    finally:
-        if server is not None:
-            server.close()
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)
-    click.echo("stopped")
+    serve_bundle(bundle, port=port, grpc_port=grpc_port, repo=repo, platform=platform, triton_env=triton_env,
+                 echo=click.echo, repository_options={
+                     "instances": instances, "segment_instances": segment_instances,
+                     "max_queue_delay_us": max_queue_delay_us, "kind": kind, "threads": threads, "name": name,
+                     "unbatched": unbatched, "gate_batching": gate_batching})

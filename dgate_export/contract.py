@@ -24,7 +24,7 @@ CARRY_IN_PREFIX = "prev_"
 
 HOST_OUTPUTS = frozenset({LOGITS, CONFIDENCE})  # what the runtime loop reads; carries may stay on device
 
-# The confidence measures (numpy: confidence.py, torch: gates.py, and in the exported graphs).
+# The confidence measures (numpy: confidence.py, torch: compile/heads.py, and in the exported graphs).
 CONFIDENCES = ("max-softmax", "margin", "entropy")
 DEFAULT_CONFIDENCE = "max-softmax"
 

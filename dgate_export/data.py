@@ -246,6 +246,26 @@ def load_splits(spec: str, *, data_dir: str | Path | None = None, channels: int 
             for s in SPLITS}
 
 
+def recorded_split(data_split: dict | None, where: str, val_size: int | None = None,
+                   seed: int | None = None) -> tuple[int, int]:
+    """The validation split (val_size, seed) to calibrate on: the one a gated model or a bundle records
+    (`data_split`; a different one given is refused: its rows may include ones the gates trained on),
+    else the given values or gate's defaults (checkpoints written before the split was recorded)."""
+    recorded = data_split or {}
+    chosen: dict[str, int | None] = {"val_size": val_size, "seed": seed}
+    for key, value in chosen.items():
+        if value is None:
+            chosen[key] = recorded.get(key, DEFAULT_VAL_SIZE if key == "val_size" else 0)
+        elif key in recorded and value != recorded[key]:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(
+                f"{where} was gated with the validation split {recorded.get('val_size')} rows, seed "
+                f"{recorded.get('seed')}; {flag} {value} would choose thresholds on other rows, some of which "
+                "the gates were trained on.",
+                f"Leave out {flag}: calibrate uses the recorded split.")
+    return int(chosen["val_size"] or 0), int(chosen["seed"] or 0)
+
+
 def default_val_size(training_rows: int) -> int:
     """The validation split for a training set of this many rows: 10%, at most DEFAULT_VAL_SIZE, at least 1."""
     return max(1, min(DEFAULT_VAL_SIZE, int(training_rows * DEFAULT_VAL_FRACTION)))

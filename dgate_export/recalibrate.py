@@ -1,26 +1,34 @@
 """`calibrate --engine BUNDLE`: fit the thresholds to the bundle's own confidences (no torch).
 
-An fp16 (later int8) bundle, or another backend, computes confidences that differ from the torch
-model's in the last bits or more; the thresholds that keep a promise are the ones fitted to what runs.
+An fp16 or int8 bundle, or another backend, computes confidences that differ from the torch model's
+in the last bits or more; the thresholds that keep a promise are the ones fitted to what runs.
 `exit_scores` runs the bundle's segments with `GatedRuntime` on labelled rows, once per exit with every
 sample sent out there (the gates forced), and keeps each gate's confidence as the runtime computed it
 and each exit's correctness. `recalibrate` chooses thresholds on the validation rows with
-`calibrate.calibrate_scores` (the same promise and options as for a checkpoint), then rewrites only the
+`calibrate.calibrate_scores` (the same `Target` and promise as for a checkpoint), then rewrites only the
 gates' thresholds and a `calibration` record in manifest.json, atomically (`write_manifest`: validated,
-temp file, rename). The artifacts are untouched, so every sha256 the manifest lists still holds; the
-bundle is verified before and after.
+temp file, rename). The bundle is verified once, when the runtime loads it (every sha256); the
+artifacts are untouched, so every hash the manifest lists still holds afterwards.
+`calibrate_bundle` is the whole command: the recorded validation split, the data, the cost profile.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .calibrate import Calibration, Evaluation, Target, calibrate_scores, evaluate_scores, holdout_rows
 from .contract import exit_at
+from .data import check_input_shape, load_splits, recorded_split
 from .errors import UserError
+from .manifest import load_manifest, write_manifest
+from .profile import load_costs
+from .runtime import GatedRuntime
 
 
 def exit_scores(rt, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -38,21 +46,25 @@ def exit_scores(rt, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return conf, correct
 
 
-def recalibrate(bundle: str | Path, val: Any, test: Any | None, *, max_drop: float | None, budget: float | None,
-                guarantee: str, delta: float, upper_bound: float | None = None, seed: int = 0,
-                backend: str | None = None, runner_options: dict[str, Any] | None = None,
-                time_cost: tuple[list[float], dict] | None = None, data_record: dict[str, Any] | None = None):
-    """Choose the bundle's thresholds on `val` (a data.Dataset), evaluate them on `test`, rewrite the
-    manifest. Returns (Calibration, test Evaluation or None, old thresholds)."""
-    from .calibrate import _evaluate, calibrate_scores, check_target
-    from .manifest import verify_bundle, write_manifest
-    from .runtime import GatedRuntime
+@dataclass
+class Recalibrated:
+    calibration: Calibration
+    test: Evaluation | None  # the new thresholds on the test rows, when given
+    previous: list[float]  # the thresholds the manifest held before
+    exits: list[str]  # the gates' exit names
 
-    check_target(max_drop=max_drop, budget=budget, guarantee=guarantee, delta=delta, upper_bound=upper_bound)
-    manifest = verify_bundle(bundle)
-    rt = GatedRuntime.load(bundle, backend=backend, **(runner_options or {}))
+
+def recalibrate(bundle: str | Path, val: Any, test: Any | None, *, target: Target | None = None, seed: int = 0,
+                backend: str | None = None, runner_options: dict[str, Any] | None = None,
+                time_cost: tuple[list[float], dict] | None = None,
+                data_record: dict[str, Any] | None = None) -> Recalibrated:
+    """Choose the bundle's thresholds on `val` (a data.Dataset) for `target`, evaluate them on `test`,
+    rewrite the manifest."""
+    target = target or Target()
+    rt = GatedRuntime.load(bundle, backend=backend, **(runner_options or {}))  # verifies every sha256
+    manifest = rt.manifest
     try:
-        flops = rt.manifest.exit_costs()
+        flops = manifest.exit_costs()
         base_flops = float(manifest.baseline.flops or flops[-1])
         _check_labels(val.y, manifest.num_classes)
         conf, correct = exit_scores(rt, val.x, val.y)
@@ -65,8 +77,7 @@ def recalibrate(bundle: str | Path, val: Any, test: Any | None, *, max_drop: flo
         rt.close()
     costs, baseline = (time_cost[0], 1.0) if time_cost else (flops, base_flops)
     result = calibrate_scores(conf, correct, confidence=manifest.confidence, costs=costs, baseline_flops=baseline,
-                              max_drop=max_drop, budget=budget, upper_bound=upper_bound, guarantee=guarantee,
-                              delta=delta, seed=seed)
+                              target=target, seed=seed)
     if time_cost:
         expected = result.validation.expected_flops
         if expected >= 1.0:
@@ -78,10 +89,17 @@ def recalibrate(bundle: str | Path, val: Any, test: Any | None, *, max_drop: flo
         result.cost = dict(time_cost[1], unit="measured time / un-gated", exit_costs=list(time_cost[0]),
                            expected=float(expected))
         result.method += f"; cost: {time_cost[1]['description']}"
-    result.validation = _evaluate(conf, correct, np.asarray(flops), base_flops, result.thresholds)
+        # the report in FLOPs, on the rows each figure was made on (the choice was in units of time)
+        rows, out = np.arange(conf.shape[1]), None
+        if target.holdout is not None:
+            rows, out = holdout_rows(conf.shape[1], target.holdout, seed)
+            result.held_out = evaluate_scores(conf[:, out], correct[:, out], np.asarray(flops), base_flops,
+                                              result.thresholds)
+        result.validation = evaluate_scores(conf[:, rows], correct[:, rows], np.asarray(flops), base_flops,
+                                            result.thresholds)
     test_eval = None
     if test_scores is not None:
-        test_eval = _evaluate(*test_scores, np.asarray(flops), base_flops, result.thresholds)
+        test_eval = evaluate_scores(*test_scores, np.asarray(flops), base_flops, result.thresholds)
 
     old = list(manifest.thresholds)
     gates = [s.gate for s in manifest.segments if s.gate is not None]
@@ -93,13 +111,43 @@ def recalibrate(bundle: str | Path, val: Any, test: Any | None, *, max_drop: flo
         "data": data_record,
         "previous_thresholds": old,
         "mode": result.mode, "target": result.target, "guarantee": result.to_dict()["guarantee"],
+        "target_options": target.to_dict(),
         "promise": result.promise(), "method": result.method,
         "validation": {k: v for k, v in result.validation.to_dict().items() if k != "thresholds"},
+        "held_out": result.held_out.to_dict() if result.held_out is not None else None,
         "cost": result.cost,
     }
-    write_manifest(bundle, manifest)
-    verify_bundle(bundle)
-    return result, test_eval, old
+    write_manifest(bundle, manifest)  # validated, atomic; the artifacts (and their hashes) are untouched
+    return Recalibrated(result, test_eval, old, [g.exit for g in gates])
+
+
+def calibrate_bundle(bundle: str | Path, data: str, *, target: Target | None = None, data_dir: str | None = None,
+                     repeat_channels: bool = False, val_size: int | None = None, seed: int | None = None,
+                     cost_path: str | Path | None = None, cost_batch: int | None = None,
+                     warn: Callable[[str], Any] | None = None) -> Recalibrated:
+    """`dgate-export calibrate --engine BUNDLE --data DATA`: thresholds fitted on the validation split the
+    bundle records (its checkpoint's), reported on the test split; `cost_path` (a `dgate-export profile`)
+    minimizes measured time instead of FLOPs. `warn` gets a line when DATA is not what the model was gated on."""
+    target = target or Target()
+    manifest = load_manifest(bundle)  # a clear error before any data is read; hashes: when the runtime loads it
+    data_split = (manifest.source or {}).get("data_split")
+    val_size, seed = recorded_split(data_split, f"{bundle} (built from {(manifest.source or {}).get('checkpoint')})",
+                                    val_size, seed)
+    if cost_batch is not None and not cost_path:
+        raise UserError("--cost-batch chooses a batch size of a --cost profile.", "Add --cost profile.json.")
+    time_cost = load_costs(cost_path, batch_size=cost_batch, manifest=manifest) if cost_path else None
+    gated_on = (data_split or {}).get("data")
+    if gated_on and gated_on != data and warn is not None:
+        warn(f"warning: {bundle} was gated on --data {gated_on}, this calibrates on {data}: its validation "
+             "rows must be ones the gates were never trained on.")
+    chw = tuple(int(d) for d in manifest.input.shape[1:])
+    splits = load_splits(data, data_dir=data_dir, channels=chw[0] if repeat_channels else None, val_size=val_size,
+                         seed=seed)
+    for name in ("val", "test"):
+        check_input_shape(splits[name].x, list(chw), where=f"data set {data!r} ({name})")
+    record = {"spec": data, "val_size": val_size, "seed": seed, "rows": len(splits["val"])}
+    return recalibrate(bundle, splits["val"], splits["test"], target=target, seed=seed, time_cost=time_cost,
+                       data_record=record)
 
 
 def _check_labels(y: np.ndarray, num_classes: int) -> None:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from .calibrate import Calibration, Evaluation
-    from .checkpoint import CheckpointSummary
+    from .compile.checkpoint import CheckpointSummary
     from .manifest import FileCheck, Manifest, TensorSpec
 
 MIN_WIDTH = 120  # rich gives logs and pipes 80 columns: too narrow for the bench and inspect tables

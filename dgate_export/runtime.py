@@ -408,14 +408,14 @@ class GatedRuntime:
         slot.write(self._input_name, x)
         slot.run()
         for k in range(self.num_gates):
-            c = slot.read("confidence").item()
+            c = slot.read(CONFIDENCE).item()
             if c >= thr[k]:
-                return self._result_one(slot.read("logits"), k, c)
+                return self._result_one(slot.read(LOGITS), k, c)
             slot = self._slotted[k + 1].slot(1, slot, self._links[k + 1])
             if not slot.runs:
-                slot.write("index", self._rows[:1])
+                slot.write(INDEX, self._rows[:1])
             slot.run()
-        final = slot.read("logits")
+        final = slot.read(LOGITS)
         with np.errstate(all="ignore"):  # non-finite logits are reported by _check_output
             conf = confidence_np(self._measure, final).item()
         return self._result_one(final, self.num_gates, conf)

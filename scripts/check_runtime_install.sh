@@ -19,17 +19,17 @@ PYTHONPATH=$ROOT "$MAIN_PY" - "$WORK" <<'PYEOF'
 import sys
 from pathlib import Path
 
-from dgate_export import checkpoint
-from dgate_export.build import build_bundle
-from dgate_export.gated import GatedModel
-from dgate_export.zoo import arch_info, build_backbone
+from dgate_export.compile import checkpoint
+from dgate_export.compile.build import BuildOptions, build_bundle
+from dgate_export.compile.model import GatedModel
+from dgate_export.compile.zoo import arch_info, build_backbone
 
 work = Path(sys.argv[1])
 kwargs = {"num_classes": 10}
 model = GatedModel(build_backbone("resnet20", kwargs), list(arch_info("resnet20").default_exits),
                    arch={"name": "resnet20", "kwargs": kwargs}, num_classes=10, input_shape=(1, 28, 28),
                    thresholds=[0.5, 0.5, 0.5])
-build_bundle(checkpoint.save(model, work / "model.pt"), work / "bundle", max_batch=8, progress=None)
+build_bundle(checkpoint.save(model, work / "model.pt"), work / "bundle", BuildOptions(max_batch=8), progress=None)
 PYEOF
 
 echo "== pip install . (no extras) into a fresh venv"

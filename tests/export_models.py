@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dgate_export import checkpoint, zoo
-from dgate_export.gated import GatedModel
+from dgate_export.compile import checkpoint, zoo
+from dgate_export.compile.model import GatedModel
 
 
 def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

@@ -7,12 +7,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dgate_export import checkpoint, zoo
 from dgate_export.bench import LATENCY_KEYS, SCHEMA, check_report
-from dgate_export.build import build_bundle
+from dgate_export.calibrate import Target
 from dgate_export.cli import main
+from dgate_export.compile import checkpoint, zoo
+from dgate_export.compile.build import BuildOptions, build_bundle
+from dgate_export.compile.model import GatedModel
 from dgate_export.errors import UserError
-from dgate_export.gated import GatedModel
 
 FAST = ["--warmup-ms", "5", "--min-iterations", "3", "--min-seconds", "0.05"]
 
@@ -29,10 +30,10 @@ def bundle(tmp_path_factory):
     from dgate_export.data import load_dataset
     x = torch.from_numpy(load_dataset("fashion-mnist", "val").x[:256])
     with torch.no_grad():
-        from dgate_export.gates import confidence_torch
+        from dgate_export.compile.heads import confidence_torch
         model.thresholds = [float(confidence_torch("max-softmax", logits).median()) for logits in model(x)[:-1]]
     path = checkpoint.save(model, tmp / "model.pt")
-    return build_bundle(path, tmp / "bundle", max_batch=64, progress=lambda *a, **k: None)
+    return build_bundle(path, tmp / "bundle", BuildOptions(max_batch=64), progress=lambda *a, **k: None)
 
 
 def bench(args):
@@ -248,18 +249,19 @@ def test_calibrate_engine_rewrites_only_the_thresholds(bundle, tmp_path):
     conf, correct = exit_scores(rt, val.x, val.y)
     costs = [float(c) for c in np.cumsum([s.flops + (s.gate.head_flops if s.gate else 0) for s in after.segments])]
     expected = calibrate_scores(conf, correct, confidence=after.confidence, costs=costs,
-                                baseline_flops=after.baseline.flops, budget=0.6)
+                                baseline_flops=after.baseline.flops, target=Target(budget=0.6))
     assert after.thresholds == expected.thresholds
     ran = rt.run(val.x)
     assert float(np.dot(ran.exit_counts, costs)) / len(val.y) <= 0.6 * after.baseline.flops + 1e-6
     rt.close()
 
     # fp16: the bundle's confidences differ from the torch model's, and so do the thresholds fitted to them
-    from dgate_export.quantize import Int8Options
+    from dgate_export.compile.quantize import CalibrationData
 
     # build --precision fp16 --calibration-data refits the thresholds to the fp16 graphs before the rename
-    refit = Int8Options(data=f"npz:{data}", max_drop=0.0, guarantee="none")
-    fp16 = build_bundle(model_path, tmp_path / "fp16", precision="fp16", max_batch=64, int8=refit,
+    refit = CalibrationData(data=f"npz:{data}", target=Target(max_drop=0.0, guarantee="none"))
+    fp16 = build_bundle(model_path, tmp_path / "fp16",
+                        BuildOptions(precision="fp16", max_batch=64, calibration=refit),
                         progress=lambda *a, **k: None)
     built = verify_bundle(fp16)
     assert built.calibration["on"]["precision"] == "fp16" and built.calibration["data"]["rows"] == 600

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from dgate_export import checkpoint
 from dgate_export.calibrate import evaluate
+from dgate_export.compile import checkpoint
+from dgate_export.compile.train import collect_exit_logits
+from dgate_export.compile.zoo import build_backbone
 from dgate_export.confidence import confidence
 from dgate_export.data import DEFAULT_FMNIST_DIR, load_dataset
-from dgate_export.train import collect_exit_logits
-from dgate_export.zoo import build_backbone
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 RESULTS = json.loads((BENCH / "results.json").read_text()) if (BENCH / "results.json").is_file() else []

@@ -14,10 +14,11 @@ import torch
 from click.testing import CliRunner
 from export_models import gated, save
 
-from dgate_export import checkpoint
 from dgate_export.backends import get_backend
-from dgate_export.build import abs_error, build_bundle, probe_thresholds, rel_error, within
 from dgate_export.cli import main
+from dgate_export.compile import checkpoint
+from dgate_export.compile.build import BuildOptions, build_bundle
+from dgate_export.compile.parity import abs_error, probe_thresholds, rel_error, within
 from dgate_export.errors import UserError
 from dgate_export.manifest import load_manifest, verify_bundle
 
@@ -73,7 +74,7 @@ def test_a_wrong_carry_link_fails_the_build_at_parity(tmp_path, skip_ckpt, monke
     path, _ = skip_ckpt
     lines = []
     with pytest.raises(UserError) as info:
-        build_bundle(path, tmp_path / "out", max_batch=32, progress=lines.append)
+        build_bundle(path, tmp_path / "out", BuildOptions(max_batch=32), progress=lines.append)
     assert "step 5/9 (parity)" in str(info.value) and "exit 1's logits differ" in str(info.value)
     assert not any(line.startswith("[6/9]") for line in lines)  # no engine was built
     assert _listing(tmp_path) == []
@@ -127,7 +128,7 @@ def skip_ckpt(tmp_path_factory):
 def test_build_skip_model(tmp_path, skip_ckpt):
     path, _ = skip_ckpt
     lines = []
-    out = build_bundle(path, tmp_path / "bundles" / "skip", max_batch=32, progress=lines.append)
+    out = build_bundle(path, tmp_path / "bundles" / "skip", BuildOptions(max_batch=32), progress=lines.append)
     assert out == tmp_path / "bundles" / "skip"
     assert _listing(tmp_path / "bundles") == ["skip"]  # no temporary directory left beside it
     manifest = _check_bundle(out, checkpoint.load(path), max_batch=32)
@@ -150,7 +151,8 @@ def _umask():
 
 def test_fp16_skip_model(tmp_path, skip_ckpt):
     path, _ = skip_ckpt
-    out = build_bundle(path, tmp_path / "skip16", precision="fp16", max_batch=32, progress=_quiet)
+    out = build_bundle(path, tmp_path / "skip16", BuildOptions(precision="fp16", max_batch=32),
+                       progress=_quiet)
     manifest = _check_bundle(out, checkpoint.load(path), precision="fp16", max_batch=32)
     assert manifest.input.dtype == "float16"
     assert manifest.segments[0].outputs[-1].dtype == "float32"  # confidence
@@ -158,7 +160,8 @@ def test_fp16_skip_model(tmp_path, skip_ckpt):
 
 def test_torchscript_exporter(tmp_path, skip_ckpt):
     path, _ = skip_ckpt
-    out = build_bundle(path, tmp_path / "ts", exporter="torchscript", max_batch=32, progress=_quiet)
+    out = build_bundle(path, tmp_path / "ts", BuildOptions(max_batch=32, exporter="torchscript"),
+                       progress=_quiet)
     manifest = _check_bundle(out, checkpoint.load(path), max_batch=32)
     assert manifest.tools["exporter"] == "torchscript"
 
@@ -166,22 +169,23 @@ def test_torchscript_exporter(tmp_path, skip_ckpt):
 def test_default_output_and_force(tmp_path, skip_ckpt, monkeypatch):
     path, _ = skip_ckpt
     monkeypatch.chdir(tmp_path)
-    out = build_bundle(path, exporter="torchscript", max_batch=8, progress=_quiet).resolve()
+    out = build_bundle(path, None, BuildOptions(max_batch=8, exporter="torchscript"), progress=_quiet).resolve()
     assert out.resolve() == tmp_path / "engines" / "skip"
     before = (out / "manifest.json").read_text()
 
     with pytest.raises(UserError, match="already exists") as info:
-        build_bundle(path, exporter="torchscript", max_batch=8, progress=_quiet)
+        build_bundle(path, None, BuildOptions(max_batch=8, exporter="torchscript"), progress=_quiet)
     assert "--force" in str(info.value)
     assert (out / "manifest.json").read_text() == before
 
     # --force with a build that fails keeps the old bundle
     with pytest.raises(UserError):
-        build_bundle(path, opset=1, force=True, exporter="torchscript", max_batch=8, progress=_quiet)
+        build_bundle(path, None, BuildOptions(max_batch=8, opset=1, force=True, exporter="torchscript"),
+                     progress=_quiet)
     assert (out / "manifest.json").read_text() == before
     assert _listing(tmp_path / "engines") == ["skip"]
 
-    build_bundle(path, force=True, exporter="torchscript", max_batch=16, progress=_quiet)
+    build_bundle(path, None, BuildOptions(max_batch=16, force=True, exporter="torchscript"), progress=_quiet)
     assert load_manifest(out).max_batch == 16
     assert _listing(tmp_path / "engines") == ["skip"]
 
@@ -192,7 +196,7 @@ def test_force_never_replaces_a_directory_that_is_not_a_bundle(tmp_path, skip_ck
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
     with pytest.raises(UserError, match="not a bundle"):
-        build_bundle(path, other, force=True, progress=_quiet)
+        build_bundle(path, other, BuildOptions(force=True), progress=_quiet)
     assert _listing(other) == ["notes.txt"]
 
 
@@ -224,12 +228,12 @@ def test_bad_checkpoints_leave_nothing(tmp_path, skip_ckpt):
 def test_unknown_and_missing_backends_are_refused_before_any_work(tmp_path, skip_ckpt):
     path, _ = skip_ckpt
     with pytest.raises(UserError, match="Unknown backend 'tensorflow'"):
-        build_bundle(path, tmp_path / "out", backend="tensorflow", progress=_quiet)
+        build_bundle(path, tmp_path / "out", BuildOptions(backend="tensorflow"), progress=_quiet)
     trt_ok, _ = get_backend("tensorrt", check=False).available()
     if not trt_ok:
         lines = []
         with pytest.raises(UserError, match="tensorrt backend cannot be used"):
-            build_bundle(path, tmp_path / "out", backend="tensorrt", progress=lines.append)
+            build_bundle(path, tmp_path / "out", BuildOptions(backend="tensorrt"), progress=lines.append)
         assert lines == []  # refused before step 1
     assert _listing(tmp_path) == []
 
@@ -262,7 +266,7 @@ def test_bad_options_are_refused(tmp_path, skip_ckpt):
     for kwargs, phrase in [({"precision": "int4"}, "precision"), ({"max_batch": 0}, "max batch"),
                            ({"exporter": "tf"}, "exporter"), ({"opset": 13}, "opset 13")]:
         with pytest.raises(UserError, match=phrase):
-            build_bundle(path, tmp_path / "out", progress=_quiet, **kwargs)
+            build_bundle(path, tmp_path / "out", BuildOptions(**kwargs), progress=_quiet)
     assert _listing(tmp_path) == []
 
 
@@ -325,7 +329,8 @@ def test_cli_build_and_inspect(tmp_path, skip_ckpt):
 def test_manifest_json_is_plain(tmp_path, skip_ckpt):
     """What a C++ reader sees: plain JSON, thresholds as numbers, no NaN."""
     path, _ = skip_ckpt
-    out = build_bundle(path, tmp_path / "b", exporter="torchscript", max_batch=4, progress=_quiet)
+    out = build_bundle(path, tmp_path / "b", BuildOptions(max_batch=4, exporter="torchscript"),
+                       progress=_quiet)
     data = json.loads((out / "manifest.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert data["format"] == "dgate-bundle/1"
     assert [s["gate"]["threshold"] for s in data["segments"][:-1]] == [0.6, 0.5]
@@ -340,7 +345,7 @@ def test_zoo_resnet(tmp_path, precision):
     """The demo model: a small zoo ResNet with 3 gates on 1x28x28."""
     model = gated("resnet20", kwargs={"width": 8}, input_shape=(1, 28, 28), num_classes=10)
     path = save(model, tmp_path / "resnet20.pt")
-    out = build_bundle(path, tmp_path / "resnet20", precision=precision, progress=_quiet)
+    out = build_bundle(path, tmp_path / "resnet20", BuildOptions(precision=precision), progress=_quiet)
     _check_bundle(out, checkpoint.load(path), precision=precision)
 
 
@@ -353,7 +358,7 @@ def test_torchvision(tmp_path, arch, exporter):
     model = gated(arch, input_shape=(3, 32, 32), num_classes=10)
     assert model.num_gates == 3
     path = save(model, tmp_path / "tv.pt")
-    out = build_bundle(path, tmp_path / "tv", max_batch=64, exporter=exporter, progress=_quiet)
+    out = build_bundle(path, tmp_path / "tv", BuildOptions(max_batch=64, exporter=exporter), progress=_quiet)
     _check_bundle(out, checkpoint.load(path), max_batch=64)
 
 
@@ -364,7 +369,8 @@ def test_token_and_channels_last_exits_build(tmp_path, arch, layout):
     model = gated(arch, input_shape=(1, 8, 8), head="grid")
     assert model.feature_layouts == [layout]
     path = save(model, tmp_path / "m.pt")
-    out = build_bundle(path, tmp_path / "b", max_batch=16, exporter="torchscript", progress=_quiet)
+    out = build_bundle(path, tmp_path / "b", BuildOptions(max_batch=16, exporter="torchscript"),
+                       progress=_quiet)
     _check_bundle(out, checkpoint.load(path), max_batch=16)
 
 
@@ -382,7 +388,8 @@ def test_parity_tolerance_scales_with_what_fp32_can_do(tmp_path):
         weight = model.heads[0].fc.weight
         weight.sub_(weight.mean(dim=1, keepdim=True))
     path = save(model, tmp_path / "m.pt")
-    out = build_bundle(path, tmp_path / "b", max_batch=64, exporter="torchscript", progress=_quiet)
+    out = build_bundle(path, tmp_path / "b", BuildOptions(max_batch=64, exporter="torchscript"),
+                       progress=_quiet)
     parity = load_manifest(out).source["parity"]
     assert parity["torch_vs_float64"]["logits"][0] > 1e-4  # float32 cannot do 1e-4 here, torch included
     assert 1e-4 < parity["logit_tolerances"][0] < 1e-2

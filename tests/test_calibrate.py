@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dgate_export import calibrate as cal
-from dgate_export.calibrate import DISABLED, calibrate, evaluate, exit_costs, save_curve
+from dgate_export.calibrate import DISABLED, Target, calibrate, evaluate, exit_costs, save_curve
 from dgate_export.errors import UserError
 from dgate_export.render import calibration_plot
 
@@ -77,8 +77,10 @@ def test_grid_matches_brute_force(monkeypatch):
 @pytest.mark.parametrize("level", [0.8, 0.95])
 def test_upper_bound_holds_the_drop_bound_and_costs_more(level):
     logits, y = synthetic(n=3000, seed=4)
-    plain = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, guarantee="none", max_drop=0.02)
-    bound = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, guarantee="none", max_drop=0.02, upper_bound=level)
+    plain = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE,
+                      target=Target(max_drop=0.02, guarantee="none"))
+    bound = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE,
+                      target=Target(max_drop=0.02, guarantee="none", upper_bound=level))
     assert bound.upper_bound == level and "upper confidence bound" in bound.method
     assert drop_bound(logits, y, bound.thresholds, level) <= 0.02 + 1e-9
     # the plain calibration spends the whole drop, so its bound is above it; the bound costs FLOPs
@@ -102,11 +104,13 @@ def test_evaluation_drop_bound_matches_the_per_sample_bound(level):
 
 def test_holdout_keeps_rows_out_of_the_choice_and_reports_them():
     logits, y = synthetic(n=2000, seed=5)
-    result = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, guarantee="none", max_drop=0.02, holdout=0.3, seed=3)
+    result = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, seed=3,
+                       target=Target(max_drop=0.02, guarantee="none", holdout=0.3))
     kept, out = cal.holdout_rows(len(y), 0.3, seed=3)
     assert len(out) == 600 and len(kept) == 1400 and not set(kept) & set(out)
     # the same as calibrating on the kept rows alone, then evaluating on the others
-    alone = calibrate([lg[kept] for lg in logits], y[kept], costs=COSTS, baseline_flops=BASELINE, guarantee="none", max_drop=0.02)
+    alone = calibrate([lg[kept] for lg in logits], y[kept], costs=COSTS, baseline_flops=BASELINE,
+                      target=Target(max_drop=0.02, guarantee="none"))
     assert result.thresholds == alone.thresholds and result.validation.samples == 1400
     check = evaluate([lg[out] for lg in logits], y[out], confidence="max-softmax", thresholds=result.thresholds,
                      costs=COSTS, baseline_flops=BASELINE)
@@ -114,15 +118,17 @@ def test_holdout_keeps_rows_out_of_the_choice_and_reports_them():
     assert result.to_dict()["held_out"]["samples"] == 600 and "held out" in result.method
     for bad in (0.0, 1.0, 1.5, 0.0001):
         with pytest.raises(UserError, match="holdout"):
-            calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, guarantee="none", max_drop=0.02, holdout=bad)
+            calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE,
+                      target=Target(max_drop=0.02, guarantee="none", holdout=bad))
 
 
 def test_upper_bound_refinement_keeps_the_bound():
     """Coordinate descent moves thresholds one by one; each move must keep the bound, not just the count."""
     logits, y = synthetic(n=1500, seed=7)
-    coarse = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, guarantee="none", max_drop=0.03, upper_bound=0.9,
-                       refine=False)
-    fine = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, guarantee="none", max_drop=0.03, upper_bound=0.9)
+    coarse = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, refine=False,
+                       target=Target(max_drop=0.03, guarantee="none", upper_bound=0.9))
+    fine = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE,
+                     target=Target(max_drop=0.03, guarantee="none", upper_bound=0.9))
     assert fine.validation.expected_flops <= coarse.validation.expected_flops
     for result in (coarse, fine):
         assert drop_bound(logits, y, result.thresholds, 0.9) <= 0.03 + 1e-9
@@ -131,7 +137,8 @@ def test_upper_bound_refinement_keeps_the_bound():
 @pytest.mark.parametrize("max_drop", [0.0, 0.01, 0.05])
 def test_max_drop_is_met_and_saves_flops(max_drop):
     logits, y = synthetic()
-    result = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, guarantee="none", max_drop=max_drop)
+    result = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE,
+                       target=Target(max_drop=max_drop, guarantee="none"))
     val = result.validation
     acc, flops = brute_force(logits, y, result.thresholds)
     assert val.accuracy == pytest.approx(acc) and val.expected_flops == pytest.approx(flops)
@@ -143,15 +150,18 @@ def test_max_drop_is_met_and_saves_flops(max_drop):
 
 def test_looser_drop_costs_less():
     logits, y = synthetic()
-    costs = [calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, guarantee="none", max_drop=d).validation.expected_flops
+    costs = [calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE,
+                       target=Target(max_drop=d, guarantee="none")).validation.expected_flops
              for d in (0.0, 0.02, 0.1)]
     assert costs[0] >= costs[1] >= costs[2] and costs[0] > costs[2]
 
 
 def test_refinement_never_hurts():
     logits, y = synthetic()
-    coarse = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, guarantee="none", max_drop=0.01, refine=False)
-    fine = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, guarantee="none", max_drop=0.01)
+    coarse = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, refine=False,
+                       target=Target(max_drop=0.01, guarantee="none"))
+    fine = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE,
+                     target=Target(max_drop=0.01, guarantee="none"))
     assert fine.validation.expected_flops <= coarse.validation.expected_flops
     assert fine.validation.accuracy >= fine.validation.accuracy_ungated - 0.01
 
@@ -159,15 +169,16 @@ def test_refinement_never_hurts():
 @pytest.mark.parametrize("budget", [0.3, 0.5, 0.8])
 def test_budget_is_met_and_more_budget_is_more_accurate(budget):
     logits, y = synthetic()
-    result = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, budget=budget)
+    result = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, target=Target(budget=budget))
     assert result.validation.expected_flops <= budget * BASELINE + 1e-9
-    tighter = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, budget=budget - 0.1)
+    tighter = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, target=Target(budget=budget - 0.1))
     assert tighter.validation.accuracy <= result.validation.accuracy
 
 
 def test_pareto_curve_is_monotone_and_contains_the_extremes():
     logits, y = synthetic()
-    result = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, guarantee="none", max_drop=0.01)
+    result = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE,
+                       target=Target(max_drop=0.01, guarantee="none"))
     flops = [p["flops"] for p in result.curve]
     accs = [p["accuracy"] for p in result.curve]
     assert flops == sorted(flops) and accs == sorted(accs)
@@ -181,28 +192,43 @@ def test_pareto_curve_is_monotone_and_contains_the_extremes():
 def test_infeasible_budget_reports_the_cheapest():
     logits, y = synthetic()
     with pytest.raises(UserError, match=r"0\.154"):   # cheapest = COSTS[0] / BASELINE = 10 / 65
-        calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, budget=0.1)
+        calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, target=Target(budget=0.1))
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({}, "exactly one"),
     ({"max_drop": 0.01, "budget": 0.5}, "exactly one"),
     ({"max_drop": -0.1}, "max_drop"),
     ({"budget": 0.0}, "positive"),
-    ({"max_drop": 0.01, "confidence": "nope"}, "Unknown confidence"),
     ({"budget": 0.5, "upper_bound": 0.9}, "needs max_drop"),
     ({"max_drop": 0.01, "upper_bound": 1.0}, "level in"),
+    ({"max_drop": 0.01, "upper_bound": 0.9}, "replaces the default guarantee"),
+    ({"delta": 1.5}, "delta"),
+    ({"guarantee": "always"}, "Unknown guarantee"),
+    ({"holdout": 1.0}, "holdout"),
 ])
-def test_bad_targets_are_user_errors(kwargs, message):
-    logits, y = synthetic(n=50)
+def test_bad_targets_are_refused_when_made(kwargs, message):
+    """A Target checks itself when it is made: a bad flag fails before any data is read."""
     with pytest.raises(UserError, match=message):
-        calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, **kwargs)
+        Target(**kwargs)
+
+
+def test_the_default_target_is_the_one_point_promise():
+    assert Target() == Target(max_drop=0.01, guarantee="ltt", delta=0.1)
+    assert Target(budget=0.5).max_drop is None
+    assert Target.from_dict(Target(budget=0.5, holdout=0.3).to_dict()) == Target(budget=0.5, holdout=0.3)
+
+
+def test_an_unknown_confidence_is_a_user_error():
+    logits, y = synthetic(n=50)
+    with pytest.raises(UserError, match="Unknown confidence"):
+        calibrate(logits, y, confidence="nope", costs=COSTS, baseline_flops=BASELINE)
 
 
 @pytest.mark.parametrize("name", ["margin", "entropy"])
 def test_other_confidences(name):
     logits, y = synthetic()
-    result = calibrate(logits, y, confidence=name, costs=COSTS, baseline_flops=BASELINE, guarantee="none", max_drop=0.01)
+    result = calibrate(logits, y, confidence=name, costs=COSTS, baseline_flops=BASELINE,
+                       target=Target(max_drop=0.01, guarantee="none"))
     ev = evaluate(logits, y, confidence=name, thresholds=result.thresholds, costs=COSTS,
                   baseline_flops=BASELINE)
     assert ev.accuracy == pytest.approx(result.validation.accuracy)
@@ -211,11 +237,13 @@ def test_other_confidences(name):
 
 def test_single_gate_and_many_gates():
     logits, y = synthetic(gates=1)
-    one = calibrate(logits, y, costs=[10.0, 70.0], baseline_flops=65.0, guarantee="none", max_drop=0.01)
+    one = calibrate(logits, y, costs=[10.0, 70.0], baseline_flops=65.0,
+                    target=Target(max_drop=0.01, guarantee="none"))
     assert len(one.thresholds) == 1
     logits, y = synthetic(gates=5, n=1000)
     costs = [10.0 * (k + 1) for k in range(6)]
-    five = calibrate(logits, y, costs=costs, baseline_flops=55.0, guarantee="none", max_drop=0.01)
+    five = calibrate(logits, y, costs=costs, baseline_flops=55.0,
+                     target=Target(max_drop=0.01, guarantee="none"))
     assert len(five.thresholds) == 5
     assert five.validation.accuracy >= five.validation.accuracy_ungated - 0.01
 
@@ -227,7 +255,8 @@ def test_exit_costs_from_flops():
 
 def test_save_curve_writes_json_and_render_the_png(tmp_path):
     logits, y = synthetic()
-    result = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, guarantee="none", max_drop=0.01)
+    result = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE,
+                       target=Target(max_drop=0.01, guarantee="none"))
     test = evaluate(logits, y, confidence="max-softmax", thresholds=result.thresholds, costs=COSTS,
                     baseline_flops=BASELINE)
     save_curve(result, tmp_path / "m.curve.json", test=test)

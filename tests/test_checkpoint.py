@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from dgate_export import checkpoint, zoo
+from dgate_export.compile import checkpoint, zoo
+from dgate_export.compile.model import GatedModel
 from dgate_export.errors import UserError
-from dgate_export.gated import GatedModel
 
 
 def small_model(**kw):

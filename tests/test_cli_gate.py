@@ -10,10 +10,11 @@ import torch
 from click.testing import CliRunner
 from tiny_arch import NAME, TinyCNN
 
-from dgate_export import checkpoint
+from dgate_export.calibrate import Target
 from dgate_export.cli import main
+from dgate_export.compile import checkpoint
+from dgate_export.compile.gate import GateOptions, gate_backbone
 from dgate_export.data import DEFAULT_FMNIST_DIR, load_dataset
-from dgate_export.gate_pipeline import GateOptions, gate_backbone
 
 pytestmark = pytest.mark.skipif(
     not (DEFAULT_FMNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
@@ -195,7 +196,8 @@ def test_gate_pipeline_returns_what_it_made(npz, tmp_path, capsys):
     torch.save(TinyCNN().state_dict(), weights)
     lines: list[str] = []
     options = GateOptions(arch=NAME, data=f"npz:{npz}", output=tmp_path / "g.pt", weights=weights, epochs=1,
-                          head="mlp", head_kwargs={"hidden": 16}, guarantee="none", progress_bars=False)
+                          head="mlp", head_kwargs={"hidden": 16}, progress_bars=False,
+                          target=Target(guarantee="none"))
     gated = gate_backbone(options, progress=lines.append)
     assert capsys.readouterr().out == ""  # the report is the caller's to print
     assert lines[0] == f"backbone: {NAME} with weights from {weights}"

@@ -10,8 +10,8 @@ import pytest
 import torch
 from export_models import gated
 
+from dgate_export.compile.export import export_baseline, export_segment, segment_graph
 from dgate_export.errors import UserError
-from dgate_export.export import export_baseline, export_segment, segment_graph
 
 FEEDS = [(5, [4, 0, 0, 2]), (1, [0]), (2, [1, 0, 1, 1, 0, 0, 1])]  # (rows, index): duplicates, N > P too
 

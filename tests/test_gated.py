@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from dgate_export.compile.model import GatedModel
+from dgate_export.compile.split import split_backbone
+from dgate_export.compile.zoo import arch_info, build_backbone
 from dgate_export.errors import UserError
-from dgate_export.gated import GatedModel
-from dgate_export.split import split_backbone
-from dgate_export.zoo import arch_info, build_backbone
 
 
 def gate(name, shape, exits=None, **kw):
@@ -45,7 +45,7 @@ def test_early_exit_compacts_and_keeps_rows():
     x = torch.randn(32, 1, 28, 28)
     with torch.no_grad():
         every = model(x)
-        from dgate_export.gates import confidence_torch
+        from dgate_export.compile.heads import confidence_torch
         conf0 = confidence_torch("max-softmax", every[0])
         threshold = conf0.median().item()
         out = model.early_exit(x, thresholds=[threshold, 1.5, 1.5])
@@ -140,7 +140,7 @@ def test_flops_add_up():
 def test_grid_head_pools_cells_of_the_feature_map():
     """The grid head's pooling is adaptive average pooling to its cells, for sides that divide evenly,
     and its FLOPs (the two linear layers on C x cells features) are counted per exit."""
-    from dgate_export.gates import make_head
+    from dgate_export.compile.heads import make_head
 
     for shape, cells in (((16, 28, 28), [4, 4]), ((32, 14, 14), [2, 2]), ((64, 7, 7), [1, 1]), ((8, 28, 14), [4, 2])):
         head = make_head("grid", shape, 10, hidden=32)
@@ -177,7 +177,7 @@ def _layout_model(arch, shape=(1, 8, 8), **kw):
 @pytest.mark.parametrize("head", ["linear", "grid"])
 def test_heads_detect_the_feature_layout(tmp_path, arch, kwargs, layout, pooled, head):
     """Heads pool over space (or take the class token / the mean over tokens), never over channels."""
-    from dgate_export import checkpoint
+    from dgate_export.compile import checkpoint
 
     shape = (1, 28, 28) if arch == "resnet20" else (1, 8, 8)
     model = _layout_model(arch, shape, kwargs=dict(kwargs), head=head)
@@ -197,7 +197,7 @@ def test_heads_detect_the_feature_layout(tmp_path, arch, kwargs, layout, pooled,
 
 
 def test_undetectable_layouts_are_refused_or_taken_from_the_user(tmp_path):
-    from dgate_export import checkpoint
+    from dgate_export.compile import checkpoint
 
     with pytest.raises(UserError, match=r"Cannot tell the layout of exit 'mix'.*\[N, 3, 5, 7\].*--feature-layout"):
         _layout_model("test_opaque")

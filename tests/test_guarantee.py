@@ -13,7 +13,7 @@ import pytest
 from test_calibrate import BASELINE, COSTS, synthetic
 
 from dgate_export import calibrate as cal
-from dgate_export.calibrate import DISABLED, calibrate, calibrate_scores
+from dgate_export.calibrate import DISABLED, Target, calibrate, calibrate_scores
 from dgate_export.errors import UserError
 
 SCORES = Path(__file__).parent / "data" / "resnet56_test_scores.npz"
@@ -62,8 +62,8 @@ def test_thresholds_sit_between_observed_confidences():
     conf, correct, costs = cal._prepare(logits, y, "max-softmax", COSTS)
     for guarantee in ("ltt", "none"):
         for kw in ({"max_drop": 0.02}, {"budget": 0.6}):
-            result = calibrate_scores(conf, correct, confidence="max-softmax", costs=costs, baseline_flops=BASELINE,
-                                      guarantee=guarantee, **kw)
+            result = calibrate_scores(conf, correct, confidence="max-softmax", costs=costs,
+                                      baseline_flops=BASELINE, target=Target(guarantee=guarantee, **kw))
             for k, t in enumerate(result.thresholds):
                 assert t == DISABLED or not np.any(conf[k] == np.float32(t)), (guarantee, kw, k, t)
                 # half-way: the same rows pass as at the observed confidence just above it
@@ -107,7 +107,7 @@ def test_none_mode_finds_the_brute_force_optimum_with_ties(seed):
     for max_drop in (0.0, 0.05, 0.1):
         best = brute_optimum(conf, correct, costs, max_drop)
         result = calibrate_scores(conf.astype(np.float32), correct, confidence="max-softmax", costs=costs,
-                                  baseline_flops=65.0, max_drop=max_drop, guarantee="none")
+                                  baseline_flops=65.0, target=Target(max_drop=max_drop, guarantee="none"))
         v = result.validation
         assert v.accuracy_ungated - v.accuracy <= max_drop + 1e-9
         assert v.expected_flops * 40 == pytest.approx(best[0]), (seed, max_drop)
@@ -120,8 +120,9 @@ def test_refinement_respects_ties_on_saturated_logits(monkeypatch):
     for seed in range(6):
         logits, y = saturated(n=900, seed=seed)
         for max_drop in (0.0, 0.005, 0.02):
-            r = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, max_drop=max_drop, guarantee="none")
-            exits = cal._exits_of(cal._prepare(logits, y, "max-softmax", COSTS)[0], r.thresholds)
+            r = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE,
+                          target=Target(max_drop=max_drop, guarantee="none"))
+            exits = cal.exits_of(cal._prepare(logits, y, "max-softmax", COSTS)[0], r.thresholds)
             right = sum(np.argmax(logits[k][i]) == y[i] for i, k in enumerate(exits))
             full = int((np.argmax(logits[-1], axis=1) == y).sum())
             assert full - right <= max_drop * len(y) + 1e-9, (seed, max_drop)
@@ -159,7 +160,8 @@ def test_learn_then_test_keeps_the_cheapest_set_that_passed(monkeypatch, max_dro
     monkeypatch.setattr(cal, "_TEST_CHUNK", 2)     # sets are tested in chunks: across chunk boundaries too
     logits, y = synthetic(n=1200, seed=11)
     conf, correct, costs = cal._prepare(logits, y, "max-softmax", COSTS)
-    result = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, max_drop=max_drop, delta=delta)
+    result = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE,
+                       target=Target(max_drop=max_drop, delta=delta))
     expected, passed = walk(conf, correct, costs, max_drop, delta)
     assert result.thresholds == pytest.approx(expected)
     g = result.guarantee
@@ -190,12 +192,14 @@ def test_fixed_sequence_stops_at_the_first_failure(monkeypatch):
 
 def test_learn_then_test_is_more_cautious_than_the_validation_drop():
     logits, y = synthetic(n=4000, seed=2)
-    plain = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, max_drop=0.02, guarantee="none")
-    ltt = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, max_drop=0.02)
+    plain = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE,
+                      target=Target(max_drop=0.02, guarantee="none"))
+    ltt = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, target=Target(max_drop=0.02))
     assert plain.guarantee is None and ltt.guarantee is not None
     assert ltt.validation.accuracy_drop < plain.validation.accuracy_drop
     assert ltt.validation.expected_flops > plain.validation.expected_flops
-    looser = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, max_drop=0.02, delta=0.5)
+    looser = calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE,
+                       target=Target(max_drop=0.02, delta=0.5))
     assert looser.validation.expected_flops <= ltt.validation.expected_flops
 
 
@@ -203,13 +207,13 @@ def test_too_few_rows_says_how_many_would_do():
     logits, y = synthetic(n=4000, seed=3)
     few = [lg[:300] for lg in logits], y[:300]
     with pytest.raises(UserError, match=r"about [\d,]+ validation rows") as err:
-        calibrate(*few, costs=COSTS, baseline_flops=BASELINE, max_drop=0.01)
+        calibrate(*few, costs=COSTS, baseline_flops=BASELINE, target=Target(max_drop=0.01))
     needed = int(err.value.args[0].split("about ")[1].split(" validation")[0].replace(",", ""))
     # at least what a set with no disagreement at all needs
     assert math.log(2 / 0.1) / 0.01 / (1 - cal.SEARCH_FRACTION) < needed < 100_000
-    assert calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, max_drop=0.01).guarantee.passed > 1
+    assert calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, target=Target(max_drop=0.01)).guarantee.passed > 1
     with pytest.raises(UserError, match="drops at least that much"):
-        calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, max_drop=0.0)
+        calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, target=Target(max_drop=0.0))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -220,9 +224,8 @@ def test_too_few_rows_says_how_many_would_do():
     ({"max_drop": 0.01, "upper_bound": 0.9}, "guarantee none"),
 ])
 def test_bad_guarantee_arguments_are_user_errors(kwargs, message):
-    logits, y = synthetic(n=50)
     with pytest.raises(UserError, match=message):
-        calibrate(logits, y, costs=COSTS, baseline_flops=BASELINE, **kwargs)
+        Target(**kwargs)
 
 
 @pytest.mark.slow
@@ -242,8 +245,8 @@ def test_the_guarantee_holds_over_random_splits_of_real_scores(monkeypatch):
         perm = rng.permutation(n)
         fit, new = perm[:4000], perm[4000:]
         r = calibrate_scores(conf[:, fit], correct[:, fit], confidence="max-softmax", costs=costs,
-                             baseline_flops=float(data["baseline"]), max_drop=0.01, delta=0.1)
-        exits = cal._exits_of(conf[:, new], r.thresholds)
+                             baseline_flops=float(data["baseline"]), target=Target(max_drop=0.01, delta=0.1))
+        exits = cal.exits_of(conf[:, new], r.thresholds)
         drop = correct[-1, new].mean() - correct[exits, new].mean()
         exceed += drop > 0.01
         saved.append(r.validation.flops_reduction)

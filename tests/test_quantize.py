@@ -11,9 +11,10 @@ import pytest
 from click.testing import CliRunner
 from export_models import gated, save
 
-from dgate_export import quantize
-from dgate_export.build import build_bundle
+from dgate_export.calibrate import Target
 from dgate_export.cli import main
+from dgate_export.compile import quantize
+from dgate_export.compile.build import BuildOptions, build_bundle
 from dgate_export.data import load_dataset
 from dgate_export.errors import UserError
 from dgate_export.manifest import Manifest, load_manifest
@@ -37,7 +38,7 @@ def small(tmp_path_factory):
     an npz: 900 training rows (calibration), 300 validation rows (the split the model records). Backbone
     and gates trained briefly on the 900 rows: a random network's near-tied logits flip under any
     rounding, which says nothing about int8 (a few seconds)."""
-    from dgate_export.train import train_backbone, train_gates
+    from dgate_export.compile.train import train_backbone, train_gates
 
     root = tmp_path_factory.mktemp("int8")
     train = load_dataset("fashion-mnist", "train")
@@ -53,15 +54,16 @@ def small(tmp_path_factory):
 
 def _options(data, rows=256, **kw):
     # 300 validation rows are too few for calibrate's default promise (Learn then Test): hold the drop on them.
-    return quantize.Int8Options(data=data, rows=rows, guarantee="none", **kw)
+    return quantize.CalibrationData(data=data, rows=rows, **kw, target=Target(guarantee="none"))
 
 
 @pytest.mark.slow
 def test_int8_build_passes_its_checks(small, tmp_path):
     path, data, _ = small
     lines: list[str] = []
-    out = build_bundle(path, tmp_path / "b", precision="int8", int8=_options(data), exporter="torchscript",
-                       max_batch=64, progress=lines.append)
+    out = build_bundle(path, tmp_path / "b",
+                       BuildOptions(precision="int8", max_batch=64, exporter="torchscript", calibration=_options(data)),
+                       progress=lines.append)
     m = load_manifest(out)
     assert m.precision == "int8" and m.input.dtype == "float32"
     q = m.quantization
@@ -76,13 +78,14 @@ def test_int8_build_passes_its_checks(small, tmp_path):
     val = load_dataset(data, "val", val_size=VAL, seed=0)
     rt = GatedRuntime.load(out)
     from dgate_export.calibrate import calibrate_scores
-    from dgate_export.checkpoint import load
+    from dgate_export.compile.checkpoint import load
     from dgate_export.recalibrate import exit_scores
 
     model = load(path)
     conf, correct = exit_scores(rt, val.x, val.y)
     fit = calibrate_scores(conf, correct, confidence=model.confidence, costs=model.exit_costs(),
-                           baseline_flops=model.count_flops()["baseline"], max_drop=0.01, guarantee="none")
+                           baseline_flops=model.count_flops()["baseline"],
+                           target=Target(max_drop=0.01, guarantee="none"))
     assert list(m.thresholds) == pytest.approx(fit.thresholds)
     assert m.calibration["on"]["precision"] == "int8" and m.calibration["data"]["rows"] == VAL
     assert q["thresholds"]["fp32_thresholds"] == [0.6, 0.6, 0.6]
@@ -110,8 +113,9 @@ def test_int8_out_of_bounds_fails_the_build_and_leaves_nothing(small, tmp_path, 
     path, data, _ = small
     monkeypatch.setattr(quantize, "INT8_TOLERANCE", quantize.Int8Tolerance(logit_rel=1e-4))
     with pytest.raises(UserError) as info:
-        build_bundle(path, tmp_path / "b", precision="int8", int8=_options(data), exporter="torchscript",
-                     max_batch=64, progress=_quiet)
+        build_bundle(path, tmp_path / "b",
+                     BuildOptions(precision="int8", max_batch=64, exporter="torchscript", calibration=_options(data)),
+                     progress=_quiet)
     assert "step 6/10 (quantize)" in info.value.message and "segment 0" in info.value.message
     assert "more than 0.0001" in info.value.message and "--calibration-rows" in info.value.hint
     assert list(tmp_path.iterdir()) == []
@@ -135,8 +139,9 @@ def test_corrupted_calibration_data_is_refused_before_export(small, tmp_path):
     for name, (data, rows, phrase) in _corrupted(root, train).items():
         lines: list[str] = []
         with pytest.raises(UserError, match=phrase) as info:
-            build_bundle(path, tmp_path / "engines" / "b", precision="int8", int8=_options(data, rows),
-                         exporter="torchscript", progress=lines.append)
+            build_bundle(path, tmp_path / "engines" / "b",
+                         BuildOptions(precision="int8", exporter="torchscript", calibration=_options(data, rows)),
+                         progress=lines.append)
         assert "step 1/10 (load)" in info.value.message, name
         assert lines == [], name  # nothing exported
         assert list(tmp_path.iterdir()) == [], name  # not even the parent directory

@@ -20,9 +20,10 @@ import torch
 from click.testing import CliRunner
 from export_models import gated
 
-from dgate_export import checkpoint
-from dgate_export.build import build_bundle, probe_thresholds
 from dgate_export.cli import main
+from dgate_export.compile import checkpoint
+from dgate_export.compile.build import build_bundle
+from dgate_export.compile.parity import probe_thresholds
 from dgate_export.data import load_dataset
 from dgate_export.errors import UserError
 from dgate_export.runtime import GatedRuntime
@@ -30,6 +31,7 @@ from dgate_export.runtime import GatedRuntime
 ray = pytest.importorskip("ray", reason="the ray extra (pip install 'dgate-export[ray]') is not installed")
 pq = pytest.importorskip("pyarrow.parquet")
 
+from dgate_export.compile.build import BuildOptions
 from dgate_export.integrations.ray import (
     BundleClassifier,
     dataset_from_arrays,
@@ -54,8 +56,8 @@ def bundle(tmp_path_factory, fmnist):
         exits = model(torch.from_numpy(fmnist.x[:512]))
     model.thresholds = probe_thresholds([torch.softmax(lg, 1).amax(1).numpy() for lg in exits[:-1]])
     tmp = tmp_path_factory.mktemp("ray")
-    return build_bundle(checkpoint.save(model, tmp / "model.pt"), tmp / "bundle", exporter="torchscript",
-                        progress=None)
+    return build_bundle(checkpoint.save(model, tmp / "model.pt"), tmp / "bundle",
+                        BuildOptions(exporter="torchscript"), progress=None)
 
 
 @pytest.fixture(scope="module")

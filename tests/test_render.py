@@ -174,7 +174,7 @@ def test_bundle_tables_show_segments_costs_files_and_checks(tmp_path):
 
 
 def test_checkpoint_tables():
-    from dgate_export.checkpoint import CheckpointSummary, SegmentSummary
+    from dgate_export.compile.checkpoint import CheckpointSummary, SegmentSummary
 
     summary = CheckpointSummary(
         "runs/model.pt", {"name": "resnet20", "kwargs": {"num_classes": 10}}, [1, 28, 28], 10, "margin", "mlp",

@@ -15,10 +15,10 @@ import pytest
 import torch
 from export_models import gated
 
-from dgate_export import checkpoint
-from dgate_export.build import build_bundle
+from dgate_export.compile import checkpoint
+from dgate_export.compile.build import BuildOptions, build_bundle
+from dgate_export.compile.heads import confidence_torch
 from dgate_export.data import load_dataset
-from dgate_export.gates import confidence_torch
 from dgate_export.runtime import GatedRuntime
 
 MODELS = {
@@ -73,7 +73,8 @@ def case(request, tmp_path_factory):
         some.append(_mid_gap(conf[reach], 0.5))
         reach &= conf < some[-1]
     tmp = tmp_path_factory.mktemp(request.param.replace("/", "-"))
-    bundle = build_bundle(checkpoint.save(model, tmp / "model.pt"), tmp / "bundle", max_batch=64, progress=None)
+    bundle = build_bundle(checkpoint.save(model, tmp / "model.pt"), tmp / "bundle",
+                          BuildOptions(max_batch=64), progress=None)
     return model, GatedRuntime.load(bundle), x, some
 
 

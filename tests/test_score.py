@@ -4,7 +4,6 @@ on a Ray instance is tested in test_ray.py."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import numpy as np
@@ -12,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 from tiny_bundle import SHAPE, TinyGated, make_tiny_bundle
 
-from dgate_export.build import probe_thresholds
 from dgate_export.cli import main
+from dgate_export.compile.parity import probe_thresholds
 from dgate_export.errors import UserError
 from dgate_export.integrations.ray import BundleClassifier, pool_size, require_ray, user_error_in
 from dgate_export.runtime import GatedRuntime
@@ -165,13 +164,3 @@ def test_user_errors_are_recovered_from_ray_tracebacks():
     assert user_error_in(RuntimeError("ValueError: something else")) is None
     plain = UserError("as is")
     assert user_error_in(plain) is plain
-
-
-def test_scoring_imports_no_torch(tiny):
-    code = ("import sys\n"
-            "import dgate_export.score, dgate_export.integrations.ray\n"
-            "bad = [m for m in ('torch', 'torchvision', 'onnx', 'tensorrt') if m in sys.modules]\n"
-            "print('heavy:', bad)\n")
-    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "heavy: []" in out.stdout

@@ -410,18 +410,18 @@ def test_build_bundle_runs_like_onnxruntime(tmp_path):
     """The whole pipeline: a gated checkpoint built for TensorRT gives ONNX Runtime's exits."""
     if not TRT_OK:
         pytest.skip(f"TensorRT backend unavailable: {TRT_WHY}")
-    from dgate_export import checkpoint
-    from dgate_export.build import build_bundle
-    from dgate_export.gated import GatedModel
+    from dgate_export.compile import checkpoint
+    from dgate_export.compile.build import BuildOptions, build_bundle
+    from dgate_export.compile.model import GatedModel
+    from dgate_export.compile.zoo import arch_info, build_backbone
     from dgate_export.runtime import GatedRuntime
-    from dgate_export.zoo import arch_info, build_backbone
 
     kwargs = {"num_classes": 10}
     model = GatedModel(build_backbone("resnet20", kwargs), list(arch_info("resnet20").default_exits),
                        arch={"name": "resnet20", "kwargs": kwargs}, num_classes=10, input_shape=(1, 28, 28))
     path = checkpoint.save(model, tmp_path / "model.pt")
-    bundle = build_bundle(path, tmp_path / "bundle", backend="tensorrt", max_batch=8, progress=None)
-    from dgate_export.build import probe_thresholds
+    bundle = build_bundle(path, tmp_path / "bundle", BuildOptions(backend="tensorrt", max_batch=8), progress=None)
+    from dgate_export.compile.parity import probe_thresholds
 
     x = np.random.default_rng(0).standard_normal((40, 1, 28, 28)).astype(np.float32)
     trt_rt = GatedRuntime.load(bundle)
@@ -451,7 +451,7 @@ def test_int8_graphs_for_tensorrt_are_symmetric_int8(tmp_path):
     from onnx import numpy_helper
     from tiny_bundle import make_tiny_bundle
 
-    from dgate_export.quantize import quantize_graph
+    from dgate_export.compile.quantize import quantize_graph
 
     out, _ = make_tiny_bundle(tmp_path / "b", max_batch=MAX_BATCH)
     x = np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)
@@ -475,10 +475,11 @@ def test_int8_bundle_builds_and_runs_like_onnxruntime(tmp_path):
         pytest.skip(f"TensorRT backend unavailable: {TRT_WHY}")
     from export_models import gated, save
 
-    from dgate_export.build import build_bundle
+    from dgate_export.calibrate import Target
+    from dgate_export.compile.build import BuildOptions, build_bundle
+    from dgate_export.compile.quantize import CalibrationData
     from dgate_export.data import load_dataset
     from dgate_export.manifest import load_manifest
-    from dgate_export.quantize import Int8Options
     from dgate_export.runtime import GatedRuntime
 
     train = load_dataset("fashion-mnist", "train")
@@ -487,8 +488,9 @@ def test_int8_bundle_builds_and_runs_like_onnxruntime(tmp_path):
     model = gated("resnet20", kwargs={"width": 8}, input_shape=(1, 28, 28), num_classes=10,
                   data_split={"data": data, "val_size": 300, "seed": 0}, thresholds=[0.6, 0.6, 0.6])
     path = save(model, tmp_path / "m.pt")
-    bundle = build_bundle(path, tmp_path / "bundle", backend="tensorrt", precision="int8", max_batch=64,
-                          int8=Int8Options(data=data, rows=256, guarantee="none"), progress=None)
+    calibration = CalibrationData(data=data, rows=256, target=Target(guarantee="none"))
+    bundle = build_bundle(path, tmp_path / "bundle", BuildOptions(backend="tensorrt", precision="int8", max_batch=64,
+                                                                  calibration=calibration), progress=None)
     manifest = load_manifest(bundle)
     assert manifest.precision == "int8" and all(s.engine["precision"] == "int8" for s in manifest.segments)
     x = train.x[2000:2200]
@@ -511,12 +513,12 @@ def test_build_checks_the_engines_against_torch_through_the_runtime(tmp_path, mo
         pytest.skip(f"TensorRT backend unavailable: {TRT_WHY}")
     from export_models import gated, save
 
-    from dgate_export.build import build_bundle
+    from dgate_export.compile.build import BuildOptions, build_bundle
     from dgate_export.manifest import load_manifest
 
     path = save(gated(thresholds=[0.6, 0.5]), tmp_path / "skip.pt")
     lines: list[str] = []
-    out = build_bundle(path, tmp_path / "ok", backend="tensorrt", max_batch=16, progress=lines.append)
+    out = build_bundle(path, tmp_path / "ok", BuildOptions(backend="tensorrt", max_batch=16), progress=lines.append)
     assert any(line.startswith("[8/9] verify") and "tensorrt" in line for line in lines), lines
     assert any("TensorRT, every row out at each of the 3 exits" in line for line in lines), lines
     assert load_manifest(out).source["parity_tensorrt"]["probe_rows"] == 16
@@ -531,5 +533,5 @@ def test_build_checks_the_engines_against_torch_through_the_runtime(tmp_path, mo
 
     monkeypatch.setattr(TensorRTRunner, "run", off)
     with pytest.raises(UserError, match=r"step 8/9 \(verify\).*TensorRT: exit 0's logits differ"):
-        build_bundle(path, tmp_path / "bad", backend="tensorrt", max_batch=16, progress=None)
+        build_bundle(path, tmp_path / "bad", BuildOptions(backend="tensorrt", max_batch=16), progress=None)
     assert not (tmp_path / "bad").exists()

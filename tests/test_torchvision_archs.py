@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from dgate_export import checkpoint, zoo
-from dgate_export.build import build_bundle
-from dgate_export.gated import GatedModel
+from dgate_export.compile import checkpoint, zoo
+from dgate_export.compile.build import BuildOptions, build_bundle
+from dgate_export.compile.model import GatedModel
 from dgate_export.manifest import load_manifest
 
 pytest.importorskip("torchvision")
@@ -68,7 +68,8 @@ def test_torchvision_classifier_gates_builds_and_matches_torch(tmp_path, name, e
                        num_classes=10, input_shape=shape)
     assert model.feature_layouts == [layout] * len(exits)
     path = checkpoint.save(model, tmp_path / "model.pt")
-    out = build_bundle(path, tmp_path / "bundle", max_batch=16, exporter="torchscript", progress=None)
+    out = build_bundle(path, tmp_path / "bundle", BuildOptions(max_batch=16, exporter="torchscript"),
+                       progress=None)
     probe = load_manifest(out).source["parity"]["passes"][1]
     assert all(c > 0 for c in probe["exit_counts"][:len(exits)]), probe  # every gate let rows leave ...
     assert sum(probe["exit_counts"][1:]) > 0  # ... and rows went on, compacted

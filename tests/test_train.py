@@ -7,11 +7,11 @@ import pytest
 import torch
 from tiny_arch import EXITS, NAME
 
+from dgate_export.compile.model import GatedModel
+from dgate_export.compile.train import cache_gate_features, collect_exit_logits, train_backbone, train_gates
+from dgate_export.compile.zoo import build_backbone
 from dgate_export.data import DEFAULT_FMNIST_DIR, Dataset, load_dataset
 from dgate_export.errors import UserError
-from dgate_export.gated import GatedModel
-from dgate_export.train import cache_gate_features, collect_exit_logits, train_backbone, train_gates
-from dgate_export.zoo import build_backbone
 
 pytestmark = pytest.mark.skipif(
     not (DEFAULT_FMNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from dgate_export.zoo import register_arch
+from dgate_export.compile.zoo import register_arch
 
 NAME = "test_tiny_cnn"
 EXITS = ("stem", "stage1", "stage2")

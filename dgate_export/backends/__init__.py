@@ -40,8 +40,9 @@ class FixedRunner(Runner, Protocol):
     def slot(self, rows: int, upstream: Any = None, links: Sequence[tuple[str, str]] = ()) -> Any: ...
 
 
-class BuildOptions(TypedDict, total=False):
-    """What the build passes to every backend's `build` (plus the backend's own options, checked there)."""
+class EngineOptions(TypedDict, total=False):
+    """What the build passes to every backend's `build` for one engine (plus the backend's own options,
+    checked there)."""
 
     precision: str   # "fp32" | "fp16"
     max_batch: int

@@ -28,18 +28,25 @@ The build's `quantize` step, run after the float graphs passed parity with the t
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-from .calibrate import DEFAULT_DELTA, default_target
-from .contract import CARRY_IN_PREFIX, CONFIDENCE, INDEX, INPUT, LOGITS, is_carry
-from .errors import UserError
+from ..calibrate import Target, exits_of
+from ..contract import CARRY_IN_PREFIX, CONFIDENCE, INDEX, INPUT, LOGITS, is_carry
+from ..data import DEFAULT_VAL_SIZE, check_input_shape, load_dataset
+from ..errors import UserError
+from ..recalibrate import recalibrate
+from .parity import probe_thresholds, rel_error
 
 CALIBRATION_ROWS = 512  # default --calibration-rows
 MIN_CALIBRATION_ROWS = 32  # fewer rows give activation ranges that new data overflows
@@ -72,20 +79,14 @@ INT8_TOLERANCE = Int8Tolerance()
 
 
 @dataclass
-class Int8Options:
-    """What `build --precision int8` needs beyond the float build."""
+class CalibrationData:
+    """The data `build --precision int8` needs (and an fp16 build that refits its thresholds)."""
 
     data: str  # --calibration-data: a data set spec (fashion-mnist, npz:PATH)
     rows: int = CALIBRATION_ROWS
     data_dir: str | None = None
     repeat_channels: bool = False  # repeat 1-channel data to the model's channel count
-    # The threshold target for the refit on the int8 graphs (calibrate's options).
-    max_drop: float | None = None
-    budget: float | None = None
-    upper_bound: float | None = None
-    holdout: float | None = None
-    guarantee: str = "ltt"
-    delta: float = DEFAULT_DELTA
+    target: Target = field(default_factory=Target)  # the refit's threshold target on the int8 / fp16 graphs
 
 
 @dataclass
@@ -104,20 +105,16 @@ def activation_type(backend: str) -> str:
 
 
 def _split_of(model) -> tuple[int, int]:
-    from .data import DEFAULT_VAL_SIZE
-
     split = model.data_split or {}
     return int(split.get("val_size", DEFAULT_VAL_SIZE)), int(split.get("seed", 0))
 
 
-def _channels(options: Int8Options, model) -> int | None:
+def _channels(options: CalibrationData, model) -> int | None:
     return int(model.input_shape[0]) if options.repeat_channels else None
 
 
-def calibration_rows(options: Int8Options, model) -> CalibrationRows:
+def calibration_rows(options: CalibrationData, model) -> CalibrationRows:
     """The calibration and probe rows from the training split of options.data; UserError on bad data."""
-    from .data import check_input_shape, load_dataset
-
     rows = options.rows
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < MIN_CALIBRATION_ROWS:
         raise UserError(f"--calibration-rows must be a whole number of at least {MIN_CALIBRATION_ROWS}, got {rows!r}.",
@@ -152,8 +149,6 @@ def calibration_rows(options: Int8Options, model) -> CalibrationRows:
 
 
 def _sessions(paths: list[Path]) -> list[Any]:
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
@@ -240,7 +235,7 @@ def float_nodes(model_proto, *, first_graph: bool) -> dict[str, list[str]]:
     `input` (segment 0, the baseline)."""
     graph = model_proto.graph
     outputs = [o.name for o in graph.output]
-    carries = [o for o in outputs if o.startswith("carry_")]
+    carries = [o for o in outputs if is_carry(o)]
     keep: dict[str, list[str]] = {}
     if carries:
         head = _ancestors(graph, [o for o in outputs if o not in carries]) - _ancestors(graph, carries)
@@ -280,9 +275,6 @@ def _name_nodes(model_proto) -> None:
 
 def quantize_graph(path: Path, feeds: dict[str, np.ndarray], *, backend: str, first_graph: bool) -> dict[str, Any]:
     """Replace the float graph at `path` by its QDQ int8 version; return what stayed float."""
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
     model_proto = onnx.load(str(path))
     _name_nodes(model_proto)
     keep = float_nodes(model_proto, first_graph=first_graph)
@@ -338,16 +330,9 @@ class Int8Report:
                 f"{min(self.decision_agreement.values()):.1%}")
 
 
-def _rel(got: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(got - ref).max() / max(1.0, float(np.abs(ref).max()))) if ref.size else 0.0
-
-
 def check_int8(float_paths: list[Path], int8_paths: list[Path], probe: np.ndarray, thresholds: list[float],
                tol: Int8Tolerance | None = None) -> Int8Report:
     """Compare the int8 graphs (segments, then the baseline) with the float ones; UserError when out of bounds."""
-    from .build import probe_thresholds
-    from .calibrate import _exits_of as exits_of
-
     tol = tol or INT8_TOLERANCE
     num_gates = len(float_paths) - 2
     f_sessions, q_sessions = _sessions(float_paths[:-1]), _sessions(int8_paths[:-1])
@@ -363,7 +348,7 @@ def check_int8(float_paths: list[Path], int8_paths: list[Path], probe: np.ndarra
     errors, agreement, conf_errors = [], [], []
     for k in range(num_gates + 1):
         ref, got = f_out[k][LOGITS], q_out[k][LOGITS]
-        errors.append(_rel(got, ref))
+        errors.append(rel_error(got, ref))
         agreement.append(float((got.argmax(1) == ref.argmax(1)).mean()))
         where = f"segment {k}" + (f" (exit {k})" if k < num_gates else " (the final exit)")
         if errors[-1] > tol.logit_rel:
@@ -377,7 +362,7 @@ def check_int8(float_paths: list[Path], int8_paths: list[Path], probe: np.ndarra
     f_base, q_base = _sessions(float_paths[-1:])[0], _sessions(int8_paths[-1:])[0]
     ref = np.concatenate([f_base.run([LOGITS], {INPUT: probe[r]})[0] for r in _chunks(len(probe))])
     got = np.concatenate([q_base.run([LOGITS], {INPUT: probe[r]})[0] for r in _chunks(len(probe))])
-    base_error, base_agreement = _rel(got, ref), float((got.argmax(1) == ref.argmax(1)).mean())
+    base_error, base_agreement = rel_error(got, ref), float((got.argmax(1) == ref.argmax(1)).mean())
     if base_error > tol.logit_rel or base_agreement < tol.prediction_agreement:
         raise fail(f"baseline.onnx: int8 logits differ from the fp32 graph's by {base_error:.3f} (bound "
                    f"{tol.logit_rel:g}); predictions agree on {base_agreement:.1%} (bound "
@@ -400,42 +385,25 @@ def check_int8(float_paths: list[Path], int8_paths: list[Path], probe: np.ndarra
 # ------------------------------------------------------------------------------------- 5. thresholds
 
 
-def refit_thresholds(bundle: Path, model, options: Int8Options) -> Any:
-    """Fit the thresholds of the (complete, not yet renamed) int8 bundle to its own confidences on the
-    validation split the model records: `calibrate --engine`'s recalibrate (issue 14), which rewrites
-    the manifest's thresholds and its `calibration` record. With `holdout` only the kept rows are used
-    (calibrate's holdout_rows, the same rows `calibrate --holdout` keeps)."""
-    from .calibrate import holdout_rows
-    from .data import load_dataset
-    from .recalibrate import recalibrate
-
+def refit_thresholds(bundle: Path, model, options: CalibrationData) -> Any:
+    """Fit the thresholds of the (complete, not yet renamed) int8 / fp16 bundle to its own confidences on
+    the validation split the model records, for options.target: `calibrate --engine`'s recalibrate,
+    which rewrites the manifest's thresholds and its `calibration` record (a holdout keeps the same rows
+    out as `calibrate --holdout`)."""
     val_size, seed = _split_of(model)
     val = load_dataset(options.data, "val", data_dir=options.data_dir, channels=_channels(options, model),
                        val_size=val_size, seed=seed)
     record = {"spec": options.data, "val_size": val_size, "seed": seed, "rows": len(val)}
-    if options.holdout is not None:
-        if not 0.0 < options.holdout < 1.0:
-            raise UserError(f"--holdout {options.holdout} is not a fraction in (0, 1).", "Give e.g. --holdout 0.3.")
-        kept, _out = holdout_rows(len(val), options.holdout, seed)
-        val = dataclasses.replace(val, x=val.x[kept], y=val.y[kept])
-        record.update(rows=len(val), holdout=options.holdout)
-    max_drop, budget = default_target(options.max_drop, options.budget)
-    result, _test, _old = recalibrate(bundle, val, None, max_drop=max_drop, budget=budget,
-                                      guarantee=options.guarantee, delta=options.delta,
-                                      upper_bound=options.upper_bound, seed=seed, data_record=record)
-    return result
+    return recalibrate(bundle, val, None, target=options.target, seed=seed, data_record=record).calibration
 
 
 # --------------------------------------------------------------------------------------- the step
 
 
-def quantize_bundle(model, segment_paths: list[Path], baseline_path: Path, options: Int8Options,
+def quantize_bundle(model, segment_paths: list[Path], baseline_path: Path, options: CalibrationData,
                     data: CalibrationRows, *, backend: str, progress: Callable[[str], Any] = print) -> dict[str, Any]:
     """Steps 2-4 on the float graphs in place (step 1, `calibration_rows`, ran before the export; step 5,
     `refit_thresholds`, runs on the finished bundle); return the manifest's `quantization` record."""
-    import shutil
-    import tempfile
-
     paths = [*segment_paths, baseline_path]
     with tempfile.TemporaryDirectory(prefix="dgate-int8-", dir=baseline_path.parent) as tmp:
         floats = [Path(tmp) / p.name for p in paths]  # the float graphs, kept for the check

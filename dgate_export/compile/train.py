@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import Dataset
-from .errors import UserError
+from ..data import Dataset
+from ..errors import UserError
 from .threads import torch_threads
 
 LOSSES = ("ce", "hinge")

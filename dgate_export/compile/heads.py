@@ -13,8 +13,8 @@ import math
 import torch
 from torch import nn
 
-from .confidence import check_confidence_name as check_confidence
-from .errors import UserError
+from ..confidence import check_confidence_name as check_confidence
+from ..errors import UserError
 
 LAYOUTS = ("nchw", "nhwc", "tokens-cls", "tokens-mean")
 LAYOUT_HELP = ("nchw: channels first [N, C, ...] (convolutions); nhwc: channels last [N, H, W, C] (Swin, "

@@ -14,35 +14,39 @@
 written, the calibration and its test figures); progress lines go to `progress`, the report is the
 caller's to print. `dgate-export calibrate MODEL` reruns steps 7 and 8 on a saved model.
 
-The name says what it is: the pipeline behind the `gate` command, as build.py is the one behind
-`build`; gates.py holds the heads and gated.py the model they make.
-
-torch is imported inside the functions, so that importing this module (and the CLI) needs no torch.
+The pipeline behind the `gate` command, as build.py is the one behind `build`; heads.py holds the
+heads and model.py the gated model they make. `calibrate_checkpoint` is `calibrate MODEL`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .calibrate import DEFAULT_DELTA, Calibration, Evaluation, default_target
-from .contract import DEFAULT_CONFIDENCE
-from .data import DEFAULT_VAL_SIZE, Dataset
-from .errors import UserError
+import numpy as np
+import torch
+from torch import nn
 
-if TYPE_CHECKING:
-    from torch import nn
-
-    from .gated import GatedModel
+from ..calibrate import Calibration, Evaluation, Target, calibrate, evaluate, holdout_rows, save_curve
+from ..contract import DEFAULT_CONFIDENCE
+from ..data import DEFAULT_VAL_SIZE, Dataset, check_input_shape, load_splits, recorded_split
+from ..errors import UserError
+from ..outputs import check_writable
+from ..profile import load_costs
+from ..render import calibration_plot
+from . import checkpoint
+from .checkpoint import load_state, unreadable_torch_file
+from .model import GatedModel
+from .train import collect_exit_logits, train_backbone, train_gates
+from .zoo import arch_info, build_backbone
 
 
 @dataclass(frozen=True)
 class GateOptions:
     """What `gate` needs: the `dgate-export gate` options, typed (arch_kwargs parsed, exits split)."""
-
     arch: str
     data: str  # fashion-mnist or npz:PATH
     output: str | os.PathLike  # the gated model to write (model.pt)
@@ -60,13 +64,7 @@ class GateOptions:
     feature_layout: str | Sequence[str] = "auto"  # one for all exits, or one per exit
     confidence: str = DEFAULT_CONFIDENCE
     loss: str = "ce"
-    # The threshold target (calibrate's keywords); neither max_drop nor budget: calibrate.DEFAULT_MAX_DROP.
-    max_drop: float | None = None
-    budget: float | None = None
-    guarantee: str = "ltt"
-    delta: float = DEFAULT_DELTA
-    upper_bound: float | None = None
-    holdout: float | None = None
+    target: Target = field(default_factory=Target)  # what the thresholds are chosen for
     seed: int = 0  # of the validation split and of training
     progress_bars: bool = True  # tqdm bars on stderr
 
@@ -74,7 +72,6 @@ class GateOptions:
 @dataclass
 class Calibrated:
     """Step 7's result: the thresholds chosen on validation (already set on the model), the test figures."""
-
     calibration: Calibration
     test: Evaluation
 
@@ -82,7 +79,6 @@ class Calibrated:
 @dataclass
 class SavedModel:
     """Step 8's files."""
-
     path: Path  # model.pt
     curve_json: Path
     curve_png: Path
@@ -101,12 +97,8 @@ class GateResult:
 
 def gate_backbone(options: GateOptions, progress: Callable[[str], Any] | None = print) -> GateResult:
     """Run steps 1-8 for `options`; return what was made. UserError (nothing written) on a user mistake."""
-    import torch
-
-    from .train import train_backbone, train_gates
-
     say = progress or (lambda _line: None)
-    exits, target = _check(options)
+    exits = _check(options)
 
     torch.manual_seed(options.seed)
     backbone = load_backbone(options.arch, options.arch_kwargs, options.weights)
@@ -136,8 +128,8 @@ def gate_backbone(options: GateOptions, progress: Callable[[str], Any] | None = 
     gate_acc = train_gates(model, train, epochs=options.epochs, loss=options.loss, seed=options.seed,
                            progress=options.progress_bars)
     say("gate training accuracy: " + ", ".join(f"{e} {a:.2%}" for e, a in zip(exits, gate_acc)))
-    done = calibrate_model(model, splits, confidence=options.confidence, seed=options.seed,
-                           progress_bars=options.progress_bars, **target)
+    done = calibrate_model(model, splits, confidence=options.confidence, target=options.target, seed=options.seed,
+                           progress_bars=options.progress_bars)
     files = save_gated(model, options.output, done.calibration, done.test)
     return GateResult(model, files, done.calibration, done.test, gate_acc, val_size, splits["test"].separate_test)
 
@@ -145,16 +137,8 @@ def gate_backbone(options: GateOptions, progress: Callable[[str], Any] | None = 
 # ------------------------------------------------------------------------------------------ 1. check
 
 
-def _check(options: GateOptions) -> tuple[list[str], dict[str, Any]]:
-    """The exits to gate and the calibration target (calibrate's keywords); UserError before any work."""
-    from .calibrate import check_target
-    from .outputs import check_writable
-    from .zoo import arch_info
-
-    max_drop, budget = default_target(options.max_drop, options.budget)
-    target: dict[str, Any] = {"max_drop": max_drop, "budget": budget, "guarantee": options.guarantee,
-                              "delta": options.delta, "upper_bound": options.upper_bound, "holdout": options.holdout}
-    check_target(**{k: v for k, v in target.items() if k != "holdout"})
+def _check(options: GateOptions) -> list[str]:
+    """The exits to gate; UserError before any work (the Target checked itself when it was made)."""
     if Path(options.output).is_dir():
         raise UserError(f"-o {options.output} is a directory.", "Give the file to write, e.g. -o runs/model.pt.")
     check_writable(options.output)  # before minutes of training
@@ -163,7 +147,7 @@ def _check(options: GateOptions) -> tuple[list[str], dict[str, Any]]:
     if not exits:
         raise UserError(f"Architecture {options.arch!r} has no default exits.",
                         "Name the modules to gate after with --exits a,b,c.")
-    return exits, target
+    return exits
 
 
 # --------------------------------------------------------------------------------------- 2. backbone
@@ -172,8 +156,6 @@ def _check(options: GateOptions) -> tuple[list[str], dict[str, Any]]:
 def load_backbone(arch: str, arch_kwargs: dict[str, Any] | None = None,
                   weights: str | os.PathLike | None = None) -> nn.Module:
     """The zoo's `arch` built with `arch_kwargs`, with the state_dict `weights` loaded when given."""
-    from .zoo import build_backbone
-
     backbone = build_backbone(arch, dict(arch_kwargs or {}))
     if weights:
         load_weights(backbone, weights)
@@ -182,10 +164,6 @@ def load_backbone(arch: str, arch_kwargs: dict[str, Any] | None = None,
 
 def load_weights(backbone: nn.Module, weights: str | os.PathLike) -> None:
     """Load a state_dict file into `backbone`; UserError when it is missing, not a state_dict or does not fit."""
-    import torch
-
-    from .checkpoint import load_state, unreadable_torch_file
-
     if not Path(weights).is_file():
         raise UserError(f"--weights {weights}: no such file.", "Give a state_dict saved with torch.save.")
     try:
@@ -206,8 +184,6 @@ def load_weights(backbone: nn.Module, weights: str | os.PathLike) -> None:
 
 def input_channels(backbone: nn.Module) -> int | None:
     """Channels the backbone takes: those of its first convolution (None when it has none)."""
-    from torch import nn
-
     for module in backbone.modules():
         if isinstance(module, nn.Conv2d | nn.Conv1d | nn.Conv3d):
             return int(module.in_channels)
@@ -220,8 +196,6 @@ def input_channels(backbone: nn.Module) -> int | None:
 def load_data(options: GateOptions, channels: int | None) -> dict[str, Dataset]:
     """The three splits of options.data; with repeat_channels, 1-channel data repeated to `channels`.
     Every split must have the backbone's channel count (when it has a convolution to tell)."""
-    from .data import check_input_shape, load_splits
-
     splits = load_splits(options.data, data_dir=options.data_dir,
                          channels=channels if options.repeat_channels else None,
                          val_size=options.val_size, seed=options.seed)
@@ -239,8 +213,6 @@ def attach(backbone: nn.Module, exits: Sequence[str], options: GateOptions, data
     """Fresh gate heads on `backbone` at `exits` (options.head, head_kwargs, confidence, feature_layout),
     sized for `data` (classes: the most any split has; input shape, class names, normalization: the first).
     The model records its validation split: options.data, `val_size` rows, options.seed."""
-    from .gated import GatedModel
-
     first = data[0]
     layout = options.feature_layout
     arch = {"name": options.arch, "kwargs": dict(options.arch_kwargs or {})}
@@ -255,25 +227,20 @@ def attach(backbone: nn.Module, exits: Sequence[str], options: GateOptions, data
 # -------------------------------------------------------------------------------------- 7. calibrate
 
 
-def calibrate_model(model: GatedModel, splits: dict[str, Dataset], *, confidence: str, max_drop: float | None,
-                    budget: float | None, seed: int, guarantee: str = "ltt", delta: float = DEFAULT_DELTA,
-                    upper_bound: float | None = None, holdout: float | None = None, progress_bars: bool = True,
+def calibrate_model(model: GatedModel, splits: dict[str, Dataset], *, confidence: str, target: Target | None = None,
+                    seed: int = 0, progress_bars: bool = True,
                     time_cost: tuple[list[float], dict] | None = None) -> Calibrated:
-    """Choose thresholds on splits["val"] (calibrate.calibrate), set them and `confidence` on `model`,
+    """Choose thresholds for `target` on splits["val"] (calibrate.calibrate), set them and `confidence` on `model`,
     and evaluate them on splits["test"]. With `time_cost` (relative exit times from a profile, and its
     description) the expected measured time is minimized instead of FLOPs."""
-    from .calibrate import calibrate, evaluate
-    from .train import collect_exit_logits
-
     flops = model.flops or model.count_flops()
     costs = model.exit_costs()
     val_logits, val_y = collect_exit_logits(model, splits["val"], progress=progress_bars)
     result = calibrate(val_logits, val_y, confidence=confidence, costs=time_cost[0] if time_cost else costs,
-                       baseline_flops=1.0 if time_cost else flops["baseline"], max_drop=max_drop, budget=budget,
-                       upper_bound=upper_bound, holdout=holdout, seed=seed, guarantee=guarantee, delta=delta)
+                       baseline_flops=1.0 if time_cost else flops["baseline"], target=target, seed=seed)
     if time_cost:
         _measured_time_figures(result, val_logits, val_y, confidence, costs, flops["baseline"], time_cost,
-                               holdout, seed)
+                               (target or Target()).holdout, seed)
     model.thresholds = list(result.thresholds)
     model.confidence = confidence
     test_logits, test_y = collect_exit_logits(model, splits["test"], progress=progress_bars)
@@ -286,10 +253,6 @@ def _measured_time_figures(result: Calibration, val_logits, val_y, confidence: s
                            baseline_flops: float, time_cost: tuple[list[float], dict], holdout, seed: int) -> None:
     """After a calibration on measured times: keep the time figures in result.cost, put the FLOPs figures of
     the same rows back in the report, and refuse thresholds that are slower than the un-gated model."""
-    import numpy as np
-
-    from .calibrate import evaluate, holdout_rows
-
     costs, info = time_cost
     expected = result.validation.expected_flops  # in units of the un-gated model's time
     if expected >= 1.0:
@@ -311,16 +274,58 @@ def _measured_time_figures(result: Calibration, val_logits, val_y, confidence: s
     result.method += f"; cost: {info['description']} (the curve's costs are relative times)"
 
 
+@dataclass
+class Recalibrated:
+    """`calibrate MODEL`'s result: the model with its new thresholds, the calibration, the files written."""
+
+    model: GatedModel
+    calibration: Calibration
+    test: Evaluation
+    files: SavedModel
+    separate_test: bool  # False: the data has no test arrays of its own (the test figures include seen rows)
+
+
+def calibrate_checkpoint(model_path: str | os.PathLike, data: str, *, target: Target | None = None,
+                         output: str | os.PathLike | None = None, confidence: str | None = None,
+                         data_dir: str | Path | None = None, repeat_channels: bool = False,
+                         val_size: int | None = None, seed: int | None = None, cost_path: str | Path | None = None,
+                         cost_batch: int | None = None, progress_bars: bool = True,
+                         warn: Callable[[str], Any] | None = None) -> Recalibrated:
+    """`dgate-export calibrate MODEL`: steps 7 and 8 again on a saved gated model, on the validation split
+    it records, without retraining; written to `output` (default: MODEL itself). `cost_path` (a
+    `dgate-export profile`) minimizes measured time instead of FLOPs. `warn` gets a line when `data` is
+    not what the model was gated on."""
+    check_writable(output or model_path, "-o" if output else "MODEL")
+    if cost_batch is not None and not cost_path:
+        raise UserError("--cost-batch chooses a batch size of a --cost profile.", "Add --cost profile.json.")
+    model = checkpoint.load(model_path)
+    time_cost = None
+    if cost_path:
+        flops = model.flops or model.count_flops()
+        time_cost = load_costs(cost_path, batch_size=cost_batch, model_structure={
+            "exits": list(model.exits), "segment_flops": [int(f) for f in flops["segments"]],
+            "head_flops": [int(f) for f in flops["heads"]]})
+    val_size, seed = recorded_split(model.data_split, str(model_path), val_size, seed)
+    gated_on = (model.data_split or {}).get("data")
+    if gated_on and gated_on != data and warn is not None:  # a moved npz is the same data; another data set is not
+        warn(f"warning: {model_path} was gated on --data {gated_on}, this calibrates on {data}: its "
+             "validation rows must be ones the gates were never trained on.")
+    channels = model.input_shape[0] if repeat_channels else None
+    splits = load_splits(data, data_dir=data_dir, channels=channels, val_size=val_size, seed=seed)
+    for ds in splits.values():
+        check_input_shape(ds.x, list(model.input_shape), where=f"data set {data!r} ({ds.split})")
+    done = calibrate_model(model, splits, confidence=confidence or model.confidence, target=target, seed=seed,
+                           progress_bars=progress_bars, time_cost=time_cost)
+    files = save_gated(model, output or model_path, done.calibration, done.test)
+    return Recalibrated(model, done.calibration, done.test, files, splits["test"].separate_test)
+
+
 # ------------------------------------------------------------------------------------------- 8. save
 
 
 def save_gated(model: GatedModel, output: str | os.PathLike, result: Calibration,
                test: Evaluation | None) -> SavedModel:
     """model.pt, then its accuracy-vs-cost curve beside it (model.curve.json, model.curve.png)."""
-    from . import checkpoint
-    from .calibrate import save_curve
-    from .render import calibration_plot
-
     path = checkpoint.save(model, output)
     curve_json, curve_png = Path(path).with_suffix(".curve.json"), Path(path).with_suffix(".curve.png")
     save_curve(result, curve_json, test=test)

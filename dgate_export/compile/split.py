@@ -14,8 +14,8 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .contract import INPUT, carry
-from .errors import UserError
+from ..contract import INPUT, carry
+from ..errors import UserError
 
 
 class _ExitTracer(fx.Tracer):

@@ -23,14 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.export import Dim
 
-from .contract import INPUT, LOGITS, segment_inputs, segment_outputs
-from .errors import UserError
-from .gates import confidence_torch
-from .manifest import BATCH, ROWS
+from ..contract import INPUT, LOGITS, segment_inputs, segment_outputs
+from ..errors import UserError
+from ..manifest import BATCH, ROWS
+from .heads import confidence_torch
 
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_EXPORTER = "dynamo"
@@ -209,8 +211,6 @@ def export_module(module: nn.Module, args: tuple[torch.Tensor, ...], path: str |
 
 
 def _export_dynamo(module, args, path, input_names, output_names, input_dims, max_batch, opset) -> None:
-    from torch.export import Dim
-
     # torch.export refuses a Dim with min == max; the ONNX graph has no upper bound anyway (backends and
     # the manifest enforce max_batch), so a max batch of 1 is traced with the range 1..2.
     named = {name: Dim(name, min=1, max=max(2, max_batch)) for name in set(input_dims)}
@@ -235,8 +235,6 @@ def _pin_sample_dims(module: nn.Module, args: tuple[torch.Tensor, ...], path: Pa
     multiple of the window and slice back). A symbol on a per-sample axis is a size that follows from
     the fixed input shape, never the batch: rows differ, per-sample sizes do not (the parity step runs
     the graph and would catch a size that depended on the batch)."""
-    import onnx
-
     with torch.no_grad():
         outs = module(*args)
     outs = outs if isinstance(outs, (tuple, list)) else (outs,)
@@ -254,8 +252,6 @@ def _pin_sample_dims(module: nn.Module, args: tuple[torch.Tensor, ...], path: Pa
 
 def read_io(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
     """The graph's inputs and outputs as manifest tensor entries, and its default-domain opset."""
-    import onnx
-
     model = onnx.load(str(path), load_external_data=False)
 
     def spec(value) -> dict[str, Any]:
