@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import functools
 import gzip
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -48,6 +50,30 @@ _FMNIST_FILES = {
 _IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}  # IDX type codes
 
 
+class Rows(Protocol):
+    """What every consumer of data reads (training, calibration, quantization, bench, profile, score):
+    rows of one split, in batches, so memory does not grow with the number of rows. `Dataset` (arrays
+    in memory or memory-mapped) is one implementation; image folders and torch datasets are others.
+
+    batches(batch_size, rows): x float32 [n, C, H, W] as the model takes it (normalized) and y int64
+    [n] (None: unlabelled), for the row indices `rows` in that order (None: all rows in order).
+    labels(): every row's label, int64 [N] (small: 8 bytes a row), or None when unlabelled.
+    """
+
+    class_names: list[str] | None
+    normalization: dict | None  # the manifest's input.normalization (None: rows are model input as they are)
+
+    def __len__(self) -> int: ...
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]: ...  # (C, H, W) as the model sees it
+
+    def labels(self) -> np.ndarray | None: ...
+
+    def batches(self, batch_size: int, rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        ...
+
+
 @dataclass
 class Dataset:
     """Normalized images and labels of one split."""
@@ -69,6 +95,20 @@ class Dataset:
         if self.class_names is not None:
             return len(self.class_names)
         return int(self.y.max()) + 1 if len(self) else 0
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.x.shape[1:])
+
+    def labels(self) -> np.ndarray | None:
+        return self.y
+
+    def batches(self, batch_size: int, rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """The rows (all, or the indices `rows` in that order) in batches of at most `batch_size` (Rows)."""
+        n = len(self) if rows is None else len(rows)
+        for start in range(0, n, batch_size):
+            pick = slice(start, start + batch_size) if rows is None else rows[start:start + batch_size]
+            yield np.ascontiguousarray(self.x[pick], dtype=np.float32), self.y[pick]
 
     def subset(self, n: int, seed: int = 0) -> Dataset:
         """A seeded random subset of `n` rows (all rows when n >= len)."""

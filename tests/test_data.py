@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dgate_export.data import DEFAULT_FMNIST_DIR, check_input_shape, load_dataset, read_idx
+from dgate_export.data import DEFAULT_FMNIST_DIR, Dataset, check_input_shape, load_dataset, read_idx
 from dgate_export.errors import UserError
 
 needs_fmnist = pytest.mark.skipif(
@@ -185,3 +185,16 @@ def test_npz_with_nan_or_inf_is_refused_naming_the_rows(tmp_path):
     huge = np.full((4, 1, 2, 2), 3e38, np.float32)  # finite values whose sum overflows are fine
     np.savez(tmp_path / "h.npz", x=huge, y=np.zeros(4, np.int64))
     assert len(load_dataset(f"npz:{tmp_path / 'h.npz'}", "test")) == 4
+
+
+def test_dataset_batches_cover_the_rows_in_order_or_as_asked():
+    """Dataset is the in-memory implementation of data.Rows: every row once, in order, or the rows asked."""
+    x = np.arange(7 * 4, dtype=np.float32).reshape(7, 1, 2, 2)
+    ds = Dataset(x, np.arange(7, dtype=np.int64), None, None)
+    got = list(ds.batches(3))
+    assert [len(b[0]) for b in got] == [3, 3, 1]
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in got]), x)
+    picked = list(ds.batches(2, rows=np.array([6, 0, 3])))
+    assert [b[1].tolist() for b in picked] == [[6, 0], [3]]
+    np.testing.assert_array_equal(picked[0][0], x[[6, 0]])
+    assert ds.sample_shape == (1, 2, 2) and ds.labels() is ds.y
