@@ -19,7 +19,7 @@ from .errors import UserError
 
 # Packages that come with an extra, not with `pip install dgate-export` (which runs and benchmarks bundles).
 EXTRAS = {"torch": "compile", "torchvision": "compile", "onnx": "compile", "onnxscript": "compile",
-          "tensorrt": "tensorrt", "cuda": "tensorrt", "pyarrow": "parquet"}
+          "tensorrt": "tensorrt", "cuda": "tensorrt", "matplotlib": "plot", "pyarrow": "parquet"}
 
 
 def missing_extra(err: ModuleNotFoundError) -> UserError | None:
