@@ -19,7 +19,7 @@ from .errors import UserError
 
 # Packages that come with an extra, not with `pip install dgate-export` (which runs and benchmarks bundles).
 EXTRAS = {"torch": "compile", "torchvision": "compile", "onnx": "compile", "onnxscript": "compile",
-          "tensorrt": "tensorrt", "cuda": "tensorrt"}
+          "tensorrt": "tensorrt", "cuda": "tensorrt", "matplotlib": "plot", "pyarrow": "parquet"}
 
 
 def missing_extra(err: ModuleNotFoundError) -> UserError | None:
@@ -370,7 +370,8 @@ def inspect_cmd(path):
 @click.option("--data-dir", default=None, type=click.Path(), help="Folder of the Fashion-MNIST IDX files.")
 @click.option("--repeat-channels", is_flag=True, help="Repeat 1-channel data to the model's channel count.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N rows.")
-@click.option("-o", "--output", required=True, type=click.Path(), help="Parquet file to write (predictions.parquet).")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="File to write: NAME.parquet (needs pyarrow: the [parquet] extra) or NAME.csv.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Score on Ray Data: alone, on a local Ray instance started for the job; with ADDRESS "
                    "(ray://HOST:10001, auto), on that cluster. [default: in-process]")

@@ -3,7 +3,9 @@
 Compute modules return data (bench's report dict, calibrate's `Calibration` / `Evaluation`, a
 `Manifest` with its `FileCheck`s, checkpoint's `CheckpointSummary`); the CLI hands it to a function
 here. rich and matplotlib are imported inside the functions, so importing this module costs nothing
-and `dgate_export.runtime` never pulls them in.
+and `dgate_export.runtime` never pulls them in. matplotlib comes with the `[plot]` (and `[compile]`)
+extra, not the plain install: a figure asked for without it is a UserError naming the extra
+(`require_matplotlib`, which a command may call before its long work).
 
     bench_tables, bench_figure / bench_plot                 dgate-export bench [--plot]
     calibration_tables, calibration_figure / calibration_plot   gate, calibrate (MODEL.curve.png)
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .contract import NEVER_EXIT
+from .errors import UserError
 from .files import atomic_write
 
 if TYPE_CHECKING:
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
     from .manifest import FileCheck, Manifest, TensorSpec
 
 MIN_WIDTH = 120  # rich gives logs and pipes 80 columns: too narrow for the bench and inspect tables
+PLOT_HINT = "Install it: pip install 'dgate-export[plot]'."
 
 
 # --- shared pieces -----------------------------------------------------------------------------------
@@ -85,8 +89,18 @@ def save_png(fig: Figure, path: str | os.PathLike, *, dpi: float | None = None) 
     return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi="figure" if dpi is None else dpi))
 
 
+def require_matplotlib() -> None:
+    """Refuse to go on when matplotlib is missing, with the extra to install (the plain install has none)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        raise UserError(f"Drawing a plot needs matplotlib, which is not installed here ({err}); the plain "
+                        "install draws nothing.", PLOT_HINT) from err
+
+
 def _figure(figsize: tuple[float, float], dpi: float | None = None) -> Figure:
     # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
+    require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

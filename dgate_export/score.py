@@ -1,6 +1,7 @@
-"""Offline scoring: classify every row of a data set with a bundle and write the predictions (parquet).
+"""Offline scoring: classify every row of a data set with a bundle and write the predictions (parquet or CSV).
 
     summary = score("engines/model", x, labels, "predictions.parquet")                  # in-process
+    summary = score("engines/model", x, labels, "predictions.csv")                      # no pyarrow needed
     summary = score("engines/model", x, labels, "predictions.parquet", ray="local")     # Ray Data
 
 In-process, one GatedRuntime classifies `batch_size` rows at a time. With `ray`, a Ray instance is
@@ -14,10 +15,16 @@ the data has labels, and `logits` (a list of class scores) on request. Batches a
 arrive: each must continue the row numbers where the previous one stopped, so a lost or duplicated row
 fails the job instead of writing a wrong file. The file is written under a temporary name next to the
 output and renamed at the end; a failed job leaves nothing behind. No torch is imported.
+
+The output's suffix picks the format: `.parquet` (pyarrow, from the `[parquet]` or `[ray]` extra) or
+`.csv` (the standard library: what the plain install writes). The CSV has a header row and the same
+columns; floats are written in the shortest form that reads back to the same float32, and `logits` is
+one JSON list per row (`[0.1, -2.5, 3.0]`, quoted by the CSV dialect).
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import tempfile
@@ -31,12 +38,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import UserError
+from .files import UMASK
 from .manifest import Manifest, load_manifest
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11 on
 
-PYARROW_HINT = "Install it: `pip install 'dgate-export[ray]'` (or `pip install pyarrow` for in-process scoring)."
+PYARROW_HINT = ("Install it: pip install 'dgate-export[parquet]' (pyarrow; [ray] brings it too), or write "
+                "-o NAME.csv, which needs nothing more.")
+FORMATS = {".parquet": "parquet", ".csv": "csv"}  # the output's suffix -> its format
 _ROW_GROUP = 65536  # rows per parquet row group
 
 
@@ -72,35 +82,36 @@ class ScoreSummary:
 
 
 class PredictionWriter:
-    """Write prediction batches into `path` atomically, checking that they cover rows 0..rows-1 in order."""
+    """Write prediction batches into `path` atomically, checking that they cover rows 0..rows-1 in order;
+    the format follows the suffix (FORMATS)."""
 
     def __init__(self, path: str | Path, rows: int, num_exits: int, *, force: bool = False):
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError as err:
-            raise UserError(f"Writing parquet needs pyarrow, which is not installed here ({err}).",
-                            PYARROW_HINT) from err
-        self._pa, self._pq = pa, pq
         self.path = Path(path)
+        self.format = output_format(self.path)
+        self._sink_type = _ParquetSink if self.format == "parquet" else _CsvSink
+        self._sink_type.check()
         check_output(self.path, force)
         self.rows, self.num_exits = rows, num_exits
         self.next_row = 0
         self.exit_counts = np.zeros(num_exits, dtype=np.int64)
         self.correct: int | None = None
         self.columns: list[str] = []
-        self._buffer: list[Any] = []
-        self._buffered = 0
-        self._writer: Any = None
+        self._sink: _ParquetSink | _CsvSink | None = None
         self._tmp: Path | None = None
 
     def __enter__(self) -> Self:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         os.close(fd)
         self._tmp = Path(tmp)
+        try:
+            self._sink = self._sink_type(self._tmp)
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
         return self
 
     def write(self, batch: dict[str, np.ndarray]) -> None:
+        assert self._sink is not None, "use the writer in a with block"
         rows = np.asarray(batch["row"])
         n = len(rows)
         if not np.array_equal(rows, np.arange(self.next_row, self.next_row + n)):
@@ -113,18 +124,52 @@ class PredictionWriter:
         if "label" in batch:
             hits = int(np.count_nonzero(np.asarray(batch["prediction"]) == np.asarray(batch["label"])))
             self.correct = (self.correct or 0) + hits
-        pa = self._pa
-        columns = {"row": pa.array(rows, pa.int64()), "prediction": pa.array(batch["prediction"], pa.int64()),
-                   "exit": pa.array(exits, pa.int64()), "confidence": pa.array(batch["confidence"], pa.float32())}
+        columns: dict[str, np.ndarray] = {"row": rows.astype(np.int64, copy=False),
+                                          "prediction": np.asarray(batch["prediction"], dtype=np.int64),
+                                          "exit": exits.astype(np.int64, copy=False),
+                                          "confidence": np.asarray(batch["confidence"], dtype=np.float32)}
         if "label" in batch:
-            columns["label"] = pa.array(batch["label"], pa.int64())
+            columns["label"] = np.asarray(batch["label"], dtype=np.int64)
         if "logits" in batch:
-            logits = np.asarray(batch["logits"], dtype=np.float32)
-            columns["logits"] = pa.FixedSizeListArray.from_arrays(pa.array(logits.ravel()), logits.shape[1])
-        table = pa.table(columns)
-        self.columns = table.column_names
-        self._buffer.append(table)
-        self._buffered += n
+            columns["logits"] = np.asarray(batch["logits"], dtype=np.float32).reshape(n, -1)
+        self.columns = list(columns)
+        self._sink.write(columns)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        assert self._tmp is not None and self._sink is not None
+        try:
+            if exc_type is None and self.next_row != self.rows:
+                raise RuntimeError(f"The job returned {self.next_row} predictions for {self.rows} rows; "
+                                   "nothing was written.")
+            self._sink.close(complete=exc_type is None)
+            if exc_type is None:
+                os.chmod(self._tmp, 0o666 & ~UMASK)  # mkstemp makes 0600 files; give what a plain open gives
+                os.replace(self._tmp, self.path)
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+
+class _ParquetSink:
+    """Columns into a parquet file, in row groups of _ROW_GROUP rows; logits as a fixed-size list."""
+
+    @staticmethod
+    def check() -> None:
+        _pyarrow()
+
+    def __init__(self, path: Path):
+        self._pa, self._pq = _pyarrow()
+        self._path = path
+        self._buffer: list[Any] = []
+        self._buffered = 0
+        self._writer: Any = None
+
+    def write(self, columns: dict[str, np.ndarray]) -> None:
+        pa = self._pa
+        arrays = {name: pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), v.shape[1]) if v.ndim == 2
+                  else pa.array(v) for name, v in columns.items()}
+        self._buffer.append(pa.table(arrays))
+        self._buffered += len(columns["row"])
         if self._buffered >= _ROW_GROUP:
             self._flush()
 
@@ -133,31 +178,73 @@ class PredictionWriter:
             return
         table = self._pa.concat_tables(self._buffer)
         if self._writer is None:
-            self._writer = self._pq.ParquetWriter(str(self._tmp), table.schema)
+            self._writer = self._pq.ParquetWriter(str(self._path), table.schema)
         self._writer.write_table(table, row_group_size=_ROW_GROUP)
         self._buffer, self._buffered = [], 0
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        assert self._tmp is not None
-        try:
-            if exc_type is None:
-                if self.next_row != self.rows:
-                    raise RuntimeError(f"The job returned {self.next_row} predictions for {self.rows} rows; "
-                                       "nothing was written.")
-                self._flush()
-            if self._writer is not None:
-                self._writer.close()
-            if exc_type is None:
-                os.replace(self._tmp, self.path)
-        finally:
-            self._tmp.unlink(missing_ok=True)
+    def close(self, complete: bool) -> None:
+        if complete:
+            self._flush()
+        if self._writer is not None:
+            self._writer.close()
+
+
+class _CsvSink:
+    """Columns into a CSV file with a header row (the standard library's csv module; see the module docstring)."""
+
+    @staticmethod
+    def check() -> None:
+        pass
+
+    def __init__(self, path: Path):
+        self._file = open(path, "w", newline="", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        self._csv = csv.writer(self._file)
+        self._header = False
+
+    def write(self, columns: dict[str, np.ndarray]) -> None:
+        if not self._header:
+            self._csv.writerow(columns)
+            self._header = True
+        self._csv.writerows(zip(*(_csv_cells(v) for v in columns.values())))
+
+    def close(self, complete: bool) -> None:
+        self._file.close()
+
+
+def _csv_cells(values: np.ndarray) -> list:
+    """One column's CSV cells: integers as they are, floats in their shortest float32 form, rows of a 2-D
+    column as JSON lists."""
+    if values.ndim == 2:
+        return ["[" + ", ".join(_csv_cells(row)) + "]" for row in values]
+    if values.dtype.kind == "f":
+        return [str(v) for v in values]  # numpy's shortest repr that reads back to the same float32
+    return values.tolist()
+
+
+def _pyarrow() -> tuple[Any, Any]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise UserError(f"Writing parquet needs pyarrow, which is not installed here ({err}).",
+                        PYARROW_HINT) from err
+    return pa, pq
+
+
+def output_format(path: Path) -> str:
+    """The format that `path`'s suffix names (FORMATS), or a UserError."""
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UserError(f"-o {path}: the suffix {path.suffix or '(none)'!r} names no output format.",
+                        "Give -o NAME.parquet (needs pyarrow: pip install 'dgate-export[parquet]') or "
+                        "-o NAME.csv (needs nothing more).")
+    return fmt
 
 
 def check_output(path: Path, force: bool) -> None:
     """Refuse an output that cannot be written, before any work."""
     if path.is_dir():
-        raise UserError(f"-o {path} is a directory.", "Give the file to write, e.g. -o predictions.parquet.")
+        raise UserError(f"-o {path} is a directory.", "Give the file to write, e.g. -o predictions.parquet or .csv.")
     if not path.parent.is_dir():
         raise UserError(f"-o {path}: the folder {path.parent} does not exist.", "Create it first.")
     if path.exists() and not force:

@@ -17,6 +17,7 @@ from test_manifest import _sample
 from dgate_export import render
 from dgate_export.calibrate import Calibration, Evaluation
 from dgate_export.contract import NEVER_EXIT
+from dgate_export.errors import UserError
 from dgate_export.manifest import FileCheck, Manifest, check_files
 
 LATENCY = {"mean": 1.5, "median": 1.4, "p90": 2.0, "p95": 2.5, "p99": 12.34, "min": 1.0, "max": 20.0}
@@ -242,3 +243,19 @@ def test_importing_render_loads_neither_rich_nor_matplotlib():
     code = ("import sys, dgate_export.render; "
             "assert not {'rich', 'matplotlib', 'numpy'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_plot_without_matplotlib_names_the_plot_extra(tmp_path, monkeypatch):
+    """The plain install has no matplotlib: a plot asked for is a UserError naming the [plot] extra, and
+    no file is left; tables need no matplotlib."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    with pytest.raises(UserError, match="needs matplotlib") as err:
+        render.bench_plot(bench_report(), tmp_path / "bench.png")
+    assert err.value.hint == "Install it: pip install 'dgate-export[plot]'."
+    result, test = calibration()
+    with pytest.raises(UserError, match="needs matplotlib"):
+        render.calibration_plot(result, tmp_path / "m.curve.png", test=test)
+    with pytest.raises(UserError, match=r"dgate-export\[plot\]"):
+        render.require_matplotlib()
+    assert list(tmp_path.iterdir()) == []
+    assert "accuracy drop" in shown(render.bench_tables, bench_report())

@@ -1,9 +1,13 @@
 """`dgate-export score` in-process on the tiny bundle, the prediction file's guarantees, and the parts of
 the Ray integration that need no Ray instance (pool sizing, error recovery, the missing extra). Scoring
-on a Ray instance is tested in test_ray.py."""
+on a Ray instance is tested in test_ray.py. The parquet tests need pyarrow and skip without it; the CSV
+tests run on the plain install."""
 
 from __future__ import annotations
 
+import csv
+import json
+import os
 import sys
 
 import numpy as np
@@ -14,11 +18,16 @@ from tiny_bundle import SHAPE, TinyGated, make_tiny_bundle
 from dgate_export.cli import main
 from dgate_export.compile.parity import probe_thresholds
 from dgate_export.errors import UserError
+from dgate_export.files import UMASK
 from dgate_export.integrations.ray import BundleClassifier, pool_size, require_ray, user_error_in
 from dgate_export.runtime import GatedRuntime
 from dgate_export.score import PredictionWriter
 
-pq = pytest.importorskip("pyarrow.parquet")
+try:
+    import pyarrow.parquet as pq
+except ImportError:  # the plain install: CSV only
+    pq = None
+needs_pyarrow = pytest.mark.skipif(pq is None, reason="pyarrow is not installed (the [parquet] extra)")
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +47,12 @@ def _score(*args):
     return CliRunner().invoke(main, ["score", *map(str, args), "--no-progress"])
 
 
+def _flat(text: str) -> str:
+    """A message as one line (the CLI wraps errors at 100 columns)."""
+    return " ".join(text.split())
+
+
+@needs_pyarrow
 def test_in_process_writes_the_runtime_results_in_order(tiny, tmp_path):
     bundle, x, y, data = tiny
     want = GatedRuntime.load(bundle).run(x)
@@ -59,6 +74,7 @@ def test_in_process_writes_the_runtime_results_in_order(tiny, tmp_path):
     assert "in-process" in r.output and "samples/s" in r.output
 
 
+@needs_pyarrow
 def test_thresholds_and_unlabelled_images(tiny, tmp_path):
     bundle, x, _, data = tiny
     t0 = float(np.median(TinyGated(seed=0).all_exits(x)[0]))
@@ -72,6 +88,7 @@ def test_thresholds_and_unlabelled_images(tiny, tmp_path):
     assert np.array_equal(t["exit"].to_numpy(), want.exits) and "accuracy" not in r.output
 
 
+@needs_pyarrow
 def test_an_existing_output_is_kept_without_force(tiny, tmp_path):
     bundle, _, _, data = tiny
     out = tmp_path / "p.parquet"
@@ -83,9 +100,10 @@ def test_an_existing_output_is_kept_without_force(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.parquet"]
 
 
+@pytest.mark.parametrize("suffix", [pytest.param(".parquet", marks=needs_pyarrow), ".csv"])
 @pytest.mark.parametrize("second", [[4, 5], [3, 4], [5, 6], []], ids=["ok", "duplicate", "lost", "short"])
-def test_the_writer_refuses_lost_or_duplicated_rows(tmp_path, second):
-    out = tmp_path / "p.parquet"
+def test_the_writer_refuses_lost_or_duplicated_rows(tmp_path, second, suffix):
+    out = tmp_path / f"p{suffix}"
 
     def batch(rows):
         n = len(rows)
@@ -100,11 +118,86 @@ def test_the_writer_refuses_lost_or_duplicated_rows(tmp_path, second):
 
     if second == [4, 5]:
         write()
-        assert pq.read_table(out)["row"].to_pylist() == list(range(6))
+        rows = pq.read_table(out)["row"].to_pylist() if suffix == ".parquet" else [int(r["row"]) for r in _read_csv(out)]
+        assert rows == list(range(6))
+        assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
         return
     with pytest.raises(RuntimeError, match="lost or duplicated|predictions for 6 rows"):
         write()
     assert list(tmp_path.iterdir()) == []  # no output, no temporary file
+
+
+def _read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_csv_has_the_same_columns_and_exact_values(tiny, tmp_path):
+    """-o NAME.csv: the parquet file's columns, one row per input row in order; floats read back to the
+    runtime's float32 values bit for bit, logits as a JSON list per row; the file gets a plain open's mode."""
+    bundle, x, y, data = tiny
+    want = GatedRuntime.load(bundle).run(x)
+    out = tmp_path / "p.csv"
+    r = _score(bundle, "--data", f"npz:{data / 'labelled.npz'}", "-o", out, "--batch-size", "7", "--logits")
+    assert r.exit_code == 0, r.output
+    assert "columns row, prediction, exit, confidence, label, logits" in r.output
+    with open(out, newline="", encoding="utf-8") as f:
+        assert next(csv.reader(f)) == ["row", "prediction", "exit", "confidence", "label", "logits"]
+    rows = _read_csv(out)
+    assert [int(r["row"]) for r in rows] == list(range(100))
+    assert np.array_equal([int(r["prediction"]) for r in rows], want.predictions)
+    assert np.array_equal([int(r["exit"]) for r in rows], want.exits) and len(set(want.exits)) == 3
+    assert np.array_equal([int(r["label"]) for r in rows], y)
+    confidence = np.array([float(r["confidence"]) for r in rows], dtype=np.float32)
+    assert np.array_equal(confidence.view(np.int32), want.confidence.view(np.int32))
+    logits = np.array([json.loads(r["logits"]) for r in rows], dtype=np.float32)
+    assert np.array_equal(logits.view(np.int32), want.logits.view(np.int32))
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~UMASK
+    counts = np.bincount(want.exits, minlength=3)
+    assert f"exits: g0 {counts[0] / 100:.1%}, g1 {counts[1] / 100:.1%}, full network {counts[2] / 100:.1%}" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv"]
+
+
+def test_csv_without_labels_or_logits(tiny, tmp_path):
+    bundle, x, _, data = tiny
+    out = tmp_path / "p.csv"
+    r = _score(bundle, "--data", f"npz:{data / 'images.npz'}", "-o", out)
+    assert r.exit_code == 0, r.output
+    rows = _read_csv(out)
+    assert list(rows[0]) == ["row", "prediction", "exit", "confidence"] and len(rows) == 100
+    assert np.array_equal([int(r["exit"]) for r in rows], GatedRuntime.load(bundle).run(x).exits)
+
+
+def test_csv_needs_no_pyarrow_and_parquet_names_its_extra(tiny, tmp_path, monkeypatch):
+    bundle, _, _, data = tiny
+    for name in ("pyarrow", "pyarrow.parquet"):
+        monkeypatch.setitem(sys.modules, name, None)  # import pyarrow raises ImportError
+    r = _score(bundle, "--data", f"npz:{data / 'labelled.npz'}", "-o", tmp_path / "p.parquet")
+    assert r.exit_code == 2, r.output
+    assert "pip install 'dgate-export[parquet]'" in _flat(r.output) and "NAME.csv" in r.output
+    assert list(tmp_path.iterdir()) == []
+    r = _score(bundle, "--data", f"npz:{data / 'labelled.npz'}", "-o", tmp_path / "p.csv")
+    assert r.exit_code == 0, r.output
+    assert len(_read_csv(tmp_path / "p.csv")) == 100
+
+
+@pytest.mark.parametrize("name", ["p.txt", "predictions"])
+def test_an_output_of_unknown_format_is_refused_before_scoring(tiny, tmp_path, name):
+    bundle, _, _, data = tiny
+    r = _score(bundle, "--data", f"npz:{data / 'labelled.npz'}", "-o", tmp_path / name)
+    assert r.exit_code == 2 and "names no output format" in _flat(r.output) and "NAME.csv" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_csv_is_kept_without_force(tiny, tmp_path):
+    bundle, _, _, data = tiny
+    out = tmp_path / "p.csv"
+    out.write_text("keep me")
+    r = _score(bundle, "--data", f"npz:{data / 'labelled.npz'}", "-o", out)
+    assert r.exit_code == 2 and "--force" in r.output and out.read_text() == "keep me"
+    r = _score(bundle, "--data", f"npz:{data / 'labelled.npz'}", "-o", out, "--force")
+    assert r.exit_code == 0 and len(_read_csv(out)) == 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv"]
 
 
 def test_actors_need_ray(tiny, tmp_path):

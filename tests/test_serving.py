@@ -9,12 +9,15 @@ conflicts with the project venv's), and compared with GatedRuntime in this proce
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,6 +319,84 @@ def test_gather_free_graph_computes_the_same(tiny, tmp_path):
         drop_index(tiny / "segment0.onnx", tmp_path / "s0.onnx")
 
 
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _FakeTensor:
+    def __init__(self, name, array):
+        self.name, self.array = name, array
+
+    def as_numpy(self):
+        return self.array
+
+
+class _FakeResponse:
+    def __init__(self, output_tensors=None, error=None):
+        self.outputs = {t.name: t.array for t in output_tensors or []}
+        self.error = error
+
+
+def _load_segment_model(version: Path, monkeypatch):
+    """A repository's python-platform segment model.py, loaded here with a stand-in for Triton's
+    triton_python_backend_utils (requests are dicts of arrays)."""
+    fake = types.SimpleNamespace(get_input_tensor_by_name=lambda r, name: _FakeTensor(name, r[name]),
+                                 Tensor=_FakeTensor, InferenceResponse=_FakeResponse, TritonError=str)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # model.py puts its folder first
+    spec = importlib.util.spec_from_file_location(f"dgate_test_model_{version.parent.name}", version / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TritonPythonModel()
+
+
+def test_python_segment_models_feed_index_themselves(tiny, tmp_path, monkeypatch):
+    """--platform python ships the bundle's graphs as they are; each segment model k>0 feeds `index` =
+    every row of the requests Triton merged, so its answers equal the bundle's graph gathering all rows."""
+    import onnxruntime as ort
+
+    repo = write_repository(tiny, tmp_path / "repo", platform="python").path
+    rng = np.random.default_rng(7)
+    shapes = [{"input": (1, 8, 8)}, {"prev_carry_0": (4, 8, 8)}, {"prev_carry_0": (8, 4, 4), "prev_carry_1": (4, 8, 8)}]
+    for k in range(3):
+        version = repo / f"tiny_seg{k}" / "1"
+        assert _sha(version / "model.onnx") == _sha(tiny / f"segment{k}.onnx")  # not rewritten
+        session = ort.InferenceSession(str(tiny / f"segment{k}.onnx"), providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs() if i.name != "index"]
+        outputs = [o.name for o in session.get_outputs()]
+        config = {"input": [{"name": n} for n in names], "output": [{"name": n} for n in outputs], "parameters": {}}
+        model = _load_segment_model(version, monkeypatch)
+        model.initialize({"model_config": json.dumps(config)})
+        assert model.index == (k > 0) and names == list(shapes[k])
+        requests = [{n: rng.standard_normal((rows, *shapes[k][n])).astype(np.float32) for n in names}
+                    for rows in (3, 2)]  # two requests the batcher merged
+        responses = model.execute(requests)
+        feeds = {n: np.concatenate([r[n] for r in requests]) for n in names}
+        if k > 0:
+            feeds["index"] = np.arange(5, dtype=np.int64)
+        want = dict(zip(outputs, session.run(outputs, feeds)))
+        assert [r.error for r in responses] == [None, None]
+        for name in outputs:
+            np.testing.assert_array_equal(np.concatenate([r.outputs[name] for r in responses]), want[name])
+            assert [len(r.outputs[name]) for r in responses] == [3, 2]
+
+
+def test_repositories_without_the_onnx_package(tiny, tmp_path, monkeypatch):
+    """The plain install has no onnx: --platform python needs none; the native platforms, which rewrite
+    segment k>0's graph, say which extra to install before writing anything."""
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
+    info = write_repository(tiny, tmp_path / "repo", platform="python", unbatched=True)
+    assert '"index"' not in (info.path / "tiny_seg2" / "config.pbtxt").read_text()
+    with pytest.raises(UserError, match=r"--platform onnxruntime needs the onnx package") as err:
+        write_repository(tiny, tmp_path / "native", platform="onnxruntime")
+    assert "pip install 'dgate-export[onnx]'" in err.value.hint and "--platform python" in err.value.hint
+    with pytest.raises(UserError, match=r"dgate-export\[onnx\]"):
+        drop_index(tiny / "segment1.onnx", tmp_path / "s1.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+    res = CliRunner().invoke(main, ["triton", str(tiny), "-o", str(tmp_path / "auto")])  # auto: onnxruntime
+    assert res.exit_code == 2 and "dgate-export[onnx]" in res.output and not (tmp_path / "auto").exists()
+
+
 def test_repository_layout(tiny, tmp_path):
     info = write_repository(tiny, tmp_path / "repo", platform="python", instances=3, max_queue_delay_us=500,
                             unbatched=True)
@@ -337,6 +418,7 @@ def test_repository_layout(tiny, tmp_path):
     assert links["segments"][2]["inputs"] == ["prev_carry_0", "prev_carry_1"]
     vendored = repo / "tiny" / "1" / "dgate_export"
     assert {"runtime.py", "manifest.py", "confidence.py", "errors.py"} <= {p.name for p in vendored.iterdir()}
+    assert (repo / "tiny_seg1" / "1" / "dgate_export" / "contract.py").is_file()  # model.py imports INDEX
     assert "torch" not in " ".join(package_modules("runtime.py"))
     assert "--model-repository" in (repo / "README.md").read_text()
 

@@ -4,6 +4,10 @@ the Python backend.
 
 Triton's dynamic batcher hands `execute` every request it merged; their rows are concatenated, run as
 one batch (the project's ONNX Runtime runner, copied next to this file), and split back per request.
+
+Segment k>0's graph is the bundle's own, which takes `index` (the rows of its carries to keep) besides
+the carries; the model's Triton config has no `index` (the gate model sends the survivors' carries
+only, repository.py says why), so the model feeds `index` = 0..rows-1 itself: every row, in order.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from dgate_export.backends.onnxruntime import Runner  # the copy next to this file
+from dgate_export.backends.onnxruntime import Runner  # the copies next to this file
+from dgate_export.contract import INDEX
 
 
 class TritonPythonModel:
@@ -30,6 +35,8 @@ class TritonPythonModel:
         self.runner = Runner(os.path.join(here, "model.onnx"), options)
         self.inputs = [t["name"] for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
+        # Segment k>0: the graph's `index` input, which Triton does not send (see the module docstring).
+        self.index = INDEX in self.runner.input_names and INDEX not in self.inputs
 
     def execute(self, requests):
         arrays = [[pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.inputs] for r in requests]
@@ -38,6 +45,8 @@ class TritonPythonModel:
             feeds = dict(zip(self.inputs, arrays[0]))
         else:
             feeds = {name: np.concatenate([a[i] for a in arrays]) for i, name in enumerate(self.inputs)}
+        if self.index:
+            feeds[INDEX] = np.arange(sum(sizes), dtype=np.int64)
         try:
             out = self.runner.run(feeds)
         except Exception as err:  # noqa: BLE001  (the requests of this batch fail; the model keeps serving)

@@ -11,13 +11,19 @@ Layout (NAME is the bundle's name, or --name):
     REPO/NAME_unbatched*/             with --unbatched: the gate model over segment copies that run one
                                       request at a time (no dynamic batching), for benchmarks
 
-Why segments k>0 lose their `index` input here: in a bundle, segment k>0 takes the previous segment's
+Why segment models k>0 have no `index` input: in a bundle, segment k>0 takes the previous segment's
 carries for all of its rows plus the row numbers of the survivors, and gathers them as its first op.
 Triton's dynamic batcher concatenates the requests it merges along the first dimension, so row numbers
 sent by different requests would point into each other's rows. In the repository the gate model
-compacts the carries itself (it keeps the survivors' rows) and segment k>0's graph computes `index` as
-0..rows-1 (Shape -> Range, an identity gather): every input of every segment model is then batched by
-rows, and the batcher may merge any requests.
+compacts the carries itself (it keeps the survivors' rows) and `index` is 0..rows-1 (an identity
+gather): every input of every segment model is then batched by rows, and the batcher may merge any
+requests. Where that `index` comes from depends on the platform:
+
+- `python`: the bundle's graph as it is; the segment model (model_segment.py) feeds `index` itself.
+  Needs nothing beyond the plain install.
+- `onnxruntime`, `tensorrt`: Triton runs the graph (or engine) with no code of ours around it, so
+  segment k>0's graph is rewritten to compute `index` from its first carry (drop_index: Shape ->
+  Range), which needs the onnx package (the `[onnx]` extra).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..contract import INDEX, INPUT
 from ..errors import UserError
@@ -48,6 +55,10 @@ _TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HERE = Path(__file__).resolve().parent
 _PACKAGE = _HERE.parent  # dgate_export/
+# drop_index's onnx: a small extra of its own rather than [compile], which brings torch (gigabytes) to a
+# serving host that only writes a repository.
+ONNX_HINT = ("Install it: pip install 'dgate-export[onnx]'; or write the repository with --platform python "
+             "(ONNX Runtime in Triton's Python backend), which ships the bundle's graphs as they are.")
 
 
 @dataclass
@@ -96,6 +107,8 @@ def write_repository(bundle: str | Path, out: str | Path, *, platform: str = "au
     if not _NAME.match(name):
         raise UserError(f"{name!r} is not usable as a Triton model name.",
                         "Give one with --name (letters, digits, '_', '.', '-').")
+    if platform != "python":
+        _onnx(f"--platform {platform}")  # before anything is written
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists.", "Choose another -o, or add --force to replace it.")
@@ -196,6 +209,7 @@ class _Writer:
             config.append('backend: "python"')
             shutil.copyfile(_HERE / SEGMENT_TEMPLATE, version / "model.py")
             _vendor(version, "backends/onnxruntime.py")
+            _vendor(version, "contract.py")
             shutil.copyfile(graph, version / "model.onnx")
             params = {"intra_op_num_threads": str(self.threads), "providers": "cuda" if self.kind == "gpu" else "cpu"}
         elif self.platform == "onnxruntime":
@@ -223,7 +237,7 @@ class _Writer:
 
     def _graph(self, index: int, artifact: str) -> Path:
         """The artifact the repository ships for segment `index` (built once, shared by its copies)."""
-        if index == 0:
+        if index == 0 or self.platform == "python":  # python: model_segment.py feeds `index` itself
             return self.m.path(artifact)
         if index not in self._graphs:
             work = self.root / ".graphs"
@@ -244,12 +258,9 @@ class _Writer:
 def drop_index(src: Path, dst: Path) -> None:
     """Copy segment k>0's ONNX graph without its `index` input: `index` becomes 0..rows-1 computed from
     the first carry's leading dimension, so the graph's Gather keeps every row, in order."""
-    try:
-        import onnx
-        from onnx import TensorProto, helper
-    except ImportError as err:
-        raise UserError(f"Writing a Triton repository needs the onnx package ({err}).",
-                        "pip install onnx") from err
+    onnx = _onnx("Rewriting a segment graph for Triton's native backends")
+    from onnx import TensorProto, helper
+
     model = onnx.load(str(src))
     graph = model.graph
     index = [i for i in graph.input if i.name == INDEX]
@@ -267,6 +278,16 @@ def drop_index(src: Path, dst: Path) -> None:
     for node in reversed(nodes):
         graph.node.insert(0, node)
     onnx.save(model, str(dst))
+
+
+def _onnx(what: str) -> Any:
+    """The onnx module, or a UserError naming the extra that brings it."""
+    try:
+        import onnx
+    except ImportError as err:
+        raise UserError(f"{what} needs the onnx package, which is not installed here ({err}).",
+                        ONNX_HINT) from err
+    return onnx
 
 
 def _build_plan(onnx_path: Path, work: Path, manifest: Manifest) -> Path:
