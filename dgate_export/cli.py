@@ -29,7 +29,7 @@ def missing_extra(err: ModuleNotFoundError) -> UserError | None:
     if extra is None:
         return None
     return UserError(f"This command needs {package}, which is not installed here: it comes with the "
-                     f"dgate-export[{extra}] extra (the plain install only runs and benchmarks bundles).",
+                     f"dgate-export[{extra}] extra, which the plain install leaves out.",
                      f"Install it: pip install 'dgate-export[{extra}]'.")
 
 
@@ -135,6 +135,8 @@ def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes,
     from .manifest import load_manifest
 
     manifest = load_manifest(bundle)  # a clear error before any data is read
+    if plot_path:
+        render.require_matplotlib()  # before minutes of measuring, not after
     chw = tuple(int(d) for d in manifest.input.shape[1:])
     if (data is None) == (random_n is None):
         raise UserError("Give exactly one of --data DATA (accuracy and speed) or --random N (speed only).")
@@ -386,7 +388,7 @@ def inspect_cmd(path):
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 def score_cmd(bundle, data, data_dir, repeat_channels, limit, output, ray_address, actors, cpus_per_actor,
               batch_size, thresholds, logits, force, progress):
-    """Classify every row of DATA with BUNDLE into a parquet file, in-process or on Ray Data.
+    """Classify every row of DATA with BUNDLE into a parquet or CSV file, in-process or on Ray Data.
 
     One output row per input row, in input order: row, prediction, exit (0..K-1 the gate taken, K the
     full network), confidence, label (when the data has labels), logits (with --logits). Prints exit

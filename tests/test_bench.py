@@ -280,3 +280,15 @@ def test_calibrate_engine_rewrites_only_the_thresholds(bundle, tmp_path):
     rt16.close()
     assert not np.array_equal(conf16, conf)  # fp16 arithmetic moved the confidences
     assert fp16_thresholds != pytest.approx(torch_thresholds, abs=1e-6)
+
+
+def test_plot_without_matplotlib_is_refused_before_measuring(bundle, tmp_path, monkeypatch):
+    """bench --plot on the plain install (no matplotlib): refused at once, naming the [plot] extra, before
+    any timing (the --json figures would otherwise be measured and then the command fail)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    out = bench(["--engine", str(bundle), "--random", "8", "--batch-sizes", "1", *FAST,
+                 "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")])
+    assert out.exit_code == 2 and "dgate-export[plot]" in " ".join(out.output.split()), out.output
+    assert list(tmp_path.iterdir()) == []
