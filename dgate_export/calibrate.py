@@ -201,6 +201,20 @@ class Target:
         return cls(**{k: v for k, v in (record or {}).items() if k in names})
 
 
+def calibration_record(result: Calibration, target: Target) -> dict:
+    """What a gated checkpoint records of its calibration: the target the thresholds were chosen for
+    (build's int8 / fp16 refit defaults to it) and the exit mix on the validation rows they were chosen
+    on (`rows` samples; the reference of `dgate-export drift`)."""
+    return {"target": target.to_dict(), "thresholds": [float(t) for t in result.thresholds],
+            "exit_fractions": [float(f) for f in result.validation.exit_fractions],
+            "rows": int(result.validation.samples)}
+
+
+def recorded_target(record: dict | None) -> Target:
+    """The Target a calibration record names; the default Target when there is none (older files)."""
+    return Target.from_dict((record or {}).get("target"))
+
+
 def holdout_rows(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(kept, held out) sorted row indices of n rows: a seeded random `fraction` of them held out."""
     perm = np.random.default_rng(seed).permutation(n)

@@ -264,7 +264,8 @@ def _target(max_drop, guarantee, delta, budget, upper_bound, holdout):
 @click.option("--calibration-data", default=None, metavar="DATA",
               help="int8: the data set whose TRAINING rows calibrate the quantization and whose validation rows "
                    "(the split the model records) fit the thresholds: fashion-mnist or npz:PATH. fp16: its "
-                   "validation rows refit the thresholds to the fp16 bundle's own confidences.")
+                   "validation rows refit the thresholds to the fp16 bundle's own confidences. The refit's target: "
+                   "the target flags given, else the one MODEL was calibrated for.")
 @click.option("--calibration-rows", default=None, type=int, metavar="N",
               help="int8: training rows that calibrate the activation ranges [default: 512].")
 @click.option("--data-dir", default=None, type=click.Path(), help="int8: folder of the Fashion-MNIST IDX files.")
@@ -303,9 +304,20 @@ def build(model, output, backend, precision, calibration_data, calibration_rows,
         raise UserError(f"{flags} only apply to --backend tensorrt.", "Drop them, or build for TensorRT.")
     calibration = _calibration_data(precision, calibration_data, calibration_rows, data_dir, repeat_channels,
                                     max_drop, guarantee, delta, budget, upper_bound, holdout)
+    if calibration is not None and not _given(TARGET_FLAGS):
+        calibration.target = None  # the refit's target: the one the model records (else the default)
     build_bundle(model, output, BuildOptions(backend=backend, precision=precision, max_batch=max_batch, opset=opset,
                                              exporter=exporter, force=force, backend_options=trt,
                                              calibration=calibration), progress=click.echo)
+
+
+TARGET_FLAGS = ("max_drop", "guarantee", "delta", "budget", "upper_bound", "holdout")
+
+
+def _given(params) -> bool:
+    """Whether any of the current command's `params` was given on the command line (not a default)."""
+    ctx = click.get_current_context()
+    return any(ctx.get_parameter_source(p) not in (None, click.core.ParameterSource.DEFAULT) for p in params)
 
 
 def _calibration_data(precision, data, rows, data_dir, repeat_channels, max_drop, guarantee, delta, budget,

@@ -27,8 +27,12 @@ def test_round_trip(tmp_path):
     with torch.no_grad():  # make the heads non-trivial so equality means something
         for p in model.heads.parameters():
             p.normal_()
+    record = {"target": {"max_drop": 0.02, "guarantee": "none"}, "thresholds": [0.9, 0.8],
+              "exit_fractions": [0.5, 0.3, 0.2], "rows": 100}
+    model.calibration = record
     path = checkpoint.save(model, tmp_path / "model.pt")
     loaded = checkpoint.load(path)
+    assert loaded.calibration == record
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         for a, b in zip(model(x), loaded(x)):

@@ -65,6 +65,11 @@ def test_gate_writes_model_and_curve(gated):
     assert val["flops_reduction"] > 0  # easy Fashion-MNIST images leave early
     assert curve["test"]["samples"] == 800 and len(curve["curve"]) > 3
     assert out.with_suffix(".curve.png").stat().st_size > 1000
+    # the model records what its thresholds were calibrated for and the exit mix they gave on the validation
+    # rows (build's int8 / fp16 refit and `drift` read it)
+    assert model.calibration == {"target": Target(max_drop=0.01, guarantee="none").to_dict(),
+                                 "thresholds": pytest.approx(curve["thresholds"]),
+                                 "exit_fractions": pytest.approx(val["exit_fractions"]), "rows": val["samples"]}
 
 
 def test_saved_thresholds_reproduce_the_reported_test_figures(gated, npz):
@@ -89,6 +94,7 @@ def test_calibrate_for_a_budget(gated, npz, tmp_path):
     assert curve["validation"]["expected_flops"] <= 0.6 * curve["validation"]["baseline_flops"] + 1e-6
     assert checkpoint.load(again).thresholds == pytest.approx(curve["thresholds"])
     assert checkpoint.load(out).thresholds != checkpoint.load(again).thresholds  # the input is untouched
+    assert checkpoint.load(again).calibration["target"] == Target(budget=0.6).to_dict()
 
 
 def test_calibrate_with_an_upper_bound_on_the_drop(gated, npz, tmp_path):

@@ -169,3 +169,35 @@ def test_manifest_requires_quantization_exactly_for_int8(tmp_path):
             bad["quantization"] = quantization
         with pytest.raises(UserError, match="quantization"):
             Manifest.from_dict(bad)
+
+
+@pytest.mark.slow
+def test_refit_defaults_to_the_target_the_model_records(small, tmp_path):
+    """build's refit (fp16 here; int8 takes the same path) uses the target the model was calibrated for
+    when no target flag is given: a model gated with --guarantee none builds on 300 validation rows, too few
+    for the default promise, which an older checkpoint without a record still gets."""
+    from dgate_export.compile import checkpoint
+
+    path, data, root = small
+    model = checkpoint.load(path)
+    recorded = Target(max_drop=0.02, guarantee="none")
+    model.calibration = {"target": recorded.to_dict(), "thresholds": list(model.thresholds),
+                         "exit_fractions": [0.25] * 4, "rows": VAL}
+    with_record = checkpoint.save(model, root / "recorded.pt")
+    common = ["--precision", "fp16", "--calibration-data", data, "--max-batch", "64", "--exporter", "torchscript"]
+
+    def build(model_path, out, *extra):
+        res = CliRunner().invoke(main, ["build", str(model_path), "-o", str(tmp_path / out), *common, *extra])
+        return res, " ".join(res.output.split())
+
+    res, text = build(with_record, "rec")
+    assert res.exit_code == 0, res.output
+    assert "target max_drop 0.02, guarantee none, delta 0.1 (recorded in the model)" in text
+    assert load_manifest(tmp_path / "rec").calibration["target_options"] == recorded.to_dict()
+    res, text = build(with_record, "given", "--max-drop", "0.05", "--guarantee", "none")
+    assert res.exit_code == 0, res.output
+    assert load_manifest(tmp_path / "given").calibration["target_options"] == Target(
+        max_drop=0.05, guarantee="none").to_dict()
+    res, text = build(path, "old")  # no record: the default target, Learn then Test, too strong for 300 rows
+    assert res.exit_code == 2 and "validation rows" in text, res.output
+    assert not (tmp_path / "old").exists()

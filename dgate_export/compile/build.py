@@ -60,7 +60,7 @@ from . import checkpoint
 from .export import EXPORTERS, export_baseline, export_segment
 from .model import GatedModel
 from .parity import ParityReport, check_bundle, fmt
-from .quantize import CalibrationData, calibration_rows, quantize_bundle, refit_thresholds
+from .quantize import CalibrationData, calibration_rows, quantize_bundle, refit_target, refit_thresholds
 from .threads import torch_threads
 
 STEPS = ("load", "flops", "export", "check", "parity", "engines", "manifest", "verify", "rename")
@@ -304,8 +304,11 @@ def _run_steps(tmp: Path, steps: _Steps, source: Path | GatedModel, name: str, o
         write_manifest(tmp, manifest)
         if int8 is not None:  # thresholds fitted on the int8 / fp16 bundle's own confidences (calibrate --engine)
             fit = refit_thresholds(tmp, model, int8)
+            target = refit_target(model, int8).to_dict()
+            why = "given" if int8.target is not None else "recorded in the model" if model.calibration else "default"
             steps.progress(f"        thresholds on the {precision} bundle's confidences: {fmt(fit.thresholds)} (fp32 "
-                           f"{fmt([float(t) for t in model.thresholds])}); {fit.method}")
+                           f"{fmt([float(t) for t in model.thresholds])}); {fit.method}; target "
+                           f"{', '.join(f'{k} {v}' for k, v in target.items() if v is not None)} ({why})")
         return verify_bundle(tmp)  # the bundle as a runtime will read it
 
     manifest = steps.run("manifest", manifest_step,
@@ -380,7 +383,7 @@ def _manifest(model, built: _Built, engines: list[dict], backend_info: dict, *, 
         baseline=baseline,
         source={"checkpoint": model_path.name if model_path else None,
                 "sha256": sha256_file(model_path) if model_path else None, "arch": model.arch["name"],
-                "exits": list(model.exits), "data_split": model.data_split,
+                "exits": list(model.exits), "data_split": model.data_split, "calibration": model.calibration,
                 "parity": parity.to_dict() if parity else None},
         tools=_tool_versions(exporter),
         backend_info=backend_info,

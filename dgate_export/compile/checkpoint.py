@@ -47,6 +47,7 @@ def save(model: GatedModel, path: str | os.PathLike) -> Path:
         "normalization": model.normalization,
         "flops": model.flops,
         "data_split": model.data_split,
+        "calibration": model.calibration,
         "feature_layouts": list(model.feature_layouts),
         "backbone": _cpu_state(model.backbone),
         "heads": _cpu_state(model.heads),
@@ -130,6 +131,7 @@ def load(path: str | os.PathLike) -> GatedModel:
         # files written before layouts were recorded: their heads pooled every exit as NCHW
         feature_layout=payload.get("feature_layouts", "nchw"),
     )
+    model.calibration = payload.get("calibration")  # None in files written before it was recorded
     try:
         load_state(model.heads, payload["heads"])
     except RuntimeError as err:

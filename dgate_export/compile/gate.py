@@ -30,7 +30,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..calibrate import Calibration, Evaluation, Target, calibrate, evaluate, holdout_rows, save_curve
+from ..calibrate import (
+    Calibration,
+    Evaluation,
+    Target,
+    calibrate,
+    calibration_record,
+    evaluate,
+    holdout_rows,
+    save_curve,
+)
 from ..contract import DEFAULT_CONFIDENCE
 from ..data import DEFAULT_VAL_SIZE, Dataset, check_input_shape, load_splits, recorded_split
 from ..errors import UserError
@@ -243,6 +252,7 @@ def calibrate_model(model: GatedModel, splits: dict[str, Dataset], *, confidence
                                (target or Target()).holdout, seed)
     model.thresholds = list(result.thresholds)
     model.confidence = confidence
+    model.calibration = calibration_record(result, target or Target())
     test_logits, test_y = collect_exit_logits(model, splits["test"], progress=progress_bars)
     test = evaluate(test_logits, test_y, confidence=confidence, thresholds=result.thresholds, costs=costs,
                     baseline_flops=flops["baseline"])

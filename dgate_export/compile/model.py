@@ -67,6 +67,9 @@ class GatedModel(nn.Module):
         # The validation split the gates were trained without ({"data", "val_size", "seed"}): calibrate
         # must choose thresholds on those rows, never on rows the gates saw.
         self.data_split = dict(data_split) if data_split else None
+        # How the thresholds were calibrated (calibrate.calibration_record: the target, the validation exit
+        # mix), or None; set by the gate pipeline and kept by the checkpoint.
+        self.calibration: dict | None = None
         example = torch.zeros(2, *self.input_shape)
         self.segments = nn.ModuleList(split_backbone(self.backbone, self.exits, example))
         with torch.no_grad():

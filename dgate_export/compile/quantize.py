@@ -41,7 +41,7 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-from ..calibrate import Target, exits_of
+from ..calibrate import Target, exits_of, recorded_target
 from ..contract import CARRY_IN_PREFIX, CONFIDENCE, INDEX, INPUT, LOGITS, is_carry
 from ..data import DEFAULT_VAL_SIZE, check_input_shape, load_dataset
 from ..errors import UserError
@@ -86,7 +86,9 @@ class CalibrationData:
     rows: int = CALIBRATION_ROWS
     data_dir: str | None = None
     repeat_channels: bool = False  # repeat 1-channel data to the model's channel count
-    target: Target = field(default_factory=Target)  # the refit's threshold target on the int8 / fp16 graphs
+    # The refit's threshold target on the int8 / fp16 graphs; None: the target the model records (its gate or
+    # calibrate run's), else the default.
+    target: Target | None = None
 
 
 @dataclass
@@ -394,7 +396,14 @@ def refit_thresholds(bundle: Path, model, options: CalibrationData) -> Any:
     val = load_dataset(options.data, "val", data_dir=options.data_dir, channels=_channels(options, model),
                        val_size=val_size, seed=seed)
     record = {"spec": options.data, "val_size": val_size, "seed": seed, "rows": len(val)}
-    return recalibrate(bundle, val, None, target=options.target, seed=seed, data_record=record).calibration
+    return recalibrate(bundle, val, None, target=refit_target(model, options), seed=seed,
+                       data_record=record).calibration
+
+
+def refit_target(model, options: CalibrationData) -> Target:
+    """The refit's target: the options' own, else the one the model was calibrated for (recorded by gate /
+    calibrate), else the default (checkpoints written before targets were recorded)."""
+    return options.target if options.target is not None else recorded_target(model.calibration)
 
 
 # --------------------------------------------------------------------------------------- the step
