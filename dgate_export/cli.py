@@ -380,9 +380,12 @@ def inspect_cmd(path):
 @main.command("score")
 @click.argument("bundle", type=click.Path())
 @click.option("--data", required=True,
-              help="fashion-mnist or npz:PATH (its test split; an npz with only `x` is scored without labels).")
+              help="fashion-mnist or npz:PATH (its --split; an npz with only `x` is scored whole, without labels).")
 @click.option("--data-dir", default=None, type=click.Path(), help="Folder of the Fashion-MNIST IDX files.")
 @click.option("--repeat-channels", is_flag=True, help="Repeat 1-channel data to the model's channel count.")
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
+              help="The split of DATA to score; val: the validation rows the bundle's thresholds were calibrated on "
+                   "(the split it records), train: the other training rows.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N rows.")
 @click.option("-o", "--output", required=True, type=click.Path(),
               help="File to write: NAME.parquet (needs pyarrow: the [parquet] extra) or NAME.csv.")
@@ -393,13 +396,16 @@ def inspect_cmd(path):
               help="Ray: actors in the pool [default: as many as the cluster's CPUs hold].")
 @click.option("--cpus-per-actor", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Ray: CPUs each actor reserves (and ONNX Runtime threads it uses).")
+@click.option("--max-retries", type=click.IntRange(min=0), default=None,
+              help="Ray: restarts of an actor whose process died, and retries of its batch, before the job fails "
+                   "naming the batch [default: 3].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Rows per batch.")
 @click.option("--thresholds", default=None, help="Override the bundle's thresholds: a,b,c (one per gate).")
 @click.option("--logits", is_flag=True, help="Also write each row's class scores (column logits).")
 @click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete).")
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
-def score_cmd(bundle, data, data_dir, repeat_channels, limit, output, ray_address, actors, cpus_per_actor,
-              batch_size, thresholds, logits, force, progress):
+def score_cmd(bundle, data, data_dir, repeat_channels, split, limit, output, ray_address, actors, cpus_per_actor,
+              max_retries, batch_size, thresholds, logits, force, progress):
     """Classify every row of DATA with BUNDLE into a parquet or CSV file, in-process or on Ray Data.
 
     One output row per input row, in input order: row, prediction, exit (0..K-1 the gate taken, K the
@@ -411,16 +417,18 @@ def score_cmd(bundle, data, data_dir, repeat_channels, limit, output, ray_addres
     from .score import score
 
     manifest = load_manifest(bundle)  # a clear error before any data is read
-    if ray_address is None and (actors is not None or cpus_per_actor != 1.0):
-        raise UserError("--actors and --cpus-per-actor apply to --ray only.", "Add --ray, or drop them.")
+    if ray_address is None and (actors is not None or cpus_per_actor != 1.0 or max_retries is not None):
+        raise UserError("--actors, --cpus-per-actor and --max-retries apply to --ray only.", "Add --ray, or drop them.")
     chw = tuple(int(d) for d in manifest.input.shape[1:])
-    x, y = load_images(data, data_dir=data_dir, channels=chw[0] if repeat_channels else None)
+    x, y = load_images(data, data_dir=data_dir, channels=chw[0] if repeat_channels else None, split=split,
+                       data_split=(manifest.source or {}).get("data_split"))
     if limit:
         x, y = x[:limit], (None if y is None else y[:limit])
     check_input_shape(x, chw, where=f"data set {data!r}")
     summary = score(bundle, x, y, output, ray=ray_address, actors=actors, cpus_per_actor=cpus_per_actor,
                     batch_size=batch_size, thresholds=_float_list(thresholds, "--thresholds") if thresholds else None,
-                    logits=logits, force=force, progress=progress, describe=f"of {data} with {bundle}")
+                    logits=logits, force=force, progress=progress, max_retries=max_retries,
+                    describe=f"of {data}{'' if split == 'test' else f' ({split} split)'} with {bundle}")
     for line in summary.lines():
         click.echo(line)
     click.echo(f"wrote {output} (columns {', '.join(summary.columns)})")

@@ -345,11 +345,15 @@ def check_input_shape(x: np.ndarray, expected_chw: tuple[int, int, int] | list[i
     raise UserError(f"The model expects input of shape {expected} per sample; {where} has {got}.", hint + ".")
 
 
-def load_images(spec: str, *, data_dir: str | Path | None = None,
-                channels: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def load_images(spec: str, *, data_dir: str | Path | None = None, channels: int | None = None,
+                split: str = "test", data_split: dict | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Rows to classify (`score`): (x, labels or None). An npz holding `x` without `y` gives unlabelled
     images, float32 model input or integer raw pixels (which the runtime normalizes with the bundle's
-    input.normalization); anything else is `load_dataset(spec, "test")`, the split `bench` measures."""
+    input.normalization), and has no splits; anything else is `load_dataset(spec, split)` ("test": the
+    split `bench` measures), the validation split cut as `data_split` records (a bundle's: the rows its
+    thresholds were calibrated on)."""
+    if split not in SPLITS:
+        raise UserError(f"Unknown split {split!r}.", f"Choose one of: {', '.join(SPLITS)}.")
     if spec.startswith("npz:") and Path(spec[4:]).is_file():
         try:
             with np.load(spec[4:], allow_pickle=False) as archive:
@@ -362,7 +366,11 @@ def load_images(spec: str, *, data_dir: str | Path | None = None,
             if x.ndim != 4 or x.dtype.kind not in "fiu":
                 raise UserError(f"{spec[4:]}: x has shape {x.shape} and dtype {x.dtype}; expected [N, C, H, W] "
                                 "float32 model input or integer raw pixels.", "Save the images in NCHW layout.")
+            if split != "test":
+                raise UserError(f"{spec[4:]} holds only x (no labels, no splits): --split {split} does not apply.",
+                                "Leave out --split to score every row.")
             x, _ = _repeat_channels(x, None, channels, spec)
             return np.ascontiguousarray(x), None
-    ds = load_dataset(spec, "test", data_dir=data_dir, channels=channels)
+    val_size, seed = recorded_split(data_split, spec)
+    ds = load_dataset(spec, split, data_dir=data_dir, channels=channels, val_size=val_size, seed=seed)
     return ds.x, ds.y

@@ -24,12 +24,13 @@ one JSON list per row (`[0.1, -2.5, 3.0]`, quoted by the CSV dialect).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -258,9 +259,11 @@ def exit_names(manifest: Manifest) -> list[str]:
 def score(bundle: str | Path, x: np.ndarray, labels: np.ndarray | None, output: str | Path, *,
           ray: str | None = None, actors: int | None = None, cpus_per_actor: float = 1.0, batch_size: int = 256,
           thresholds: Sequence[float] | None = None, logits: bool = False, force: bool = False,
-          progress: bool = True, describe: str = "") -> ScoreSummary:
+          progress: bool = True, describe: str = "", max_retries: int | None = None) -> ScoreSummary:
     """Classify x [N, C, H, W] with `bundle` into `output` (see the module docstring); `ray`: None
-    (in-process), "local" or a Ray address."""
+    (in-process), "local" or a Ray address; `max_retries`: Ray's restarts of an actor and retries of a batch
+    (None: integrations.ray.DEFAULT_MAX_RETRIES). On Ray, what Ray prints goes to a log file in the
+    temporary folder (named in the error when the job fails; removed when it succeeds)."""
     from tqdm import tqdm
 
     manifest = load_manifest(bundle)  # a clear error before anything starts
@@ -273,16 +276,34 @@ def score(bundle: str | Path, x: np.ndarray, labels: np.ndarray | None, output: 
     names = exit_names(manifest)
     writer = PredictionWriter(output, len(x), len(names), force=force)
     clock: dict[str, float] = {}
-    if ray is None:
-        batches = _in_process(bundle, x, labels, batch_size, thresholds, logits, clock)
-        where = "in-process"
-    else:
-        batches = _on_ray(ray, bundle, x, labels, actors, cpus_per_actor, batch_size, thresholds, logits, clock)
-        where = "on Ray Data ({})"
-    with writer, tqdm(total=len(x), unit="rows", desc="scoring", disable=not progress, leave=False) as bar:
-        for batch in batches:
-            writer.write(batch)
-            bar.update(len(batch["row"]))
+    ray_log = Path(tempfile.gettempdir()) / f"dgate-score-ray-{os.getpid()}.log"
+    keep_log = False
+    try:
+        with contextlib.ExitStack() as stack:
+            terminal = None
+            if ray is None:
+                batches = _in_process(bundle, x, labels, batch_size, thresholds, logits, clock)
+                where = "in-process"
+            else:
+                from .integrations.ray import DEFAULT_MAX_RETRIES, ray_output_to
+
+                terminal = stack.enter_context(ray_output_to(ray_log))
+                retries = DEFAULT_MAX_RETRIES if max_retries is None else max_retries
+                batches = _on_ray(ray, bundle, x, labels, actors, cpus_per_actor, batch_size, thresholds, logits,
+                                  clock, retries, writer, ray_log)
+                where = "on Ray Data ({})"
+            stack.enter_context(contextlib.closing(batches))  # Ray stops while its output still goes to the log
+            with writer, tqdm(total=len(x), unit="rows", desc="scoring", disable=not progress, leave=False,
+                              file=terminal) as bar:
+                for batch in batches:
+                    writer.write(batch)
+                    bar.update(len(batch["row"]))
+    except UserError as err:
+        keep_log = str(ray_log) in str(err)  # the message points at Ray's messages
+        raise
+    finally:
+        if ray is not None and not keep_log:
+            ray_log.unlink(missing_ok=True)
     seconds = time.perf_counter() - clock["start"]
     if ray is not None:
         where = where.format(f"{clock['actors']:.0f} actors, {'a local Ray instance' if ray == 'local' else ray}")
@@ -292,7 +313,7 @@ def score(bundle: str | Path, x: np.ndarray, labels: np.ndarray | None, output: 
 
 
 def _in_process(bundle: str | Path, x: np.ndarray, labels: np.ndarray | None, batch_size: int,
-                thresholds: Sequence[float] | None, logits: bool, clock: dict[str, float]) -> Iterator[dict]:
+                thresholds: Sequence[float] | None, logits: bool, clock: dict[str, float]) -> Generator[dict, None, None]:
     from .runtime import GatedRuntime
 
     runtime = GatedRuntime.load(bundle, thresholds=thresholds)
@@ -314,8 +335,17 @@ def _in_process(bundle: str | Path, x: np.ndarray, labels: np.ndarray | None, ba
 
 def _on_ray(address: str, bundle: str | Path, x: np.ndarray, labels: np.ndarray | None, actors: int | None,
             cpus_per_actor: float, batch_size: int, thresholds: Sequence[float] | None, logits: bool,
-            clock: dict[str, float]) -> Iterator[dict]:
-    from .integrations.ray import dataset_from_arrays, pool_size, require_ray, score_dataset, user_error_in
+            clock: dict[str, float], max_retries: int, writer: PredictionWriter,
+            ray_log: Path) -> Generator[dict, None, None]:
+    from .integrations.ray import (
+        dataset_from_arrays,
+        died_on,
+        pool_size,
+        require_ray,
+        score_dataset,
+        start_batch_log,
+        user_error_in,
+    )
 
     ray = require_ray()
     started = time.perf_counter()
@@ -335,15 +365,19 @@ def _on_ray(address: str, bundle: str | Path, x: np.ndarray, labels: np.ndarray 
         clock["actors"] = actors or pool_size(ray.cluster_resources(), cpus_per_actor)
         clock["start"] = time.perf_counter()  # putting the rows into Ray's object store counts as scoring
         ds = dataset_from_arrays(x, labels, block_rows=batch_size)
+        batch_log = start_batch_log()
         out = score_dataset(ds, bundle, actors=actors, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
-                            thresholds=thresholds, logits=logits)
+                            thresholds=thresholds, logits=logits, max_retries=max_retries, batch_log=batch_log)
         out.context.enable_progress_bars = False
         try:
             yield from out.iter_batches(batch_size=None, batch_format="numpy")
         except Exception as err:
             found = user_error_in(err)
             if found is None:
-                raise
+                found = died_on(err, batch_log, max_retries, writer.next_row)
+                if found is None:
+                    raise
+                found.hint = f"{found.hint} Ray's own messages: {ray_log}."
             raise found from None
     finally:
         data_logger.setLevel(level)

@@ -35,7 +35,9 @@ from dgate_export.compile.build import BuildOptions
 from dgate_export.integrations.ray import (
     BundleClassifier,
     dataset_from_arrays,
+    died_on,
     score_dataset,
+    start_batch_log,
 )
 
 pytestmark = pytest.mark.slow
@@ -170,3 +172,77 @@ def test_a_damaged_bundle_fails_the_job_with_the_runtime_message(local_ray, bund
     assert "segment1.onnx (mismatch)" in str(runtime_error.value)
     assert " ".join(result.output.split()) == f"error: {runtime_error.value}"  # that paragraph and nothing else
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # nothing written, no temporary file
+
+
+class _PoisonClassifier(BundleClassifier):
+    """The real classifier, whose process dies (as the kernel's OOM killer would end it) while it runs
+    the batch holding row 600, however often it is restarted."""
+
+    def _classify(self, batch):
+        if 600 in batch["row"]:
+            time.sleep(0.3)
+            os._exit(1)
+        return super()._classify(batch)
+
+
+def test_actors_that_keep_dying_fail_the_job_naming_the_batch(local_ray, bundle, fmnist):
+    """Bounded retries: a batch that kills every actor running it fails the job after --max-retries, and the
+    failure names that batch (Ray Data alone retries it forever)."""
+    import sys
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    batch_log = start_batch_log()
+    out = score_dataset(dataset_from_arrays(fmnist.x[:2000]), bundle, actors=2, batch_size=250,
+                        classifier=_PoisonClassifier, max_retries=1, batch_log=batch_log)
+    import threading
+
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _collect(out)
+        except BaseException as err:  # noqa: BLE001 (what the job raised is the test's subject)
+            failure.append(err)
+
+    job = threading.Thread(target=run, daemon=True)  # without a bound, Ray retries forever: give up waiting
+    job.start()
+    job.join(180)
+    assert not job.is_alive(), "the job was still retrying after 180 s"
+    assert failure and isinstance(failure[0], ray.exceptions.RayActorError), failure
+    err = died_on(failure[0], batch_log, 1, 0)
+    assert err is not None
+    import re
+
+    found = re.search(r"the batch of rows (\d+)\.\.(\d+) was started (\d+) times and never finished", err.message)
+    assert found, err.message
+    first, last, tries = map(int, found.groups())
+    assert first <= 600 <= last and last - first + 1 == 250 and tries >= 2  # the poisoned batch, retried
+    assert "gave up after 1 retries (--max-retries)" in err.message and "--batch-size" in err.hint
+    assert died_on(ValueError("other"), batch_log, 1, 0) is None
+
+
+def test_score_on_ray_keeps_ray_out_of_the_terminal(bundle, tmp_path):
+    """A successful `score --ray`, run as a user runs it (a process of its own, a real stdout and stderr):
+    only our lines, none of Ray's (its core worker's or its workers' messages), and no log left behind."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "p.parquet"
+    temp = Path(tempfile.mkdtemp(prefix="dgr", dir="/tmp"))  # short: Ray's socket paths live under it
+    env = {**os.environ, "PYTHONPATH": str(root), "TMPDIR": str(temp)}
+    try:
+        proc = subprocess.run([sys.executable, str(root / "cli.py"), "score", str(bundle), "--data", "fashion-mnist",
+                               "--split", "val", "--limit", "1500", "-o", str(out), "--ray", "--actors", "1",
+                               "--no-progress"], capture_output=True, text=True, timeout=300, env=env, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stderr == "", proc.stderr
+        lines = proc.stdout.splitlines()
+        assert lines[0].startswith("scored 1500 rows of fashion-mnist (val split) with"), lines
+        assert lines[-1].startswith("wrote") and len(lines) == 5, lines  # scored, exits, accuracy, speed, wrote
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["p.parquet"]
+        assert list(temp.glob("dgate-score-ray-*.log")) == []  # a success keeps no log of Ray's messages
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)

@@ -202,8 +202,43 @@ def test_an_existing_csv_is_kept_without_force(tiny, tmp_path):
 
 def test_actors_need_ray(tiny, tmp_path):
     bundle, _, _, data = tiny
-    r = _score(bundle, "--data", f"npz:{data / 'labelled.npz'}", "-o", tmp_path / "p.parquet", "--actors", "2")
-    assert r.exit_code == 2 and "--ray" in r.output
+    for flag in (["--actors", "2"], ["--max-retries", "1"]):
+        r = _score(bundle, "--data", f"npz:{data / 'labelled.npz'}", "-o", tmp_path / "p.parquet", *flag)
+        assert r.exit_code == 2 and "--ray" in r.output
+
+
+def test_split_chooses_the_rows(tiny, tmp_path):
+    """--split val scores the validation rows the bundle records (those its thresholds were chosen on),
+    train the other training rows, test (the default) the test split; an npz of bare images has no splits."""
+    from dgate_export.data import load_dataset
+    from dgate_export.manifest import load_manifest, write_manifest
+
+    bundle, _, _, data = tiny
+    fm = load_dataset("fashion-mnist", "test")
+    x = np.ascontiguousarray(fm.x[:300, :, ::3, ::3][:, :, :8, :8])  # real images, cut to the tiny 1x8x8
+    y = fm.y[:300] % 3
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:])
+    recorded = tmp_path / "b"
+    recorded.mkdir()
+    for f in bundle.iterdir():
+        (recorded / f.name).write_bytes(f.read_bytes())
+    m = load_manifest(recorded)
+    m.source = {**(m.source or {}), "data_split": {"data": f"npz:{npz}", "val_size": 30, "seed": 1}}
+    write_manifest(recorded, m)
+    rows = {}
+    for split in ("val", "train", "test"):
+        out = tmp_path / f"{split}.parquet"
+        r = _score(recorded, "--data", f"npz:{npz}", "--split", split, "-o", out)
+        assert r.exit_code == 0, r.output
+        labels = pq.read_table(out)["label"].to_numpy()
+        want = load_dataset(f"npz:{npz}", split, val_size=30, seed=1)
+        assert np.array_equal(labels, want.y)
+        rows[split] = len(labels)
+        assert (f"({split} split)" in r.output) == (split != "test")
+    assert rows == {"val": 30, "train": 170, "test": 100}
+    r = _score(bundle, "--data", f"npz:{data / 'images.npz'}", "--split", "val", "-o", tmp_path / "x.parquet")
+    assert r.exit_code == 2 and "holds only x" in r.output
 
 
 def test_a_missing_ray_extra_says_which_extra_to_install(tiny, tmp_path, monkeypatch):

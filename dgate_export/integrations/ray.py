@@ -16,10 +16,14 @@ network), `confidence` (float32, at the exit taken) and, on request, `logits` (f
 `score_dataset` applies it with `map_batches` and a fixed-size `ActorPoolStrategy`: as many actors as
 the resources it is given hold (`cpus_per_actor` / `gpus_per_actor` each; the whole cluster's by
 default), or `actors`. Output order is the input's (`preserve_order`). Ray restarts an actor whose
-process dies and retries its batches (Ray Data's defaults for actor pools: `max_restarts=-1`,
-`max_task_retries=-1`), so no row is lost or scored twice. A bundle that cannot be loaded (a damaged
-file) fails the job at its first batch (Ray Data does not retry exceptions raised by a batch), and
-`user_error_in` recovers the runtime's UserError from the exception Ray raises.
+process dies and retries its batches, so no row is lost or scored twice; `max_retries` (default 3;
+Ray Data's own default is forever) bounds both, so a batch that kills every actor that runs it (out of
+memory, a crash) fails the job instead of retrying without end. A `BatchLog` actor (`batch_log=`)
+records which rows each batch started and finished: `died_on` names the batch the actors died on. A
+bundle that cannot be loaded (a damaged file) fails the job at its first batch (Ray Data does not
+retry exceptions raised by a batch), and `user_error_in` recovers the runtime's UserError from the
+exception Ray raises. `ray_output_to` sends what Ray prints on this process's stdout and stderr (its
+workers' deaths, its core worker's messages) to a file instead of the user's terminal.
 
 The bundle is read from `bundle` on each actor's node: on a cluster, put it on storage every node
 mounts at the same path. Like the runtime, this module imports no torch; it imports Ray only when
@@ -29,9 +33,14 @@ called (`pip install 'dgate-export[ray]'`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import os
+import sys
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -40,6 +49,7 @@ from ..runtime import GatedRuntime
 
 INSTALL_HINT = "Install the Ray extra: `pip install 'dgate-export[ray]'` (ray[data] and pyarrow)."
 IMAGE = "image"  # the input column's default name
+DEFAULT_MAX_RETRIES = 3  # restarts of an actor, and retries of a batch, before the job fails
 
 
 def require_ray() -> Any:
@@ -62,7 +72,7 @@ class BundleClassifier:
 
     def __init__(self, bundle: str | Path, *, thresholds: Sequence[float] | None = None, logits: bool = False,
                  input_column: str = IMAGE, backend: str | None = None,
-                 runner_options: Mapping[str, Any] | None = None):
+                 runner_options: Mapping[str, Any] | None = None, batch_log: Any = None):
         # A bundle that fails to load (a damaged file) fails the first batch instead of the constructor:
         # an actor whose constructor raises dies, and Ray's tasks on the dead actor then print retry
         # warnings after the job has already failed; a batch's exception just ends the job.
@@ -74,10 +84,21 @@ class BundleClassifier:
             self.error = err
         self.logits = logits
         self.input_column = input_column
+        self.batch_log = batch_log
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.error is not None:
             raise self.error
+        rows = batch.get("row")
+        span = (int(rows[0]), int(rows[-1])) if self.batch_log is not None and rows is not None and len(rows) else None
+        if span is not None:
+            _tell(self.batch_log.start, span, wait=True)  # known to the driver before this process may die
+        out = self._classify(batch)
+        if span is not None:
+            _tell(self.batch_log.finish, span, wait=False)
+        return out
+
+    def _classify(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.input_column not in batch:
             raise UserError(f"The batch has no column {self.input_column!r} (columns: {', '.join(batch)}).",
                             "Name the image column with input_column=..., or rename it.")
@@ -94,6 +115,98 @@ class BundleClassifier:
         if self.logits:
             out["logits"] = res[3]
         return out
+
+
+def _tell(method: Any, span: tuple[int, int], wait: bool) -> None:
+    """Record a batch in the BatchLog; never fails the batch (the log only serves error messages)."""
+    import ray
+
+    try:
+        ref = method.remote(*span)
+        if wait:
+            ray.get(ref, timeout=10)
+    except Exception:  # noqa: BLE001, S110 (a lost record costs a vaguer message, nothing else)
+        pass
+
+
+class BatchLog:
+    """Which batches (first and last row) the actors started, and which they finished: after actors died,
+    the batch they died on. Made a Ray actor by `start_batch_log`."""
+
+    def __init__(self) -> None:
+        self.started: Counter[tuple[int, int]] = Counter()
+        self.finished: set[tuple[int, int]] = set()
+
+    def start(self, first: int, last: int) -> None:
+        self.started[first, last] += 1
+
+    def finish(self, first: int, last: int) -> None:
+        self.finished.add((first, last))
+
+    def unfinished(self) -> list[tuple[int, int, int]]:
+        """(times started, first row, last row) of the batches started and never finished, most tried first."""
+        return sorted(((n, a, b) for (a, b), n in self.started.items() if (a, b) not in self.finished), reverse=True)
+
+
+def start_batch_log() -> Any:
+    """A BatchLog actor for one job (no CPU reserved: it only counts)."""
+    ray = require_ray()
+    return ray.remote(num_cpus=0)(BatchLog).remote()
+
+
+def died_on(err: BaseException, batch_log: Any, max_retries: int | None, first_missing: int) -> UserError | None:
+    """A UserError naming the batch the actors died on, when `err` is Ray's "the actor died"; else None."""
+    ray = require_ray()
+    if not isinstance(err, ray.exceptions.RayActorError):
+        return None
+    where = f"the rows from {first_missing} on were not scored"
+    try:
+        unfinished = ray.get(batch_log.unfinished.remote(), timeout=10) if batch_log is not None else []
+    except Exception:  # noqa: BLE001 (the log is best effort: the message gets vaguer)
+        unfinished = []
+    if unfinished:
+        tries, first, last = unfinished[0]
+        where = f"the batch of rows {first}..{last} was started {tries} times and never finished"
+    retries = "their retries" if max_retries is None else f"{max_retries} retries (--max-retries)"
+    return UserError(f"Scoring on Ray failed: the actors' processes kept dying (killed by the system, out of "
+                     f"memory, or crashed) and Ray gave up after {retries}; {where}.",
+                     "Look at those rows, give the actors more memory or a smaller --batch-size, or allow more "
+                     "--max-retries.")
+
+
+@contextmanager
+def ray_output_to(path: str | Path) -> Iterator[TextIO]:
+    """While Ray runs: what this process writes to its stdout and stderr (file descriptors 1 and 2, where
+    Ray's core worker logs, and sys.stdout / sys.stderr, where Ray prints its workers' errors) goes to
+    `path`, appended. Yields a stream on the terminal's stderr, for a progress bar of our own."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    old = sys.stdout, sys.stderr
+    saved = os.dup(1), os.dup(2)
+    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    log = open(path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115 (closed below)
+    try:
+        real = old[1].fileno() == 2
+    except (OSError, ValueError, AttributeError):  # a captured stream (click's test runner, a notebook)
+        real = False
+    terminal = os.fdopen(os.dup(saved[1]), "w", buffering=1) if real else old[1]
+    try:
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        sys.stdout = sys.stderr = log
+        yield terminal
+    finally:
+        sys.stdout, sys.stderr = old
+        log.close()
+        if terminal is not old[1]:
+            terminal.close()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, log_fd):
+            os.close(fd)
 
 
 def pool_size(resources: Mapping[str, float], cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0) -> int:
@@ -116,13 +229,15 @@ def score_dataset(ds: Any, bundle: str | Path, *, actors: int | None = None,
                   resources: Mapping[str, float] | None = None, cpus_per_actor: float = 1.0,
                   gpus_per_actor: float = 0.0, batch_size: int = 256, thresholds: Sequence[float] | None = None,
                   logits: bool = False, input_column: str = IMAGE, backend: str | None = None,
-                  runner_options: Mapping[str, Any] | None = None, classifier: type = BundleClassifier) -> Any:
+                  runner_options: Mapping[str, Any] | None = None, classifier: type = BundleClassifier,
+                  max_retries: int | None = DEFAULT_MAX_RETRIES, batch_log: Any = None) -> Any:
     """`ds` classified by a pool of `BundleClassifier` actors (a lazy ray.data.Dataset, input order kept).
 
     The pool has `actors` actors, or as many as `resources` hold (default: the cluster's,
     `ray.cluster_resources()`). ONNX Runtime sessions get one thread per CPU an actor holds unless
     `runner_options` say otherwise. `classifier` may be a subclass of BundleClassifier (one that decodes
-    images first, say)."""
+    images first, say). `max_retries`: restarts of each actor and retries of each batch (None: Ray
+    Data's default, forever); `batch_log`: a `start_batch_log()` actor the classifiers report to."""
     ray = require_ray()
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"The batch size must be a positive integer, got {batch_size!r}.")
@@ -135,20 +250,27 @@ def score_dataset(ds: Any, bundle: str | Path, *, actors: int | None = None,
                         f"resources given ({available.get('CPU', 0):g} CPUs, {available.get('GPU', 0):g} GPUs): "
                         "Ray would wait for them forever.",
                         f"Ask for 1 to {fits} actors, or fewer CPUs per actor.")
+    if max_retries is not None and (isinstance(max_retries, bool) or max_retries < 0):
+        raise UserError(f"--max-retries must be >= 0, got {max_retries}.")
     options = dict(runner_options or {})
     options.setdefault("intra_op_num_threads", max(1, int(cpus_per_actor)))
-    out = ds.map_batches(
-        classifier,
-        fn_constructor_args=(str(bundle),),
-        fn_constructor_kwargs={"thresholds": None if thresholds is None else list(thresholds), "logits": logits,
-                               "input_column": input_column, "backend": backend, "runner_options": options},
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=cpus_per_actor,
-        num_gpus=gpus_per_actor or None,
-        udf_modifying_row_count=False,
-    )
+    retries = {} if max_retries is None else {"max_restarts": max_retries, "max_task_retries": max_retries}
+    with warnings.catch_warnings():  # Ray 2.60 calls these keyword arguments deprecated, and has no other way
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+        out = ds.map_batches(
+            classifier,
+            fn_constructor_args=(str(bundle),),
+            fn_constructor_kwargs={"thresholds": None if thresholds is None else list(thresholds), "logits": logits,
+                                   "input_column": input_column, "backend": backend, "runner_options": options,
+                                   **({"batch_log": batch_log} if batch_log is not None else {})},
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=cpus_per_actor,
+            num_gpus=gpus_per_actor or None,
+            udf_modifying_row_count=False,
+            **retries,
+        )
     out.context.execution_options.preserve_order = True  # this Dataset's own context, not the process's
     return out
 
