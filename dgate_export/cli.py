@@ -434,6 +434,81 @@ def score_cmd(bundle, data, data_dir, repeat_channels, split, limit, output, ray
     click.echo(f"wrote {output} (columns {', '.join(summary.columns)})")
 
 
+@main.command("drift")
+@click.argument("bundle", type=click.Path())
+@click.option("--metrics", "metrics_url", default=None, metavar="URL",
+              help="A running server's metrics (serve's --metrics-port, e.g. 127.0.0.1:8002, or Triton's): the "
+                   "samples it answered with the bundle's thresholds, per exit.")
+@click.option("--window", default=None, type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="--metrics: test the samples served during the next SECONDS (two reads), not all since the start.")
+@click.option("--model", default=None, help="--metrics: the gate model's name [default: the bundle's].")
+@click.option("--scores", default=None, type=click.Path(dir_okay=False),
+              help="A `dgate-export score` output (.parquet or .csv) made with the bundle's thresholds.")
+@click.option("--alpha", default=0.001, show_default=True, type=float,
+              help="False-alarm probability: the test raises the alarm when p < alpha.")
+@click.option("--record", "record_data", default=None, metavar="DATA",
+              help="Instead: record BUNDLE's exit mix on the validation split it records of DATA (fashion-mnist, "
+                   "npz:PATH) as its reference, for bundles built without one.")
+@click.option("--data-dir", default=None, type=click.Path(), help="--record: folder of the Fashion-MNIST IDX files.")
+@click.option("--repeat-channels", is_flag=True, help="--record: repeat 1-channel data to the model's channels.")
+def drift_cmd(bundle, metrics_url, window, model, scores, alpha, record_data, data_dir, repeat_channels):
+    """Is the exit mix still the one BUNDLE's thresholds were calibrated on?
+
+    Compares the samples per exit served by a running server (--metrics) or scored into a file
+    (--scores) with the exit mix the bundle records for its calibration rows: Pearson's chi-square test
+    of homogeneity, alarm when p < --alpha. Exit status 0: no drift; 1: drift; 2: an error.
+    """
+    import time as clock
+
+    from .drift import (
+        exit_mix_test,
+        read_metrics,
+        record_reference,
+        reference_of,
+        scored_exit_counts,
+        served_exit_counts,
+    )
+    from .manifest import load_manifest
+
+    manifest = load_manifest(bundle)
+    if record_data is not None:
+        if metrics_url is not None or scores is not None:
+            raise UserError("--record writes the reference; --metrics and --scores test against it.", "Run them apart.")
+        ref = record_reference(bundle, record_data, data_dir=data_dir, repeat_channels=repeat_channels)
+        click.echo(f"recorded in {bundle}/manifest.json: exit fractions "
+                   f"{' '.join(f'{f:.4f}' for f in ref.fractions)} on {ref.rows} rows ({ref.where})")
+        return
+    if (metrics_url is None) == (scores is None):
+        raise UserError("Give exactly one of --metrics URL (a running server) and --scores FILE (score's output).")
+    if scores is not None and (window is not None or model is not None):
+        raise UserError("--window and --model apply to --metrics only.", "Drop them.")
+    reference = reference_of(manifest)
+    exits = manifest.num_gates + 1
+    if scores is not None:
+        observed = scored_exit_counts(scores, exits)
+        source = f"{scores}"
+    else:
+        name = model or manifest.name
+        observed = served_exit_counts(read_metrics(metrics_url), name, exits)
+        source = f"{metrics_url} (gate model {name}, since it started)"
+        if window is not None:
+            clock.sleep(window)
+            observed = served_exit_counts(read_metrics(metrics_url), name, exits) - observed
+            source = f"{metrics_url} (gate model {name}, {window:g} s)"
+            if (observed < 0).any():
+                raise UserError("The server restarted during the window (its counters went back).", "Run it again.")
+    test = exit_mix_test(reference.counts, observed, alpha)
+    names = [s.gate.exit for s in manifest.segments if s.gate is not None] + ["full network"]
+    click.echo(f"reference: {reference.rows} calibration rows ({reference.where}); observed: {int(observed.sum())} "
+               f"samples from {source}")
+    click.echo(f"{'exit':<24}{'calibration':>12}{'observed':>10}")
+    for k, label in enumerate(names):
+        click.echo(f"{k} {label:<22}{reference.fractions[k]:>12.2%}{test.fractions(observed)[k]:>10.2%}")
+    click.echo(test.sentence())
+    if test.alarm:
+        sys.exit(1)
+
+
 # --- gate and calibrate ------------------------------------------------------------------------------
 
 

@@ -151,6 +151,9 @@ class Manifest:
     source: dict[str, Any] | None = None  # where the bundle came from: checkpoint file, sha256, arch
     calibration: dict[str, Any] | None = None  # how `calibrate --engine` chose the thresholds (None: from source)
     quantization: dict[str, Any] | None = None  # int8: how it was calibrated and checked (docs/precision.md)
+    # The exit mix the thresholds gave on the calibration rows (`drift`'s reference): exit_fractions, rows,
+    # thresholds, on, by (docs/manifest.md)
+    exit_reference: dict[str, Any] | None = None
     format: str = FORMAT
     root: Path | None = field(default=None, compare=False)  # the bundle directory once loaded; not written
 
@@ -196,6 +199,7 @@ class Manifest:
             "backend_info": dict(self.backend_info),
             **({"calibration": self.calibration} if self.calibration is not None else {}),
             **extra,
+            **({"exit_reference": self.exit_reference} if self.exit_reference is not None else {}),
         }
 
     @classmethod
@@ -476,8 +480,25 @@ def _parse_manifest(data: Any) -> Manifest:
         source=_get(data, "source", "manifest", dict, optional=True),
         calibration=_get(data, "calibration", "manifest", dict, optional=True),
         quantization=quantization,
+        exit_reference=_exit_reference(data, len(segments) - 1),
         format=FORMAT,
     )
+
+
+def _exit_reference(data: Any, num_gates: int) -> dict[str, Any] | None:
+    ref = _get(data, "exit_reference", "manifest", dict, optional=True)
+    if ref is None:
+        return None
+    fractions = _get(ref, "exit_fractions", "exit_reference", list)
+    thresholds = _get(ref, "thresholds", "exit_reference", list)
+    rows = _get(ref, "rows", "exit_reference", int)
+    numbers = [*fractions, *thresholds]
+    if (len(fractions) != num_gates + 1 or len(thresholds) != num_gates or rows < 1
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers)
+            or any(f < 0 for f in fractions)):
+        raise _Bad(f"exit_reference must hold {num_gates + 1} exit_fractions >= 0, {num_gates} thresholds and "
+                   "rows >= 1")
+    return dict(ref)
 
 
 def _normalization(value: Any) -> dict[str, Any] | None:

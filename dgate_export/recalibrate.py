@@ -25,6 +25,7 @@ import numpy as np
 from .calibrate import Calibration, Evaluation, Target, calibrate_scores, evaluate_scores, holdout_rows
 from .contract import exit_at
 from .data import check_input_shape, load_splits, recorded_split
+from .drift import reference_record
 from .errors import UserError
 from .manifest import load_manifest, write_manifest
 from .profile import load_costs
@@ -117,6 +118,10 @@ def recalibrate(bundle: str | Path, val: Any, test: Any | None, *, target: Targe
         "held_out": result.held_out.to_dict() if result.held_out is not None else None,
         "cost": result.cost,
     }
+    data = data_record or {}
+    manifest.exit_reference = reference_record(
+        result.validation.exit_fractions, result.validation.samples, result.thresholds, by="calibrate --engine",
+        on=f"validation split of {data.get('spec')} ({result.validation.samples} rows, seed {data.get('seed')})")
     write_manifest(bundle, manifest)  # validated, atomic; the artifacts (and their hashes) are untouched
     return Recalibrated(result, test_eval, old, [g.exit for g in gates])
 

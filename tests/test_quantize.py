@@ -193,7 +193,19 @@ def test_refit_defaults_to_the_target_the_model_records(small, tmp_path):
     res, text = build(with_record, "rec")
     assert res.exit_code == 0, res.output
     assert "target max_drop 0.02, guarantee none, delta 0.1 (recorded in the model)" in text
-    assert load_manifest(tmp_path / "rec").calibration["target_options"] == recorded.to_dict()
+    rec = load_manifest(tmp_path / "rec")
+    assert rec.calibration["target_options"] == recorded.to_dict()
+    # the drift reference: the refit's own exit mix on the validation rows, for the refitted thresholds
+    assert rec.exit_reference["by"] == "calibrate --engine" and rec.exit_reference["rows"] == VAL
+    assert rec.exit_reference["thresholds"] == pytest.approx(rec.thresholds)
+    assert rec.exit_reference["exit_fractions"] == pytest.approx(rec.calibration["validation"]["exit_fractions"])
+    # an fp32 build keeps the checkpoint's thresholds, and its calibration exit mix as the reference
+    res = CliRunner().invoke(main, ["build", str(with_record), "-o", str(tmp_path / "fp32"), "--max-batch", "64",
+                                    "--exporter", "torchscript"])
+    assert res.exit_code == 0, res.output
+    fp32 = load_manifest(tmp_path / "fp32")
+    assert fp32.exit_reference["exit_fractions"] == [0.25] * 4 and fp32.exit_reference["rows"] == VAL
+    assert "checkpoint" in fp32.exit_reference["by"] and fp32.source["calibration"]["target"] == recorded.to_dict()
     res, text = build(with_record, "given", "--max-drop", "0.05", "--guarantee", "none")
     assert res.exit_code == 0, res.output
     assert load_manifest(tmp_path / "given").calibration["target_options"] == Target(

@@ -41,6 +41,7 @@ import onnx
 from .. import __version__
 from ..backends import get_backend
 from ..contract import INPUT
+from ..drift import reference_record
 from ..errors import UserError
 from ..files import UMASK, replace_dir, sha256_file
 from ..manifest import (
@@ -388,7 +389,23 @@ def _manifest(model, built: _Built, engines: list[dict], backend_info: dict, *, 
         tools=_tool_versions(exporter),
         backend_info=backend_info,
         quantization=quantization,
+        exit_reference=_exit_reference(model),
     )
+
+
+def _exit_reference(model: GatedModel) -> dict | None:
+    """The checkpoint's calibration exit mix, the drift reference, while the thresholds are still the ones it
+    was recorded for (an int8 / fp16 refit replaces it with the bundle's own)."""
+    record = model.calibration
+    if not record or not record.get("exit_fractions"):
+        return None
+    if [round(float(t), 6) for t in record["thresholds"]] != [round(float(t), 6) for t in model.thresholds]:
+        return None
+    split = model.data_split or {}
+    on = (f"validation split of {split.get('data')} ({record['rows']} rows, seed {split.get('seed')})" if split
+          else f"{record['rows']} validation rows")
+    return reference_record(record["exit_fractions"], record["rows"], model.thresholds, on=on,
+                            by="the checkpoint's calibration (gate / calibrate)")
 
 
 def _tool_versions(exporter: str) -> dict[str, str]:
