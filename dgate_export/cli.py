@@ -46,8 +46,10 @@ class _Group(click.Group):
         except UserError as err:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            message = textwrap.fill(str(err), width=100, break_on_hyphens=False, break_long_words=False)
+            message = textwrap.fill(err.paragraph, width=100, break_on_hyphens=False, break_long_words=False)
             click.echo(f"error: {message}", err=True)
+            if err.detail:
+                click.echo(err.detail, err=True)  # verbatim: a log's lines keep their own layout
             sys.exit(2)
 
 
@@ -740,17 +742,45 @@ def triton_cmd(bundle, output, platform, instances, segment_instances, max_queue
 @_serving_options
 @click.option("--triton-env", default=None, type=click.Path(file_okay=False),
               help="Python environment holding nvidia-pytriton [default: $DGATE_TRITON_ENV, else .venv-triton].")
+@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(1, 65535),
+              help="Prometheus metrics: Triton's, the gate model's counters and serve's (health, drift).")
+@click.option("--metrics-address", default="127.0.0.1", show_default=True,
+              help="Address of the metrics endpoint (0.0.0.0 for a scraper outside the host or container).")
+@click.option("--log-file", default=None, type=click.Path(dir_okay=False),
+              help="The server's log [default: TMPDIR/dgate-serve-PID.log, removed after a clean stop, kept "
+                   "otherwise].")
+@click.option("--drain-timeout", default=30.0, show_default=True, type=float,
+              help="Seconds the requests in flight get to finish after SIGINT / SIGTERM.")
+@click.option("--probe-interval", default=2.0, show_default=True, type=float,
+              help="Seconds between two health inferences through the gate model.")
+@click.option("--probe-timeout", default=30.0, show_default=True, type=float,
+              help="A health inference not answered in this many seconds is a failure.")
+@click.option("--max-restarts", default=3, show_default=True, type=click.IntRange(min=0),
+              help="Restarts after failures allowed within 10 minutes; one more ends serve with an error.")
+@click.option("--drift-window", default=5000, show_default=True, type=click.IntRange(min=0),
+              help="Served samples per drift test of the exit mix (0: off).")
+@click.option("--drift-alpha", default=0.001, show_default=True, type=float,
+              help="False-alarm probability of each drift test.")
 def serve_cmd(bundle, port, grpc_port, repo, platform, instances, segment_instances, max_queue_delay_us, kind,
-              threads, name, gate_batching, unbatched, triton_env):
-    """Serve BUNDLE with a local Triton Inference Server on 127.0.0.1 until Ctrl-C.
+              threads, name, gate_batching, unbatched, triton_env, metrics_port, metrics_address, log_file,
+              drain_timeout, probe_interval, probe_timeout, max_restarts, drift_window, drift_alpha):
+    """Serve BUNDLE with a local Triton Inference Server on 127.0.0.1 until Ctrl-C / SIGTERM.
 
     Writes the model repository (see `triton`), starts tritonserver, waits until every model is
-    ready, prints the endpoints and an example request, and stops the server on Ctrl-C.
+    ready, prints the endpoints and an example request, and supervises it: a failed health inference,
+    a dead model process or a dead server restarts it. Ctrl-C / SIGTERM drains (readiness false, the
+    requests in flight finish), then stops. Exit status 0 after a clean stop, 1 when the drain cut
+    requests, 2 when the server failed for good (docs/serving.md, "Operating the server").
     """
-    from .serving.serve import serve_bundle
+    from .serving.serve import Settings, serve_bundle
 
-    serve_bundle(bundle, port=port, grpc_port=grpc_port, repo=repo, platform=platform, triton_env=triton_env,
-                 echo=click.echo, repository_options={
-                     "instances": instances, "segment_instances": segment_instances,
-                     "max_queue_delay_us": max_queue_delay_us, "kind": kind, "threads": threads, "name": name,
-                     "unbatched": unbatched, "gate_batching": gate_batching})
+    settings = Settings(drain_timeout=drain_timeout, probe_interval=probe_interval, probe_timeout=probe_timeout,
+                        max_restarts=max_restarts, drift_window=drift_window, drift_alpha=drift_alpha)
+    status = serve_bundle(bundle, port=port, grpc_port=grpc_port, metrics_port=metrics_port,
+                          metrics_address=metrics_address, repo=repo, platform=platform, triton_env=triton_env,
+                          log_file=log_file, settings=settings, echo=click.echo, repository_options={
+                              "instances": instances, "segment_instances": segment_instances,
+                              "max_queue_delay_us": max_queue_delay_us, "kind": kind, "threads": threads,
+                              "name": name, "unbatched": unbatched, "gate_batching": gate_batching})
+    if status:
+        sys.exit(status)

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 
 class UserError(Exception):
-    """A problem with the user's input or environment, with a hint on how to fix it."""
+    """A problem with the user's input or environment, with a hint on how to fix it.
 
-    def __init__(self, message: str, hint: str | None = None):
+    `detail`: text shown verbatim after the paragraph (a log's last lines, a table), never re-flowed."""
+
+    def __init__(self, message: str, hint: str | None = None, detail: str | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.detail = detail
+
+    @property
+    def paragraph(self) -> str:
+        return f"{self.message} {self.hint}" if self.hint else self.message
 
     def __str__(self) -> str:
-        if self.hint:
-            return f"{self.message} {self.hint}"
-        return self.message
+        return f"{self.paragraph}\n{self.detail}" if self.detail else self.paragraph

@@ -188,3 +188,29 @@ def test_drift_command(bundle, tmp_path):
     res = runner.invoke(main, ["drift", str(bundle), "--scores", str(tmp_path / "same.csv")])
     assert res.exit_code == 2 and "records no calibration exit mix" in " ".join(res.output.split())
     assert json.loads((b / "manifest.json").read_text())["exit_reference"]["rows"] == 2000
+
+
+def test_serve_tests_windows_of_what_was_served_since_the_last_read():
+    """serve's DriftWatch: the counters it reads are cumulative; each window holds what was served since
+    the window began, also across a server restart, and each complete window is tested once."""
+    from dgate_export.drift import Reference
+    from dgate_export.serving.serve import DriftWatch
+
+    lines: list[str] = []
+    watch = DriftWatch(Reference(np.array([600, 300, 100]), 1000, "t"), "m", window=100, alpha=0.001,
+                       echo=lines.append)
+    watch.update(np.array([30, 15, 5]))
+    assert watch.windows == 0 and watch.counts.tolist() == [30, 15, 5]
+    watch.update(np.array([60, 30, 10]))  # 50 more: the window is full, the calibration's mix
+    assert watch.windows == 1 and watch.test.observed.tolist() == [60, 30, 10] and not watch.test.alarm
+    assert watch.counts.sum() == 0 and lines == []
+    watch.restarted()  # a new server counts from zero
+    watch.update(np.array([0, 10, 90]))
+    assert watch.windows == 2 and watch.test.observed.tolist() == [0, 10, 90] and watch.alarms == 1
+    assert lines and "window 2: DRIFT" in lines[-1] and "calibration 0.600 0.300 0.100" in lines[-1]
+    watch.update(np.array([3, 1, 1]))  # counters went back without a restart seen: counted from zero
+    assert watch.counts.tolist() == [3, 1, 1]
+    text = "\n".join(watch.lines())
+    assert 'dgate_drift_alarm{model="m"} 1' in text and 'dgate_drift_windows_total{model="m"} 2' in text
+    assert 'dgate_drift_window_samples{model="m"} 5' in text
+    assert 'dgate_drift_reference_exit_fraction{model="m",exit="0"} 0.6' in text

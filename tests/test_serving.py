@@ -21,18 +21,21 @@ import types
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from serve_process import end, start_serve
 from tiny_bundle import SHAPE, make_tiny_bundle
 
 from dgate_export.cli import main
 from dgate_export.errors import UserError
+from dgate_export.manifest import load_manifest
 from dgate_export.runtime import GatedRuntime
 from dgate_export.serving import TritonServer, find_server, write_repository
 from dgate_export.serving.repository import drop_index, package_modules
-from dgate_export.serving.server import free_port, mean_batch_size
+from dgate_export.serving.server import mean_batch_size
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = Path(__file__).resolve().parent / "triton_client.py"
@@ -453,33 +456,144 @@ def test_cli_triton_and_serve_without_a_server(tiny, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_serve_command_answers_and_stops_on_ctrl_c(tiny, tmp_path):
     _install_or_skip()
-    http, grpc = free_port(), free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", str(tiny), "--port", str(http),
-                             "--grpc-port", str(grpc), "--instances", "1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**env, "PYTHONUNBUFFERED": "1"},
-                            start_new_session=True)
+    serve = start_serve(tiny, tmp_path, "--instances", "1")
     try:
-        lines = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if line.startswith("ready:") or not line:
-                break
-        assert lines[-1].startswith("ready:"), "".join(lines)
-        assert f"127.0.0.1:{http}" in lines[-1] and f"127.0.0.1:{grpc}" in lines[-1]
-        with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/tiny/ready", timeout=5) as r:
+        ready = serve.wait_line("ready:", timeout=180)
+        line = next(text for t, text in serve.lines if t == ready)
+        assert f"HTTP http://127.0.0.1:{serve.http}" in line and "gRPC 127.0.0.1:" in line and "/metrics" in line
+        with urllib.request.urlopen(f"http://127.0.0.1:{serve.http}/v2/models/tiny/ready", timeout=5) as r:
             assert r.status == 200
-        proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=60)
+        serve.proc.send_signal(signal.SIGINT)
+        serve.proc.wait(60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-            # the server runs in a session of its own: a killed `serve` leaves it behind
-            subprocess.run(["pkill", "-f", f"tritonserver.*--http-port={http} "], check=False)
-    assert proc.returncode == 0, output
-    assert "stopped" in output
+        left = end(serve)
+    assert serve.proc.returncode == 0, serve.text()
+    assert "stopped: drained" in serve.text() and left == []
+    assert not (tmp_path / f"dgate-serve-{serve.proc.pid}.log").exists()  # a clean run keeps no log
     with pytest.raises(OSError):
-        urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/live", timeout=2)
+        urllib.request.urlopen(f"http://127.0.0.1:{serve.http}/v2/health/live", timeout=2)
+
+
+def _metric_values(text: str, name: str, **labels) -> dict[str, float]:
+    """{the label that varies: value} of `name`'s samples whose labels include `labels`."""
+    from dgate_export.drift import parse_metrics
+
+    out = {}
+    for got, value in parse_metrics(text, name):
+        if all(got.get(k) == v for k, v in labels.items()):
+            rest = {k: v for k, v in got.items() if k not in labels}
+            out[",".join(f"{k}={v}" for k, v in sorted(rest.items()))] = value
+    return out
+
+
+@pytest.mark.slow
+def test_gate_model_metrics_count_exits_and_confidences(served):
+    """The gate model's own counters on Triton's metrics endpoint, summed over its 8 instances: samples and
+    requests per exit and the confidence histogram per gate, apart for the bundle's thresholds and a
+    request's own; serve's health probe is answered but not counted."""
+    from dgate_export.manifest import load_manifest
+    from dgate_export.serving.serve import Probe
+
+    rt, server = served.runtime, served.server
+    before = server.metrics()
+    probe = Probe(load_manifest(served.bundle), served.name)
+    assert probe(server.http_url, 30) is None  # the probe goes through every segment: a right answer
+    rng = np.random.default_rng(11)
+    xs = [rng.standard_normal((int(rng.integers(1, 6)), *SHAPE)).astype(np.float32) for _ in range(30)]
+    mixed = _mixed_thresholds(rt, np.concatenate(xs))
+    arrays = {f"r{i}": x for i, x in enumerate(xs)}
+    requests = [_request(f"r{i}", x, None if i % 3 else mixed) for i, x in enumerate(xs)]
+    _, errors = _infer(served, requests, arrays, "grpc", concurrency=6, tag="metrics")
+    assert errors == {}
+    want = {"bundle": np.zeros(3, int), "request": np.zeros(3, int)}
+    want_requests = {"bundle": np.zeros(3, int), "request": np.zeros(3, int)}
+    conf = {"bundle": [[], []], "request": [[], []]}
+    for i, x in enumerate(xs):
+        label, thr = ("bundle", None) if i % 3 else ("request", mixed)
+        res = rt.run(x, thr)
+        counts = np.bincount(res.exits, minlength=3)
+        want[label] += counts
+        want_requests[label] += counts > 0
+        every = rt.run(x, [0.0, 0.0]).confidence  # gate 0 sees every sample
+        conf[label][0] += every.tolist()
+        stay = x[res.exits > 0]
+        if len(stay):
+            conf[label][1] += rt.run(stay, [2.0, 0.0]).confidence.tolist()  # gate 1 sees those gate 0 kept
+    deadline = time.monotonic() + 20
+    while True:  # the instances add their counts every 0.25 s
+        after = server.metrics()
+        got = {lab: [_metric_values(after, "dgate_exit_samples_total", model="tiny", thresholds=lab, exit=str(e))
+                     .get("", 0.0) - _metric_values(before, "dgate_exit_samples_total", model="tiny", thresholds=lab,
+                                                    exit=str(e)).get("", 0.0) for e in range(3)]
+               for lab in ("bundle", "request")}
+        if all(got[lab] == want[lab].tolist() for lab in got) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert got == {lab: want[lab].tolist() for lab in want}
+    time.sleep(1.0)  # nothing more arrives (the probe, sent first, is not counted)
+    assert server.metrics().count("dgate_exit_samples_total") == after.count("dgate_exit_samples_total")
+    assert _metric_values(server.metrics(), "dgate_exit_samples_total", model="tiny") == _metric_values(
+        after, "dgate_exit_samples_total", model="tiny")
+
+    def delta(name, **labels):
+        return {k: v - _metric_values(before, name, **labels).get(k, 0.0)
+                for k, v in _metric_values(after, name, **labels).items()}
+
+    for lab in ("bundle", "request"):
+        reqs = delta("dgate_exit_requests_total", model="tiny", thresholds=lab)
+        assert [reqs[f"exit={e}"] for e in range(3)] == want_requests[lab].tolist()
+        for gate in (0, 1):
+            seen = np.asarray(conf[lab][gate], dtype=np.float32)
+            buckets = delta("dgate_gate_confidence_bucket", model="tiny", thresholds=lab, gate=str(gate))
+            assert buckets["le=+Inf"] == len(seen)
+            assert buckets["le=0.5"] == int((seen <= 0.5).sum()) and buckets["le=0.9"] == int((seen <= 0.9).sum())
+            count = delta("dgate_gate_confidence_count", model="tiny", thresholds=lab, gate=str(gate))
+            assert count[""] == len(seen)
+            total = delta("dgate_gate_confidence_sum", model="tiny", thresholds=lab, gate=str(gate))
+            assert total[""] == pytest.approx(float(seen.sum()), rel=1e-4)
+    in_flight = _metric_values(after, "dgate_requests_in_flight", model="tiny")
+    assert len(in_flight) == 8 and set(in_flight.values()) == {0.0}  # one per instance, all idle now
+
+
+@pytest.mark.slow
+def test_serve_metrics_endpoint_and_the_drift_alarm(tiny, tmp_path):
+    """serve's metrics endpoint gives Triton's metrics and serve's own; with a reference the served mix does
+    not follow, a window of 150 samples raises the drift alarm (a log line, the metrics, `drift --metrics`)."""
+    import shutil
+
+    from dgate_export.drift import reference_record
+    from dgate_export.manifest import write_manifest
+
+    _install_or_skip()
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny, bundle)
+    m = load_manifest(bundle)
+    m.exit_reference = reference_record([0.98, 0.01, 0.01], 5000, m.thresholds, on="a test", by="the test")
+    write_manifest(bundle, m)
+    serve = start_serve(bundle, tmp_path, "--drift-window", "150")
+    metrics_port = serve.metrics
+    try:
+        serve.wait_line("ready:", timeout=180)
+        serve.wait_line("drift: every 150 samples", timeout=10)
+        rng = np.random.default_rng(12)
+        x = rng.standard_normal((400, *SHAPE)).astype(np.float32)
+        client = Served(SimpleNamespace(http_url=f"127.0.0.1:{serve.http}"), None, bundle,  # type: ignore[arg-type]
+                        str(find_server().python), tmp_path)
+        arrays = {f"r{i}": x[i * 8:(i + 1) * 8] for i in range(50)}
+        _, errors = _infer(client, [_request(k, v) for k, v in arrays.items()], arrays, "http", concurrency=4,
+                           tag="drift")
+        assert errors == {}
+        alarm = serve.wait_line("drift: window 1: DRIFT", timeout=60)
+        assert alarm
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        assert "nv_inference_count" in text and "dgate_exit_samples_total" in text  # Triton's and the model's
+        assert 'dgate_drift_alarm{model="tiny"} 1' in text and "dgate_serve_ready 1" in text
+        assert 'dgate_drift_windows_total{model="tiny"} ' in text and "dgate_serve_restarts_total 0" in text
+        res = CliRunner().invoke(main, ["drift", str(bundle), "--metrics", f"127.0.0.1:{metrics_port}"])
+        assert res.exit_code == 1 and "DRIFT" in res.output and "400 samples" in res.output, res.output
+        serve.proc.send_signal(signal.SIGINT)
+        serve.proc.wait(60)
+    finally:
+        left = end(serve)
+    assert serve.proc.returncode == 0 and left == []

@@ -11,6 +11,14 @@ normalization, `input_raw` UINT8 raw pixels; optional request parameter `thresho
 comma-separated numbers, or a JSON list). Outputs: logits, predictions, exits, confidence.
 A user mistake (shape, dtype, thresholds) answers that request with INVALID_ARG (HTTP 400); a failed
 segment call fails the requests it was running for and nothing else.
+
+Metrics (Triton's Prometheus endpoint; docs/serving.md): per exit, the samples that left there and the
+requests that had a sample leave there; per gate, a histogram of the confidences of every sample that
+reached it; requests in flight. Labelled `thresholds="bundle"` or `"request"` (a request's own
+thresholds change the exit mix by design: the drift signal reads "bundle" only). Counted per request in
+the instance and added to the server's metrics by a thread every FLUSH_SECONDS (each metric call is
+an IPC round trip to the server; per sample it would cost more than a segment). A request with the
+parameter `dgate_probe` (`serve`'s health probe) is answered but not counted.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -31,6 +40,9 @@ from dgate_export.runtime import GatedRuntime
 
 RAW_INPUT = "input_raw"
 THRESHOLDS = "thresholds"
+PROBE = "dgate_probe"  # request parameter of serve's health probe: answered, not counted
+FLUSH_SECONDS = 0.25
+BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)  # confidence histogram upper bounds
 
 
 class SegmentError(Exception):
@@ -57,6 +69,7 @@ class SegmentModel:
         self.outputs = outputs
         self.input_names = inputs
         self.output_names = outputs
+        self.seen: list[np.ndarray] = []  # the gate's confidences since the request began (one execute at a time)
 
     def close(self) -> None:
         pass  # nothing held: each run is one BLS request
@@ -79,6 +92,7 @@ class SegmentModel:
         out = {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in self.outputs}
         if CONFIDENCE in out:
             out[CONFIDENCE] = out[CONFIDENCE].reshape(-1)  # [batch] travels as [batch, 1]
+            self.seen.append(out[CONFIDENCE])  # every sample that reached this gate (for the histogram)
         return out
 
 
@@ -99,6 +113,122 @@ def thresholds_of(request) -> list[float] | None:
     return [value]  # a single number: the runtime says how many it needs
 
 
+class Tally:
+    """This instance's counts not yet added to the server's metrics, per thresholds label."""
+
+    def __init__(self, num_gates: int):
+        self.k = num_gates
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.reset()
+
+    def reset(self):
+        k = self.k
+        self.samples = {lab: np.zeros(k + 1, np.int64) for lab in LABELS}
+        self.requests = {lab: np.zeros(k + 1, np.int64) for lab in LABELS}
+        self.buckets = {lab: np.zeros((k, len(BUCKETS)), np.int64) for lab in LABELS}  # cumulative: <= bound
+        self.count = {lab: np.zeros(k, np.int64) for lab in LABELS}
+        self.sum = {lab: np.zeros(k, np.float64) for lab in LABELS}
+
+    def add(self, label: str, exits: np.ndarray, seen: list[list[np.ndarray]], sizes: list[int]) -> None:
+        """One run's counts: `exits` of its samples, `seen[g]` the confidences gate g computed, `sizes` the
+        rows of each request it ran (in order)."""
+        n = self.k + 1
+        per_exit = np.bincount(exits, minlength=n)[:n]
+        starts = np.cumsum([0, *sizes[:-1]])
+        reached = np.zeros(n, np.int64)
+        for start, size in zip(starts, sizes):
+            reached += np.bincount(exits[start:start + size], minlength=n)[:n] > 0
+        with self.lock:
+            self.samples[label] += per_exit
+            self.requests[label] += reached
+            for gate, arrays in enumerate(seen):
+                if not arrays:
+                    continue
+                conf = np.concatenate(arrays)
+                self.buckets[label][gate] += np.searchsorted(np.sort(conf), BUCKETS, side="right")
+                self.count[label][gate] += len(conf)
+                self.sum[label][gate] += float(conf.sum())
+
+    def take(self):
+        with self.lock:
+            out = (self.samples, self.requests, self.buckets, self.count, self.sum, self.in_flight)
+            self.reset()
+        return out
+
+
+LABELS = ("bundle", "request")  # the thresholds a request ran with: the bundle's, or its own
+
+
+class Metrics:
+    """The gate model's metrics on Triton's endpoint, fed from a Tally by a thread (see the module docstring)."""
+
+    def __init__(self, model: str, instance: str, num_gates: int):
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        fam = self.families = {
+            "samples": pb_utils.MetricFamily("dgate_exit_samples_total", "Samples answered, by the exit they took "
+                                             "(0..K-1 a gate, K the full network)", counter),
+            "requests": pb_utils.MetricFamily("dgate_exit_requests_total", "Requests with at least one sample "
+                                              "leaving at the exit", counter),
+            "bucket": pb_utils.MetricFamily("dgate_gate_confidence_bucket", "Samples that reached the gate, by "
+                                            "confidence (cumulative: at most le)", counter),
+            "count": pb_utils.MetricFamily("dgate_gate_confidence_count", "Samples that reached the gate", counter),
+            "sum": pb_utils.MetricFamily("dgate_gate_confidence_sum", "Sum of the confidences at the gate", counter),
+            "in_flight": pb_utils.MetricFamily("dgate_requests_in_flight", "Requests this instance is running",
+                                               gauge),
+        }
+        k = num_gates
+        self.samples = {(lab, e): fam["samples"].Metric(labels={"model": model, "exit": str(e), "thresholds": lab})
+                        for lab in LABELS for e in range(k + 1)}
+        self.requests = {(lab, e): fam["requests"].Metric(labels={"model": model, "exit": str(e), "thresholds": lab})
+                         for lab in LABELS for e in range(k + 1)}
+        bounds = [*(f"{b:g}" for b in BUCKETS), "+Inf"]
+        self.bucket = {(lab, g, b): fam["bucket"].Metric(labels={"model": model, "gate": str(g), "le": le,
+                                                                 "thresholds": lab})
+                       for lab in LABELS for g in range(k) for b, le in enumerate(bounds)}
+        self.count = {(lab, g): fam["count"].Metric(labels={"model": model, "gate": str(g), "thresholds": lab})
+                      for lab in LABELS for g in range(k)}
+        self.sum = {(lab, g): fam["sum"].Metric(labels={"model": model, "gate": str(g), "thresholds": lab})
+                    for lab in LABELS for g in range(k)}
+        self.in_flight = fam["in_flight"].Metric(labels={"model": model, "instance": instance})
+        self.tally = Tally(k)
+        self._flushed_in_flight = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(FLUSH_SECONDS):
+            self.flush()
+
+    def flush(self):
+        samples, requests, buckets, count, total, in_flight = self.tally.take()
+        for lab in LABELS:
+            for e, n in enumerate(samples[lab]):
+                if n:
+                    self.samples[lab, e].increment(float(n))
+            for e, n in enumerate(requests[lab]):
+                if n:
+                    self.requests[lab, e].increment(float(n))
+            for g, n in enumerate(count[lab]):
+                if not n:
+                    continue
+                self.count[lab, g].increment(float(n))
+                self.sum[lab, g].increment(float(total[lab][g]))
+                self.bucket[lab, g, len(BUCKETS)].increment(float(n))  # +Inf
+                for b, m in enumerate(buckets[lab][g]):
+                    if m:
+                        self.bucket[lab, g, b].increment(float(m))
+        if in_flight != self._flushed_in_flight:
+            self.in_flight.set(float(in_flight))
+            self._flushed_in_flight = in_flight
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(5)
+        self.flush()
+
+
 class TritonPythonModel:
     def initialize(self, args):
         here = os.path.dirname(os.path.abspath(__file__))
@@ -106,17 +236,43 @@ class TritonPythonModel:
             manifest = Manifest.from_dict(json.load(f))
         with open(os.path.join(here, "gate.json"), encoding="utf-8") as f:
             gate = json.load(f)
-        runners = [SegmentModel(s["model"], s["inputs"], s["outputs"]) for s in gate["segments"]]
-        self.runtime = GatedRuntime(manifest, runners)
+        self.runners = [SegmentModel(s["model"], s["inputs"], s["outputs"]) for s in gate["segments"]]
+        self.runtime = GatedRuntime(manifest, self.runners)
         self.has_raw = manifest.input.normalization is not None
         # With --gate-batching the gate model has dynamic batching too: one execute gets several requests,
         # and those with the same thresholds run as one batch (one chain of segment calls for all).
         self.batched = int(json.loads(args["model_config"]).get("max_batch_size", 0)) > 0
+        self.metrics = None
+        if hasattr(pb_utils, "MetricFamily"):  # Triton >= 23.01 (custom metrics in the Python backend)
+            self.metrics = Metrics(args["model_name"], args["model_instance_name"], manifest.num_gates)
+
+    def finalize(self):
+        if self.metrics is not None:
+            self.metrics.close()
 
     def execute(self, requests):
-        if not self.batched:
-            return [self._one(request) for request in requests]
-        return self._batched(requests)
+        tally = self.metrics.tally if self.metrics is not None else None
+        if tally is not None:
+            with tally.lock:
+                tally.in_flight += len(requests)
+        try:
+            if not self.batched:
+                return [self._one(request) for request in requests]
+            return self._batched(requests)
+        finally:
+            if tally is not None:
+                with tally.lock:
+                    tally.in_flight -= len(requests)
+
+    def _run(self, x, thresholds, sizes, probe: bool = False):
+        """runtime.run for requests of `sizes` rows, counted in the metrics unless it is serve's probe."""
+        for runner in self.runners:
+            runner.seen = []
+        res = self.runtime.run(x, thresholds)
+        if self.metrics is not None and not probe:
+            seen = [runner.seen for runner in self.runners[:-1]]  # the last segment has no gate
+            self.metrics.tally.add("bundle" if thresholds is None else "request", res.exits, seen, sizes)
+        return res
 
     def _input(self, request):
         x = pb_utils.get_input_tensor_by_name(request, INPUT)
@@ -128,14 +284,15 @@ class TritonPythonModel:
 
     def _one(self, request):
         try:
-            res = self.runtime.run(self._input(request), thresholds_of(request))
+            x = self._input(request)
+            res = self._run(x, thresholds_of(request), [len(x)], probe=is_probe(request))
         except (UserError, SegmentError) as err:
             return _error(err)
         return _response(res, slice(None))
 
     def _batched(self, requests):
         responses = [None] * len(requests)
-        groups = {}  # thresholds (None: the bundle's) -> [(request number, prepared rows)]
+        groups = {}  # (thresholds (None: the bundle's), probe) -> [(request number, prepared rows)]
         for i, request in enumerate(requests):
             try:  # checked per request, so that one bad request fails alone
                 x = self.runtime._prepare(self._input(request))
@@ -144,11 +301,11 @@ class TritonPythonModel:
             except UserError as err:
                 responses[i] = _error(err)
                 continue
-            groups.setdefault(key, []).append((i, x))
-        for key, members in groups.items():
+            groups.setdefault((key, is_probe(request)), []).append((i, x))
+        for (key, probe), members in groups.items():
             x = members[0][1] if len(members) == 1 else np.concatenate([m[1] for m in members])
             try:
-                res = self.runtime.run(x, key)
+                res = self._run(x, key, [len(m[1]) for m in members], probe)
             except (UserError, SegmentError) as err:
                 for i, _ in members:
                     responses[i] = _error(err)
@@ -158,6 +315,10 @@ class TritonPythonModel:
                 responses[i] = _response(res, slice(start, start + len(rows)))
                 start += len(rows)
         return responses
+
+
+def is_probe(request) -> bool:
+    return PROBE in json.loads(request.parameters() or "{}")
 
 
 def _error(err):

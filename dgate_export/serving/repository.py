@@ -51,6 +51,7 @@ RAW_INPUT = "input_raw"  # the gate model's UINT8 input (raw pixels) when the bu
 GATE_OUTPUTS = (("logits", "TYPE_FP32", -2), ("predictions", "TYPE_INT64", -1), ("exits", "TYPE_INT64", -1),
                 ("confidence", "TYPE_FP32", -1))  # -2: [N, classes], -1: [N]
 THRESHOLDS_PARAMETER = "thresholds"  # the request parameter that overrides the thresholds
+PROBE_PARAMETER = "dgate_probe"  # marks serve's health probe: answered, not counted (model_gate.PROBE)
 _TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HERE = Path(__file__).resolve().parent

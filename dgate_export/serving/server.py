@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -31,6 +32,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +46,7 @@ INSTALL_HINT = (
     f"and point {ENV_VARIABLE} at it; on a GPU host use NVIDIA's container nvcr.io/nvidia/tritonserver."
 )
 _ROOT = Path(__file__).resolve().parents[2]  # the checkout this package lives in
+SHM_DIR = Path("/dev/shm")  # where the Python backend keeps its shared-memory regions
 
 
 @dataclass
@@ -133,22 +136,145 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def check_port(port: int, flag: str, address: str = "127.0.0.1") -> None:
+    """Refuse a port something already listens on (at `address` or on all addresses), naming it, before
+    anything starts: another server there would answer the health checks meant for ours."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is not "in use"
+        try:
+            s.bind((address, port))
+        except OSError as err:
+            raise UserError(f"Port {port} on {address} ({flag}) is in use: another process listens there "
+                            f"({err.strerror}).", f"Stop that process, or choose another port with {flag} PORT.") from err
+
+
+def describe_exit(status: int | None) -> str:
+    """A process's end in words, from a Popen-style status (negative: the signal that killed it)."""
+    if status is None:
+        return "is still running"
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = "unknown signal"
+        return f"was killed by signal {-status} ({name})"
+    return f"exited with status {status}"
+
+
+@dataclass
+class Stub:
+    """A Python backend stub process of a running server: one per model instance."""
+    pid: int
+    model: str  # the model whose instance it runs (from its model.py path)
+    region: str  # its shared-memory region in /dev/shm
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state first), or None if there is no such process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()
+
+
+def _status_from_wait(code: int) -> int:
+    """A wait status (as /proc/PID/stat's exit_code holds it) as a Popen-style status."""
+    return -(code & 0x7F) if code & 0x7F else (code >> 8) & 0xFF
+
+
+def stubs_of(server_pid: int) -> list[Stub]:
+    """The live Python backend stubs whose parent is `server_pid` (Linux /proc; empty elsewhere)."""
+    found = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit():
+            continue
+        fields = _stat(int(entry.name))
+        if fields is None or fields[1] != str(server_pid) or fields[0] == "Z":
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 2 and argv[0].endswith(b"triton_python_backend_stub"):
+            found.append(Stub(int(entry.name), Path(argv[1].decode()).parent.parent.name, argv[2].decode()))
+    return found
+
+
+def stub_death(stub: Stub, server_pid: int) -> str | None:
+    """None while `stub` runs; else how it ended ("was killed by signal 9 (SIGKILL)", when the server has
+    not reaped it yet)."""
+    fields = _stat(stub.pid)
+    if fields is not None and fields[1] == str(server_pid) and fields[0] != "Z":
+        return None
+    if fields is not None and fields[0] == "Z" and len(fields) >= 50:  # exit_code, the last field (Linux >= 3.5)
+        return describe_exit(_status_from_wait(int(fields[-1])))
+    return "ended"
+
+
+def owns_port(pid: int, port: int) -> bool | None:
+    """Whether process `pid` holds the socket listening on `port` (None where /proc cannot tell): the
+    health check's answer is only ours if it is."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{cols[9]}]")
+    if not inodes:
+        return None
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 class TritonServer:
     """`tritonserver` for `repo` on 127.0.0.1; a context manager that stops it (and its stubs) on exit.
 
-    Ports default to free ones. `log` collects the server's output (a temp file unless given).
+    Ports default to free ones; ports given are checked free first (`check_port`). The server gets:
+    - its own process group, so that everything it started (the Python backend's stubs) can be ended
+      with it, and nothing else;
+    - its own shared-memory prefix (`shm_prefix`, Python backend's shm-region-prefix-name): every
+      region it makes is /dev/shm/<prefix>*, so `stop` and `kill` remove exactly its regions, also
+      after a crash that left them behind;
+    - Prometheus metrics on 127.0.0.1:`metrics_port`, explicit model control (every model loaded at
+      start; `unload` is how `serve` drains) and `exit_timeout` seconds for Triton's own stop.
+    `log` collects the server's output (a temp file unless given).
     """
 
     def __init__(self, repo: str | Path, *, http_port: int | None = None, grpc_port: int | None = None,
-                 install: ServerInstall | None = None, log: str | Path | None = None, verbose: int = 0):
+                 metrics_port: int | None = None, install: ServerInstall | None = None,
+                 log: str | Path | None = None, verbose: int = 0, exit_timeout: int = 30,
+                 check_ports: bool = True):
         self.repo = Path(repo).resolve()
         self.install = install or find_server()
+        if check_ports:
+            for port, flag in ((http_port, "--port"), (grpc_port, "--grpc-port"), (metrics_port, "--metrics-port")):
+                if port:
+                    check_port(port, flag)
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
         self._work = Path(tempfile.mkdtemp(prefix="dgate-triton-"))
         self.log_path = Path(log) if log else self._work / "tritonserver.log"
         self.verbose = verbose
+        self.exit_timeout = exit_timeout
+        self.shm_prefix = f"dgate{os.getpid()}x{secrets.token_hex(4)}_"
         self.process: subprocess.Popen | None = None
+        self.stubs: list[Stub] = []  # the stubs seen when the server became ready
+        self.status: int | None = None  # how the last process ended (Popen-style), once it has
 
     @property
     def http_url(self) -> str:
@@ -158,6 +284,10 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
     def _backend_dir(self) -> Path:
         """The backend folder to give the server: the shipped one, or (pytriton) a private copy of its
         Python backend with the stub for the environment's Python put in."""
@@ -165,8 +295,9 @@ class TritonServer:
         if inst.stub is None:
             return inst.backends
         folder = self._work / "backends" / "python"
-        shutil.copytree(inst.backends / "python", folder, ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copy2(inst.stub, folder / inst.stub.name)
+        if not folder.is_dir():
+            shutil.copytree(inst.backends / "python", folder, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copy2(inst.stub, folder / inst.stub.name)
         return folder.parent
 
     def _env(self) -> dict[str, str]:
@@ -179,7 +310,7 @@ class TritonServer:
             env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in paths if p)
         return env
 
-    def start(self, timeout: float = 180.0) -> TritonServer:
+    def start(self, timeout: float = 180.0, should_stop: Callable[[], bool] | None = None) -> TritonServer:
         if not self.repo.is_dir():
             raise UserError(f"{self.repo} is not a model repository folder.",
                             "Write one with `dgate-export triton BUNDLE -o REPO`.")
@@ -187,8 +318,11 @@ class TritonServer:
                f"--backend-directory={self._backend_dir()}",
                "--http-address=127.0.0.1", f"--http-port={self.http_port}",
                "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
-               "--allow-metrics=false", "--exit-on-error=true", "--strict-readiness=true",
-               "--disable-auto-complete-config", "--exit-timeout-secs=10", f"--log-verbose={self.verbose}"]
+               "--allow-metrics=true", "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
+               f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+               "--model-control-mode=explicit", "--load-model=*",
+               "--exit-on-error=true", "--strict-readiness=true", "--disable-auto-complete-config",
+               f"--exit-timeout-secs={self.exit_timeout}", f"--log-verbose={self.verbose}"]
         log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the server's lifetime)
         try:
             # Its own session: Ctrl-C in a terminal reaches us, and we stop the server in order.
@@ -196,36 +330,84 @@ class TritonServer:
                                             start_new_session=True)
         finally:
             log.close()
-        self.wait_ready(timeout)
+        self.status = None
+        self.wait_ready(timeout, should_stop)
         return self
 
-    def wait_ready(self, timeout: float) -> None:
+    def exited(self) -> int | None:
+        """The server process's status once it has ended (Popen-style), without reaping it: while it is
+        not reaped, its pid (and so its process group's id) cannot be reused, so ending the group stays safe."""
+        if self.process is None:
+            return self.status
+        try:
+            info = os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # reaped elsewhere
+            return self.process.returncode if self.process.returncode is not None else -1
+        if info is None:
+            return None
+        return -info.si_status if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED) else info.si_status
+
+    def wait_ready(self, timeout: float, should_stop: Callable[[], bool] | None = None) -> None:
+        """Until the server answers ready on its own port; UserError (with the log's end, verbatim) if it
+        ends or is not ready in `timeout` s; returns early when `should_stop()` says so."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                status = self.process.returncode  # stop() forgets the process
-                self.stop()
-                raise UserError(f"tritonserver exited with status {status} before it was ready. "
-                                f"Its log ends:\n{self.log_tail()}",
-                                "Fix what the log says (a model that failed to load is named there).")
+            status = self.exited()
+            if status is not None:
+                self.kill()
+                raise UserError(f"tritonserver {describe_exit(status)} before it was ready. Its log "
+                                f"({self.log_path}) ends:",
+                                detail=self.log_tail())
+            if should_stop is not None and should_stop():
+                return
             if self.ready():
+                self.stubs = stubs_of(self.process.pid) if self.process else []
                 return
             time.sleep(0.2)
         tail = self.log_tail()
-        self.stop()
-        raise UserError(f"tritonserver was not ready after {timeout:.0f} s. Its log ends:\n{tail}")
+        self.kill()
+        raise UserError(f"tritonserver was not ready after {timeout:.0f} s. Its log ({self.log_path}) ends:",
+                        detail=tail)
 
     def ready(self) -> bool:
+        """Ready on /v2/health/ready, answered by this server (not another process on the port)."""
         try:
             with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
-                return bool(r.status == 200)
+                if r.status != 200:
+                    return False
         except (urllib.error.URLError, OSError):
             return False
+        return self.process is not None and owns_port(self.process.pid, self.http_port) is not False
+
+    def dead_stubs(self) -> list[tuple[Stub, str]]:
+        """The stubs seen at start that have died since, with how they ended."""
+        if self.process is None:
+            return []
+        return [(stub, how) for stub in self.stubs if (how := stub_death(stub, self.process.pid)) is not None]
 
     def statistics(self, model: str) -> dict:
         """The server's statistics of `model` (KServe v2 extension: /v2/models/NAME/stats)."""
         with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{model}/stats", timeout=10) as r:
             return dict(json.loads(r.read()))
+
+    def metrics(self, timeout: float = 5.0) -> str:
+        """The server's Prometheus metrics text."""
+        with urllib.request.urlopen(self.metrics_url, timeout=timeout) as r:
+            return str(r.read().decode("utf-8", "replace"))
+
+    def model_states(self) -> dict[str, str]:
+        """Model name -> state (READY, UNLOADING, UNAVAILABLE, ...) from the repository index."""
+        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST")
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return {m["name"]: m.get("state", "") for m in json.loads(r.read())}
+
+    def unload(self, model: str) -> None:
+        """Ask the server to unload `model`: new requests for it are refused at once, those in flight (queued
+        or running) finish first (explicit model control)."""
+        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/models/{model}/unload", data=b"{}",
+                                         method="POST")
+        with urllib.request.urlopen(request, timeout=10):
+            pass
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -233,29 +415,44 @@ class TritonServer:
         except OSError:
             return "(no log)"
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM (Triton unloads its models, which ends their stub processes), then SIGKILL to the
-        server's process group for whatever is left after `timeout`."""
+    def shm_regions(self) -> list[Path]:
+        """This server's shared-memory regions (its prefix's), left behind or in use."""
+        return sorted(SHM_DIR.glob(f"{self.shm_prefix}*")) if SHM_DIR.is_dir() else []
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM (Triton unloads its models, which ends their stubs), then `kill` for whatever is left
+        after `timeout` s. Returns the server's status (Popen-style; None if there was no server)."""
+        if self.process is not None and self.exited() is None:
+            self.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while self.exited() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+        return self.kill()
+
+    def kill(self) -> int | None:
+        """SIGKILL to the server's process group (the server and the stubs it started, nothing else), reap
+        it, remove its shared-memory regions. Returns the server's status (None if there was no server)."""
         proc = self.process
         if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+            if proc.returncode is None:  # not reaped yet, so the group id is still ours
                 try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
                     pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the group we started: stubs the server left behind
-            except (ProcessLookupError, PermissionError):
-                pass
-            if proc.poll() is None:
-                proc.wait(5)
+            self.status = _wait(proc)
+            _wait_group_gone(proc.pid)
         self.process = None
-        shutil.rmtree(self._work / "backends", ignore_errors=True)
+        for region in self.shm_regions():
+            region.unlink(missing_ok=True)
+        return self.status
 
-    def close(self) -> None:
-        self.stop()
-        if self.log_path.parent == self._work:
+    def close(self, stop: bool = True) -> None:
+        """Stop the server (`stop`; already stopped: `stop=False`) and remove its private folder (the
+        backend copy; the log too when it lives there)."""
+        if stop:
+            self.stop()
+        shutil.rmtree(self._work / "backends", ignore_errors=True)
+        if self._work.is_dir() and (self.log_path.parent == self._work or not any(self._work.iterdir())):
             shutil.rmtree(self._work, ignore_errors=True)
 
     def __enter__(self) -> TritonServer:  # noqa: PYI034
@@ -263,6 +460,24 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _wait(proc: subprocess.Popen) -> int:
+    try:
+        return proc.wait(10)
+    except subprocess.TimeoutExpired:  # a process in uninterruptible sleep: SIGKILL lands when it wakes
+        return proc.wait()
+
+
+def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
+    """Wait until no process of group `pgid` is left (stubs end soon after SIGKILL; init reaps them)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.05)
 
 
 def mean_batch_size(stats: dict) -> float:
