@@ -63,8 +63,9 @@ def main() -> None:
         for line in serve.stdout:
             if line.startswith("ready:"):
                 break
+        regions = list(Path("/dev/shm").glob(f"dgate{serve.pid}x*"))
+        at_ready = (len(regions), sum(r.stat().st_size for r in regions))
         threading.Thread(target=watch, daemon=True).start()
-        at_ready = samples[-1] if samples else None
         job = {"url": f"127.0.0.1:{grpc}", "inputs": str(work / "x.npz"), "warmup_seconds": 1.0,
                "items": [{"model": name, "loop": "closed", "size": args.size, "concurrency": args.concurrency,
                           "seconds": args.seconds, "stats": []}]}
