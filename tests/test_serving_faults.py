@@ -5,7 +5,8 @@ Every scenario runs `serve` on the tiny bundle (127.0.0.1 only) with a closed-lo
 request answered wrongly, readiness false while broken, recovery or a non-zero exit with the cause,
 and no shared-memory region of the server left behind. The processes ended are only the ones the
 test started: `serve` (its own session) and the tritonserver it started (that server's own process
-group, found as serve's child). Bounded: every wait has a deadline; in all about 2-4 minutes here.
+group, found as serve's child). Bounded: every wait has a deadline; the four tests took 1.5 minutes here
+(load average 7-10 on the shared 2-core machine).
 """
 
 from __future__ import annotations
