@@ -77,7 +77,7 @@ def recalibrate(bundle: str | Path, val: Any, test: Any | None, *, target: Targe
         rt.close()
     costs, baseline = (time_cost[0], 1.0) if time_cost else (flops, base_flops)
     result = calibrate_scores(conf, correct, confidence=manifest.confidence, costs=costs, baseline_flops=baseline,
-                              target=target, seed=seed)
+                              target=target, seed=seed, num_classes=manifest.num_classes)
     if time_cost:
         expected = result.validation.expected_flops
         if expected >= 1.0:
