@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 import textwrap
+from pathlib import Path
 
 import click
 
@@ -132,8 +133,15 @@ def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes,
 
     from . import bench as bench_mod
     from . import render
+    from .data import data_file
     from .manifest import load_manifest
+    from .outputs import check_output
 
+    for flag, path in (("--json", json_path), ("--plot", plot_path)):
+        if path:  # before the measurement, which would be lost
+            check_output(path, flag=flag, reads=(bundle, data_file(data)))
+    if json_path and plot_path and Path(json_path).resolve() == Path(plot_path).resolve():
+        raise UserError(f"--json and --plot name the same file, {json_path}.", "Give each its own path.")
     manifest = load_manifest(bundle)  # a clear error before any data is read
     if plot_path:
         render.require_matplotlib()  # before minutes of measuring, not after
@@ -194,9 +202,9 @@ def profile_cmd(bundle, batch_sizes, backend, providers, min_seconds, output):
     """
     from . import profile as profile_mod
     from .manifest import load_manifest
-    from .outputs import check_writable
+    from .outputs import check_output
 
-    check_writable(output, "-o")
+    check_output(output, reads=(bundle,))
     manifest = load_manifest(bundle)
     options = _runner_options(manifest.backend, backend, providers)
     result = profile_mod.measure(bundle, _int_list(batch_sizes, "--batch-size"), backend=backend,
@@ -394,10 +402,11 @@ def score_cmd(bundle, data, data_dir, repeat_channels, limit, output, ray_addres
     full network), confidence, label (when the data has labels), logits (with --logits). Prints exit
     fractions, accuracy when labels exist, and samples/s. The file appears only once it is complete.
     """
-    from .data import check_input_shape, load_images
+    from .data import check_input_shape, data_file, load_images
     from .manifest import load_manifest
-    from .score import score
+    from .score import check_output, score
 
+    check_output(Path(output), force, reads=(bundle, data_file(data)))
     manifest = load_manifest(bundle)  # a clear error before any data is read
     if ray_address is None and (actors is not None or cpus_per_actor != 1.0):
         raise UserError("--actors and --cpus-per-actor apply to --ray only.", "Add --ray, or drop them.")

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import outputs
+from .data import check_labels
 from .errors import UserError
 from .files import UMASK
 from .manifest import Manifest, load_manifest
@@ -241,14 +243,12 @@ def output_format(path: Path) -> str:
     return fmt
 
 
-def check_output(path: Path, force: bool) -> None:
-    """Refuse an output that cannot be written, before any work."""
-    if path.is_dir():
-        raise UserError(f"-o {path} is a directory.", "Give the file to write, e.g. -o predictions.parquet or .csv.")
+def check_output(path: Path, force: bool, reads: Sequence[str | Path | None] = ()) -> None:
+    """Refuse an output that must not or cannot be written, before any work (outputs.check_output: never
+    over or into what is read, `reads`, nor into a bundle); its folder must exist."""
+    outputs.check_output(path, force=force, reads=reads)
     if not path.parent.is_dir():
         raise UserError(f"-o {path}: the folder {path.parent} does not exist.", "Create it first.")
-    if path.exists() and not force:
-        raise UserError(f"{path} exists.", "Pass --force to replace it (only once the new one is complete).")
 
 
 def exit_names(manifest: Manifest) -> list[str]:
@@ -263,11 +263,13 @@ def score(bundle: str | Path, x: np.ndarray, labels: np.ndarray | None, output: 
     (in-process), "local" or a Ray address."""
     from tqdm import tqdm
 
+    check_output(Path(output), force, reads=(bundle,))
     manifest = load_manifest(bundle)  # a clear error before anything starts
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"The batch size must be a positive integer, got {batch_size!r}.")
     if labels is not None and len(labels) != len(x):
         raise UserError(f"{len(labels)} labels for {len(x)} rows.", "Give one label per row.")
+    check_labels(labels, manifest.num_classes)
     if len(x) == 0:
         raise UserError("The data has no rows.", "Give at least one row to score.")
     names = exit_names(manifest)

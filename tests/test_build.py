@@ -395,3 +395,18 @@ def test_parity_tolerance_scales_with_what_fp32_can_do(tmp_path):
     assert 1e-4 < parity["logit_tolerances"][0] < 1e-2
     assert parity["logit_tolerances"][1:] == [1e-4] * 3  # elsewhere the floor: as strict as before
     assert parity["exit_logit_errors"][0] <= parity["logit_tolerances"][0]
+
+
+def test_int8_calibration_data_too_small_names_no_missing_option(tmp_path, skip_ckpt):
+    """One row of calibration data: the message was "Choose a validation size between 1 and 0" (build has no
+    such option, and the range is empty)."""
+    path, _ = skip_ckpt
+    one = tmp_path / "one.npz"
+    np.savez(one, x=np.zeros((1, 1, 8, 8), np.float32), y=np.zeros(1, np.int64))
+    result = CliRunner().invoke(main, ["build", str(path), "-o", str(tmp_path / "b"), "--precision", "int8",
+                                       "--calibration-data", f"npz:{one}"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "does not fit its 1 training rows" in text and "Use data with more training rows" in text, text
+    assert "between 1 and" not in text and "--val-size" not in text
+    assert _listing(tmp_path) == ["one.npz"]

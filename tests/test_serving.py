@@ -403,7 +403,7 @@ def test_repository_layout(tiny, tmp_path):
     repo = info.path
     assert info.models == ["tiny", "tiny_seg0", "tiny_seg1", "tiny_seg2", "tiny_baseline", "tiny_unbatched",
                            "tiny_unbatched_seg0", "tiny_unbatched_seg1", "tiny_unbatched_seg2"]
-    assert sorted(p.name for p in repo.iterdir()) == sorted([*info.models, "README.md"])  # nothing else
+    assert sorted(p.name for p in repo.iterdir()) == sorted([*info.models, "README.md", "dgate-repository.json"])
     seg1 = (repo / "tiny_seg1" / "config.pbtxt").read_text()
     assert "max_batch_size: 16" in seg1 and "dynamic_batching { max_queue_delay_microseconds: 500 }" in seg1
     assert '"prev_carry_0"' in seg1 and '"index"' not in seg1 and '"carry_1"' in seg1

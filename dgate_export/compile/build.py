@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -41,8 +40,9 @@ import onnx
 from .. import __version__
 from ..backends import get_backend
 from ..contract import INPUT
+from ..data import data_file
 from ..errors import UserError
-from ..files import UMASK, replace_dir, sha256_file
+from ..files import replace_dir, sha256_file, temp_dir_beside
 from ..manifest import (
     MANIFEST_FILE,
     PRECISIONS,
@@ -55,7 +55,7 @@ from ..manifest import (
     verify_bundle,
     write_manifest,
 )
-from ..outputs import check_writable
+from ..outputs import BUNDLE, check_output
 from . import checkpoint
 from .export import EXPORTERS, export_baseline, export_segment
 from .model import GatedModel
@@ -144,17 +144,18 @@ def build_bundle(model: str | os.PathLike | GatedModel, out_dir: str | os.PathLi
     out = Path(out_dir) if out_dir is not None else Path("engines") / model_path.stem  # type: ignore[union-attr]
     options.check()
     backend_module = get_backend(options.backend)  # refuses a backend whose libraries are missing here
-    _check_destination(out, options.force)
-    check_writable(out)
+    calibration = options.calibration
+    check_output(out, folder=BUNDLE, force=options.force,
+                 reads=(model_path, data_file(calibration.data) if calibration else None,
+                        options.backend_options.get("timing_cache")))
     if model_path is not None and not model_path.is_file():
         raise UserError(f"{model_path}: no such file.",
                         "Give the path of a gated model written by `dgate-export gate`.")
 
     steps = _Steps(progress or (lambda _line: None), INT8_STEPS if options.precision == "int8" else STEPS)
     created_parents = _make_parents(out.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
-        _chmod_like_mkdir(tmp)
         source: Path | GatedModel = model_path if model_path is not None else model  # type: ignore[assignment]
         manifest = _build_into(tmp, steps, source, out.name, options, backend_module)
         steps.run("rename", lambda: replace_dir(tmp, out, options.force), lambda _r: str(out))
@@ -169,25 +170,6 @@ def build_bundle(model: str | os.PathLike | GatedModel, out_dir: str | os.PathLi
     total = sum(steps.timings.values())
     steps.progress(f"built {out} ({manifest.num_gates} gates, {options.backend}, {options.precision}) in {total:.1f} s")
     return out
-
-
-def _check_destination(out: Path, force: bool) -> None:
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise UserError(f"The output {out} exists and is not a directory.", "Choose another -o path.")
-        if not force:
-            raise UserError(f"The output directory {out} already exists.",
-                            "Pass --force to replace it (only after the new build succeeded), or choose "
-                            "another -o path.")
-        # --force replaces bundles only: never delete a directory that merely happens to be in the way.
-        if any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
-            raise UserError(f"{out} is not empty and is not a bundle (it has no {MANIFEST_FILE}); "
-                            "--force only replaces bundles.", "Choose another -o path.")
-
-
-def _chmod_like_mkdir(path: Path) -> None:
-    """mkdtemp makes 0700 directories; the bundle should get the permissions a plain mkdir gives."""
-    os.chmod(path, 0o777 & ~UMASK)
 
 
 def _make_parents(parent: Path) -> list[Path]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..manifest import load_manifest
+from ..outputs import REPOSITORY, check_output
 from .repository import write_repository
 from .server import TritonServer, find_server
 
@@ -27,9 +28,10 @@ def serve_bundle(bundle: str | Path, *, port: int = 8000, grpc_port: int = 8001,
                  triton_env: str | Path | None = None, echo: Callable[[str], Any] = print) -> None:
     """Serve `bundle` until Ctrl-C / SIGTERM. `repository_options` go to write_repository (instances,
     segment_instances, max_queue_delay_us, kind, threads, name, unbatched, gate_batching)."""
-    if repo is not None and Path(repo).exists():
-        raise UserError(f"--repo {repo} already exists; serve writes a fresh repository there.",
-                        "Choose another --repo, remove it, or leave --repo out (a temporary folder is used).")
+    if repo is not None:  # serve writes a fresh repository there, never over an existing folder
+        check_output(repo, flag="--repo", folder=REPOSITORY, reads=(bundle,))
+    if port == grpc_port:
+        raise UserError(f"--port and --grpc-port are both {port}.", "Give the HTTP and gRPC endpoints different ports.")
     install = find_server(triton_env)  # first: no repository is written for a server that is not there
     manifest = load_manifest(bundle)
     if platform == "auto":
