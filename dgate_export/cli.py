@@ -8,6 +8,7 @@ its traceback. Any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 import textwrap
 from pathlib import Path
@@ -191,7 +192,9 @@ def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes,
 @click.option("--backend", default=None, help="Run on another backend than the bundle's (e.g. onnxruntime).")
 @click.option("--providers", default=None, metavar="LIST",
               help="ONNX Runtime: execution providers in priority order, e.g. cuda [default: cpu].")
-@click.option("--min-seconds", default=2.0, show_default=True, help="Timed seconds per exit and batch size, at least.")
+@click.option("--min-seconds", default=2.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              callback=lambda _ctx, param, value: _finite(param, value),
+              help="Timed seconds per exit and batch size, at least.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Profile to write (JSON).")
 def profile_cmd(bundle, batch_sizes, backend, providers, min_seconds, output):
     """Measure the time of leaving at each exit of BUNDLE, relative to its un-gated baseline.
@@ -213,6 +216,13 @@ def profile_cmd(bundle, batch_sizes, backend, providers, min_seconds, output):
         cells = ", ".join(f"exit {k} {c:.3f}" for k, c in enumerate(entry["exit_time_costs"]))
         click.echo(f"batch {entry['batch_size']}: time of leaving at each exit / un-gated: {cells}")
     click.echo(f"wrote {profile_mod.write_profile(result, output)}")
+
+
+def _finite(param: click.Parameter, value: float) -> float:
+    """A click callback: nan passes FloatRange (every comparison with it is false); refuse it at parse time."""
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number.", param=param)
+    return value
 
 
 def _runner_options(bundle_backend: str, backend: str | None, providers: str | None) -> dict:
