@@ -317,15 +317,25 @@ def _in_process(bundle: str | Path, x: np.ndarray, labels: np.ndarray | None, ba
 def _on_ray(address: str, bundle: str | Path, x: np.ndarray, labels: np.ndarray | None, actors: int | None,
             cpus_per_actor: float, batch_size: int, thresholds: Sequence[float] | None, logits: bool,
             clock: dict[str, float]) -> Iterator[dict]:
-    from .integrations.ray import dataset_from_arrays, pool_size, require_ray, score_dataset, user_error_in
+    from .integrations.ray import (
+        bounded_connect,
+        check_address,
+        dataset_from_arrays,
+        pool_size,
+        require_ray,
+        score_dataset,
+        user_error_in,
+    )
 
     ray = require_ray()
     started = time.perf_counter()
     own = not ray.is_initialized()  # a caller's own Ray (e.g. a notebook's) is used and left running
     if own:
+        check_address(address)  # nothing listening there: a clear error now, not Ray's endless retries
         quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
         try:  # "local" is Ray's own word for a new local instance, even where another one runs
-            ray.init(address=address, **quiet)
+            with bounded_connect():
+                ray.init(address=address, **quiet)
         except (ConnectionError, ValueError, RuntimeError) as err:
             raise UserError(f"Could not start or reach Ray at {address!r}: {err}",
                             "Check the address (ray://HOST:10001 or auto), or drop it to start a local instance.") from err
