@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -483,3 +484,19 @@ def test_serve_command_answers_and_stops_on_ctrl_c(tiny, tmp_path):
     assert "stopped" in output
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/live", timeout=2)
+
+
+def test_serve_on_a_taken_port_says_so_before_writing_anything(tiny, tmp_path):
+    _install_or_skip()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        res = CliRunner().invoke(main, ["serve", str(tiny), "--port", str(port), "--grpc-port", str(free_port()),
+                                        "--repo", str(tmp_path / "repo")])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert f"--port {port}: something already listens there" in text and "failed to load" not in text, res.output
+    same = CliRunner().invoke(main, ["serve", str(tiny), "--port", "8123", "--grpc-port", "8123"])
+    assert same.exit_code == 2 and "are both 8123" in same.output
+    assert list(tmp_path.iterdir()) == []

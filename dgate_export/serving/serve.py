@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..manifest import load_manifest
 from ..outputs import REPOSITORY, check_output
 from .repository import write_repository
-from .server import TritonServer, find_server
+from .server import TritonServer, find_server, port_in_use
 
 
 def serve_bundle(bundle: str | Path, *, port: int = 8000, grpc_port: int = 8001, repo: str | Path | None = None,
@@ -33,6 +33,11 @@ def serve_bundle(bundle: str | Path, *, port: int = 8000, grpc_port: int = 8001,
     if port == grpc_port:
         raise UserError(f"--port and --grpc-port are both {port}.", "Give the HTTP and gRPC endpoints different ports.")
     install = find_server(triton_env)  # first: no repository is written for a server that is not there
+    taken = [f"{flag} {number}" for flag, number in (("--port", port), ("--grpc-port", grpc_port))
+             if port_in_use(number)]
+    if taken:
+        raise UserError(f"{' and '.join(taken)}: something already listens there on 127.0.0.1.",
+                        "Choose free ports with --port and --grpc-port, or stop what uses them.")
     manifest = load_manifest(bundle)
     if platform == "auto":
         native = "tensorrt" if manifest.backend == "tensorrt" else "onnxruntime"

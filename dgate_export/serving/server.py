@@ -133,6 +133,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_in_use(port: int) -> bool:
+    """Is something already listening on 127.0.0.1:`port` (a bind that would fail, as the server's)?"""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is not "in use"
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 class TritonServer:
     """`tritonserver` for `repo` on 127.0.0.1; a context manager that stops it (and its stubs) on exit.
 
@@ -205,9 +216,14 @@ class TritonServer:
             if self.process is not None and self.process.poll() is not None:
                 status = self.process.returncode  # stop() forgets the process
                 self.stop()
+                tail = self.log_tail()
+                hint = "Fix what the log says"
+                if "failed to load" in tail:
+                    hint += " (a model that failed to load is named there)"
+                elif "already in use" in tail.lower() or "failed to start" in tail.lower():
+                    hint += f" (a port it listens on, {self.http_port} or {self.grpc_port}, may be taken)"
                 raise UserError(f"tritonserver exited with status {status} before it was ready. "
-                                f"Its log ends:\n{self.log_tail()}",
-                                "Fix what the log says (a model that failed to load is named there).")
+                                f"Its log ends:\n{tail}", hint + ".")
             if self.ready():
                 return
             time.sleep(0.2)
