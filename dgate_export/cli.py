@@ -291,8 +291,9 @@ def _target(max_drop, guarantee, delta, budget, upper_bound, holdout):
 @click.option("--max-batch", default=256, show_default=True, type=click.IntRange(min=1),
               help="Largest batch the bundle accepts (every batch dimension is dynamic in 1..max).")
 @click.option("--opset", default=None, type=int, help="ONNX opset [default: the exporter's].")
-@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
-              help="torch.onnx exporter: dynamo (current), torchscript (deprecated; faster, a fallback).")
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
+              help="torch.onnx exporter: dynamo (current), torchscript (deprecated; faster); auto: dynamo, and "
+                   "torchscript if dynamo's graphs fail to export or fail the ONNX checker (the output says so).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle (only after the new one is built).")
 @click.option("--opt-batch", default=None, type=click.IntRange(min=1),
               help="TensorRT: the batch size the engines are tuned for [default: max batch].")
