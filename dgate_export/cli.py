@@ -489,7 +489,9 @@ def _wrote(files) -> None:
 @click.option("--repeat-channels", is_flag=True, help="Repeat 1-channel data to the model's channel count.")
 @click.option("--val-size", default=None, type=click.IntRange(min=1),
               help=f"Validation rows held out of training [10% of the training rows, at most {DEFAULT_VAL_SIZE}].")
-@click.option("--epochs", default=10, show_default=True, help="Gate training epochs (on cached features).")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Gate training epochs on cached features (at least 1000 optimizer steps in all: small data "
+                   "trains for more epochs).")
 @click.option("--backbone-epochs", default=2, show_default=True, help="Backbone epochs when there are no --weights.")
 @click.option("--batch-size", default=128, show_default=True, help="Backbone training batch size.")
 @click.option("--head", default="linear", show_default=True, type=click.Choice(["linear", "mlp", "grid"]),
