@@ -244,9 +244,12 @@ def output_format(path: Path) -> str:
 
 
 def check_output(path: Path, force: bool, reads: Sequence[str | Path | None] = ()) -> None:
-    """Refuse an output that must not or cannot be written, before any work (outputs.check_output: never
-    over or into what is read, `reads`, nor into a bundle); its folder must exist."""
+    """Refuse an output that must not or cannot be written, before any work: outputs.check_output (never
+    over or into what is read, `reads`, nor into a bundle), a suffix that names no format (or parquet
+    without pyarrow); its folder must exist."""
     outputs.check_output(path, force=force, reads=reads)
+    if output_format(path) == "parquet":
+        _ParquetSink.check()
     if not path.parent.is_dir():
         raise UserError(f"-o {path}: the folder {path.parent} does not exist.", "Create it first.")
 
