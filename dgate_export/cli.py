@@ -415,9 +415,11 @@ def score_cmd(bundle, data, data_dir, repeat_channels, limit, output, ray_addres
     """
     from .data import check_input_shape, data_file, load_images
     from .manifest import load_manifest
-    from .score import check_output, score
+    from .score import check_output, check_ray, score
 
     check_output(Path(output), force, reads=(bundle, data_file(data)))
+    if ray_address is not None:
+        check_ray(ray_address)  # before the data is loaded
     manifest = load_manifest(bundle)  # a clear error before any data is read
     if ray_address is None and (actors is not None or cpus_per_actor != 1.0):
         raise UserError("--actors and --cpus-per-actor apply to --ray only.", "Add --ray, or drop them.")

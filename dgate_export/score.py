@@ -254,6 +254,16 @@ def check_output(path: Path, force: bool, reads: Sequence[str | Path | None] = (
         raise UserError(f"-o {path}: the folder {path.parent} does not exist.", "Create it first.")
 
 
+def check_ray(address: str) -> None:
+    """Refuse, before any work, a Ray address where nothing answers (integrations.ray.check_address: Ray's
+    own reconnect loop would go on for minutes) or Ray not installed; a Ray already running in this process
+    is used as it is, whatever the address."""
+    from .integrations.ray import check_address, require_ray
+
+    if not require_ray().is_initialized():
+        check_address(address)
+
+
 def exit_names(manifest: Manifest) -> list[str]:
     return [seg.gate.exit for seg in manifest.segments if seg.gate is not None] + ["full network"]
 
@@ -267,6 +277,8 @@ def score(bundle: str | Path, x: np.ndarray, labels: np.ndarray | None, output: 
     from tqdm import tqdm
 
     check_output(Path(output), force, reads=(bundle,))
+    if ray is not None:
+        check_ray(ray)
     manifest = load_manifest(bundle)  # a clear error before anything starts
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"The batch size must be a positive integer, got {batch_size!r}.")
@@ -322,7 +334,6 @@ def _on_ray(address: str, bundle: str | Path, x: np.ndarray, labels: np.ndarray 
             clock: dict[str, float]) -> Iterator[dict]:
     from .integrations.ray import (
         bounded_connect,
-        check_address,
         dataset_from_arrays,
         pool_size,
         require_ray,
@@ -334,7 +345,6 @@ def _on_ray(address: str, bundle: str | Path, x: np.ndarray, labels: np.ndarray 
     started = time.perf_counter()
     own = not ray.is_initialized()  # a caller's own Ray (e.g. a notebook's) is used and left running
     if own:
-        check_address(address)  # nothing listening there: a clear error now, not Ray's endless retries
         quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
         try:  # "local" is Ray's own word for a new local instance, even where another one runs
             with bounded_connect():
