@@ -347,7 +347,7 @@ def _on_ray(address: str, bundle: str | Path, x: np.ndarray, labels: np.ndarray 
     if own:
         quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
         try:  # "local" is Ray's own word for a new local instance, even where another one runs
-            with bounded_connect():
+            with bounded_connect(address):
                 ray.init(address=address, **quiet)
         except (ConnectionError, ValueError, RuntimeError) as err:
             raise UserError(f"Could not start or reach Ray at {address!r}: {err}",

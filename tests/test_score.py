@@ -317,3 +317,18 @@ def test_a_ray_address_where_something_else_listens_fails_in_bounded_time(tiny, 
     assert seconds < 150, seconds
     assert r.exit_code == 2 and "Traceback" not in r.output and "Could not start or reach Ray" in r.output, r.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ray_tries_a_cluster_once_but_starts_a_local_instance_as_it_likes(monkeypatch):
+    from dgate_export.integrations.ray import bounded_connect
+
+    key = "RAY_gcs_server_port_wait_time_s"
+    monkeypatch.delenv(key, raising=False)
+    with bounded_connect("10.0.0.1:6379"):
+        assert os.environ[key] == "1"  # one try at a cluster
+    assert key not in os.environ
+    with bounded_connect("local"):
+        assert key not in os.environ  # a new instance's GCS gets Ray's own wait to come up
+    monkeypatch.setenv(key, "60")
+    with bounded_connect("ray://head:10001"):
+        assert os.environ[key] == "60"  # the user's choice stands
