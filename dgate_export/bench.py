@@ -25,6 +25,7 @@ import numpy as np
 
 from . import __version__
 from .contract import INPUT, LOGITS, NEVER_EXIT, exit_at, expected_cost
+from .data import check_labels
 from .errors import UserError
 from .files import write_text_atomic
 from .runtime import GatedRuntime
@@ -171,11 +172,7 @@ def run_bench(bundle: str | Path, x: np.ndarray, y: np.ndarray | None, options: 
         raise UserError(f"Batch sizes {list(options.batch_sizes)} include values outside 1..{manifest.max_batch}, "
                         "the range this bundle was built for.",
                         f"Use batch sizes up to {manifest.max_batch}, or rebuild with a larger --max-batch.")
-    if y is not None and len(y) and (int(y.max()) >= manifest.num_classes or int(y.min()) < 0):
-        bad = np.nonzero((y < 0) | (y >= manifest.num_classes))[0]
-        raise UserError(f"The labels hold {len(bad)} value(s) outside 0..{manifest.num_classes - 1}, the classes "
-                        f"of this bundle (row {int(bad[0])}: label {int(y[bad[0]])}).",
-                        "Bench on data labelled for this model's classes.")
+    check_labels(y, manifest.num_classes)
     rt.warmup()  # one-time per-shape costs (GPU providers) stay out of the timings
     x = rt._prepare(x)  # the bundle's float type (fp16 bundles) for the baseline too, checked once
     costs = manifest.exit_costs()

@@ -68,7 +68,7 @@ from statistics import NormalDist
 import numpy as np
 
 from . import contract
-from .confidence import check_confidence_name, confidence
+from .confidence import check_confidence_name, confidence, lowest
 from .contract import NEVER_EXIT
 from .errors import UserError
 from .files import write_text_atomic
@@ -286,34 +286,36 @@ def evaluate(exit_logits, labels, *, confidence: str, thresholds, costs, baselin
 # --- step 1: the exhaustive grid -------------------------------------------------------------------
 
 
-def _candidates(conf_k: np.ndarray, g: int) -> np.ndarray:
+def _candidates(conf_k: np.ndarray, g: int, floor: float = 0.0) -> np.ndarray:
     """Up to g ascending thresholds: g-1 observed quantiles of conf_k, each moved down between it and the
     next lower observed value (`_between`: the same samples leave), then DISABLED."""
     qs = np.quantile(conf_k, np.linspace(0.0, 1.0, max(g - 1, 1)), method="inverted_cdf")
-    return np.append(_between(conf_k, np.unique(qs.astype(np.float32))), np.float32(DISABLED))
+    return np.append(_between(conf_k, np.unique(qs.astype(np.float32)), floor), np.float32(DISABLED))
 
 
-def _between(conf_k: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+def _between(conf_k: np.ndarray, thresholds: np.ndarray, floor: float = 0.0) -> np.ndarray:
     """Each threshold (an observed confidence of conf_k, or DISABLED) moved to the float32 midpoint
-    between it and the next lower distinct observed confidence (0 below the smallest): on these rows
-    exactly the same samples pass `conf >= threshold`, but no sample sits on the boundary, so a
-    backend whose confidences differ in the last bits (ONNX Runtime, fp16) does not flip one."""
+    between it and the next lower distinct observed confidence (below the smallest: `floor`, the lowest
+    value the confidence measure can give, confidence.lowest): on these rows exactly the same samples
+    pass `conf >= threshold`, but no sample sits on the boundary, so a backend whose confidences differ
+    in the last bits (ONNX Runtime, fp16) does not flip one; and no threshold lies below what the measure
+    can produce (max-softmax: 1/classes)."""
     t = np.asarray(thresholds, dtype=np.float32)
     values = np.unique(np.asarray(conf_k, dtype=np.float32))
     pos = np.searchsorted(values, t, side="left")
-    lower = np.where(pos > 0, values[np.maximum(pos - 1, 0)], np.float32(0.0))
+    lower = np.where(pos > 0, values[np.maximum(pos - 1, 0)], np.minimum(np.float32(floor), t))
     mid = ((lower.astype(np.float64) + t.astype(np.float64)) / 2).astype(np.float32)
     # float32 rounding may land the midpoint on the lower value (adjacent floats): keep t then.
     keep = (t >= np.float32(DISABLED)) | (mid <= lower) | (t <= 0)
     return np.where(keep, t, mid)
 
 
-def _grid(conf, correct, costs) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+def _grid(conf, correct, costs, floor: float = 0.0) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
     """Candidates per gate; correct count, total cost and count of samples whose correctness equals the
     un-gated model's ("agree") for every combination (arrays of shape G_0..G_K-1)."""
     num_gates = conf.shape[0]
     g = int(min(_MAX_CANDIDATES, max(2, math.floor(_GRID_CELLS ** (1.0 / num_gates)))))
-    cands = [_candidates(conf[k], g) for k in range(num_gates)]
+    cands = [_candidates(conf[k], g, floor) for k in range(num_gates)]
     sizes = [len(c) for c in cands]
     # rank[k][i] = how many candidates of gate k are <= conf[k, i]; sample i leaves at gate k under
     # candidate j exactly when rank > j.
@@ -584,7 +586,7 @@ def _fixed_sequence(conf, correct, path: np.ndarray, max_drop: float, delta: flo
 
 
 def _learn_then_test(conf, correct, costs, max_drop: float, delta: float, search_fraction: float,
-                     seed: int) -> tuple[list[float], Guarantee, tuple]:
+                     seed: int, floor: float = 0.0) -> tuple[list[float], Guarantee, tuple]:
     """Thresholds whose expected drop is <= max_drop with probability >= 1 - delta (module doc)."""
     num_gates, n = conf.shape
     test, search = holdout_rows(n, search_fraction, seed)
@@ -592,7 +594,7 @@ def _learn_then_test(conf, correct, costs, max_drop: float, delta: float, search
         raise UserError(f"{n} validation rows cannot be cut into a search part and a test part.",
                         "Calibrate on more rows (at least a few hundred).")
     s_conf, s_correct = conf[:, search], correct[:, search]
-    cands, right, cost, same = _grid(s_conf, s_correct, costs)
+    cands, right, cost, same = _grid(s_conf, s_correct, costs, floor)
     front = _pareto(-_predicted_bound(right, same, int(s_correct[-1].sum()), len(search), len(test), delta),
                     cost)[::-1]  # from the lowest predicted bound (the most expensive) to the cheapest
     combos = np.stack(np.unravel_index(front, right.shape), axis=1)
@@ -669,24 +671,27 @@ def calibrate(exit_logits, labels, *, confidence: str = "max-softmax", costs, ba
     exit logits of every exit and the labels. See `calibrate_scores`."""
     conf, correct, cost_k = _prepare(exit_logits, labels, confidence, costs)
     return calibrate_scores(conf, correct, confidence=confidence, costs=cost_k, baseline_flops=baseline_flops,
-                            target=target, refine=refine, seed=seed, search_fraction=search_fraction)
+                            target=target, refine=refine, seed=seed, search_fraction=search_fraction,
+                            num_classes=int(np.asarray(exit_logits[0]).shape[1]))
 
 
 def calibrate_scores(conf: np.ndarray, correct: np.ndarray, *, confidence: str, costs, baseline_flops: float,
                      target: Target | None = None, refine: bool = True, seed: int = 0,
-                     search_fraction: float = SEARCH_FRACTION) -> Calibration:
+                     search_fraction: float = SEARCH_FRACTION, num_classes: int | None = None) -> Calibration:
     """Thresholds for `target` on per-sample scores: confidences conf [K, N] (float32) and correctness
     correct [K+1, N] (bool) of every exit. With max_drop and guarantee "ltt" (the default) the expected
     drop on new data is <= max_drop with probability >= 1 - delta (Learn then Test, module doc); with
     guarantee "none" the drop is held on these rows only, or with `upper_bound` (e.g. 0.9) its
     normal-approximation upper bound at that level. With `holdout` (e.g. 0.3) that fraction of the rows
-    (seeded by `seed`) is kept out of the choice and reported on (`Calibration.held_out`)."""
+    (seeded by `seed`) is kept out of the choice and reported on (`Calibration.held_out`). With
+    `num_classes`, no threshold lies below the lowest confidence the measure can give (confidence.lowest)."""
     target = target or Target()
+    floor = lowest(confidence, num_classes) if num_classes else 0.0
     check_target(max_drop=target.max_drop, budget=target.budget, guarantee=target.guarantee, delta=target.delta,
                  upper_bound=target.upper_bound, search_fraction=search_fraction)
     if target.holdout is None:
         return _choose(conf, correct, confidence=confidence, costs=costs, baseline_flops=baseline_flops,
-                       goal=target, refine=refine, seed=seed, search_fraction=search_fraction)
+                       goal=target, refine=refine, seed=seed, search_fraction=search_fraction, floor=floor)
     n = conf.shape[1]
     kept, out = holdout_rows(n, target.holdout, seed)
     if not len(kept) or not len(out):
@@ -694,7 +699,7 @@ def calibrate_scores(conf: np.ndarray, correct: np.ndarray, *, confidence: str, 
                         f"({n} in all).", "Give a fraction in (0, 1) such as 0.3, or use more validation rows.")
     result = _choose(conf[:, kept], correct[:, kept], confidence=confidence, costs=costs,
                      baseline_flops=baseline_flops, goal=target, refine=refine, seed=seed,
-                     search_fraction=search_fraction)
+                     search_fraction=search_fraction, floor=floor)
     result.holdout = target.holdout
     result.method += f"; {len(out)} rows ({target.holdout:g}) held out and checked"
     result.held_out = evaluate_scores(conf[:, out], correct[:, out], np.asarray(costs, dtype=np.float64),
@@ -703,7 +708,7 @@ def calibrate_scores(conf: np.ndarray, correct: np.ndarray, *, confidence: str, 
 
 
 def _choose(conf: np.ndarray, correct: np.ndarray, *, confidence: str, costs, baseline_flops: float,
-            goal: Target, refine: bool, seed: int, search_fraction: float) -> Calibration:
+            goal: Target, refine: bool, seed: int, search_fraction: float, floor: float = 0.0) -> Calibration:
     max_drop, budget, upper_bound, delta, guarantee = goal.max_drop, goal.budget, goal.upper_bound, goal.delta, \
         goal.guarantee
     cost_k = np.asarray(costs, dtype=np.float64)
@@ -714,14 +719,14 @@ def _choose(conf: np.ndarray, correct: np.ndarray, *, confidence: str, costs, ba
     if max_drop is not None and guarantee == "ltt":
         mode, target = "max_drop", float(max_drop)
         thresholds, promise, (cands, right, cost, grid_n) = _learn_then_test(
-            conf, correct, cost_k, target, delta, search_fraction, seed)
+            conf, correct, cost_k, target, delta, search_fraction, seed, floor)
         grid = "×".join(str(len(c)) for c in cands)
         method = (f"Learn then Test: a path of {promise.path_length} threshold sets (the Pareto front of an "
                   f"exhaustive {grid} grid on {promise.search_rows} search rows, from the un-gated model to the "
                   f"cheapest) tested in order on {promise.test_rows} other rows until the first failure, exact "
                   f"binomial bounds at delta {delta:g}; {promise.passed} passed, the cheapest of them kept")
     else:
-        cands, right, cost, same = _grid(conf, correct, cost_k)
+        cands, right, cost, same = _grid(conf, correct, cost_k, floor)
         grid_n = n
         if max_drop is not None:
             mode, target = "max_drop", float(max_drop)
@@ -756,7 +761,7 @@ def _choose(conf: np.ndarray, correct: np.ndarray, *, confidence: str, costs, ba
         thresholds = [float(cands[k][combo[k]]) for k in range(num_gates)]
         if refine:
             thresholds = _refine(conf, correct, cost_k, thresholds, mode, check)
-        thresholds = [float(_between(conf[k], np.array([t]))[0]) for k, t in enumerate(thresholds)]
+        thresholds = [float(_between(conf[k], np.array([t]), floor)[0]) for k, t in enumerate(thresholds)]
         grid = "×".join(str(len(c)) for c in cands)
         method = (f"exhaustive grid of {grid} confidence-quantile thresholds on {n} validation samples"
                   + (", refined by coordinate descent over every distinct confidence value" if refine else "")

@@ -8,8 +8,10 @@ its traceback. Any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 import textwrap
+from pathlib import Path
 
 import click
 
@@ -134,8 +136,15 @@ def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes,
 
     from . import bench as bench_mod
     from . import render
+    from .data import data_file
     from .manifest import load_manifest
+    from .outputs import check_output
 
+    for flag, path in (("--json", json_path), ("--plot", plot_path)):
+        if path:  # before the measurement, which would be lost
+            check_output(path, flag=flag, reads=(bundle, data_file(data)))
+    if json_path and plot_path and Path(json_path).resolve() == Path(plot_path).resolve():
+        raise UserError(f"--json and --plot name the same file, {json_path}.", "Give each its own path.")
     manifest = load_manifest(bundle)  # a clear error before any data is read
     if plot_path:
         render.require_matplotlib()  # before minutes of measuring, not after
@@ -185,7 +194,9 @@ def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes,
 @click.option("--backend", default=None, help="Run on another backend than the bundle's (e.g. onnxruntime).")
 @click.option("--providers", default=None, metavar="LIST",
               help="ONNX Runtime: execution providers in priority order, e.g. cuda [default: cpu].")
-@click.option("--min-seconds", default=2.0, show_default=True, help="Timed seconds per exit and batch size, at least.")
+@click.option("--min-seconds", default=2.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              callback=lambda _ctx, param, value: _finite(param, value),
+              help="Timed seconds per exit and batch size, at least.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Profile to write (JSON).")
 def profile_cmd(bundle, batch_sizes, backend, providers, min_seconds, output):
     """Measure the time of leaving at each exit of BUNDLE, relative to its un-gated baseline.
@@ -196,9 +207,9 @@ def profile_cmd(bundle, batch_sizes, backend, providers, min_seconds, output):
     """
     from . import profile as profile_mod
     from .manifest import load_manifest
-    from .outputs import check_writable
+    from .outputs import check_output
 
-    check_writable(output, "-o")
+    check_output(output, reads=(bundle,))
     manifest = load_manifest(bundle)
     options = _runner_options(manifest.backend, backend, providers)
     result = profile_mod.measure(bundle, _int_list(batch_sizes, "--batch-size"), backend=backend,
@@ -207,6 +218,13 @@ def profile_cmd(bundle, batch_sizes, backend, providers, min_seconds, output):
         cells = ", ".join(f"exit {k} {c:.3f}" for k, c in enumerate(entry["exit_time_costs"]))
         click.echo(f"batch {entry['batch_size']}: time of leaving at each exit / un-gated: {cells}")
     click.echo(f"wrote {profile_mod.write_profile(result, output)}")
+
+
+def _finite(param: click.Parameter, value: float) -> float:
+    """A click callback: nan passes FloatRange (every comparison with it is false); refuse it at parse time."""
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number.", param=param)
+    return value
 
 
 def _runner_options(bundle_backend: str, backend: str | None, providers: str | None) -> dict:
@@ -276,8 +294,9 @@ def _target(max_drop, guarantee, delta, budget, upper_bound, holdout):
 @click.option("--max-batch", default=256, show_default=True, type=click.IntRange(min=1),
               help="Largest batch the bundle accepts (every batch dimension is dynamic in 1..max).")
 @click.option("--opset", default=None, type=int, help="ONNX opset [default: the exporter's].")
-@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
-              help="torch.onnx exporter: dynamo (current), torchscript (deprecated; faster, a fallback).")
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
+              help="torch.onnx exporter: dynamo (current), torchscript (deprecated; faster); auto: dynamo, and "
+                   "torchscript if dynamo's graphs fail to export or fail the ONNX checker (the output says so).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle (only after the new one is built).")
 @click.option("--opt-batch", default=None, type=click.IntRange(min=1),
               help="TensorRT: the batch size the engines are tuned for [default: max batch].")
@@ -414,10 +433,13 @@ def score_cmd(bundle, data, data_dir, repeat_channels, split, limit, output, ray
     full network), confidence, label (when the data has labels), logits (with --logits). Prints exit
     fractions, accuracy when labels exist, and samples/s. The file appears only once it is complete.
     """
-    from .data import check_input_shape, load_images
+    from .data import check_input_shape, data_file, load_images
     from .manifest import load_manifest
-    from .score import score
+    from .score import check_output, check_ray, score
 
+    check_output(Path(output), force, reads=(bundle, data_file(data)))
+    if ray_address is not None:
+        check_ray(ray_address)  # before the data is loaded
     manifest = load_manifest(bundle)  # a clear error before any data is read
     if ray_address is None and (actors is not None or cpus_per_actor != 1.0 or max_retries is not None):
         raise UserError("--actors, --cpus-per-actor and --max-retries apply to --ray only.", "Add --ray, or drop them.")
@@ -566,7 +588,9 @@ def _wrote(files) -> None:
 @click.option("--repeat-channels", is_flag=True, help="Repeat 1-channel data to the model's channel count.")
 @click.option("--val-size", default=None, type=click.IntRange(min=1),
               help=f"Validation rows held out of training [10% of the training rows, at most {DEFAULT_VAL_SIZE}].")
-@click.option("--epochs", default=10, show_default=True, help="Gate training epochs (on cached features).")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Gate training epochs on cached features (at least 1000 optimizer steps in all: small data "
+                   "trains for more epochs).")
 @click.option("--backbone-epochs", default=2, show_default=True, help="Backbone epochs when there are no --weights.")
 @click.option("--batch-size", default=128, show_default=True, help="Backbone training batch size.")
 @click.option("--head", default="linear", show_default=True, type=click.Choice(["linear", "mlp", "grid"]),

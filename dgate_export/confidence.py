@@ -23,6 +23,14 @@ def check_confidence_name(name: str) -> str:
     return name
 
 
+def lowest(name: str, num_classes: int) -> float:
+    """The smallest confidence measure `name` can give with `num_classes` classes: max-softmax is at least
+    1/classes (uniform probabilities); margin and entropy reach 0. A threshold below it lets every sample
+    leave, like one at it, so calibration never chooses one below it."""
+    check_confidence_name(name)
+    return 1.0 / num_classes if name == "max-softmax" and num_classes > 0 else 0.0
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise log-softmax in float64, shifted by the row max so that exp never overflows."""
     z = np.asarray(logits, dtype=np.float64)

@@ -306,6 +306,17 @@ def recorded_split(data_split: dict | None, where: str, val_size: int | None = N
     return int(chosen["val_size"] or 0), int(chosen["seed"] or 0)
 
 
+class SplitTooLarge(UserError):
+    """A validation split that leaves no training row. No option is named: calibrate and build use the
+    split a model records, and only gate (which catches this) takes --val-size."""
+
+    def __init__(self, where: str, val_size: int, rows: int):
+        super().__init__(f"{where}: a validation split of {val_size} rows does not fit its {rows} training rows "
+                         "(the split must leave at least one row for training).",
+                         "Use data with more training rows.")
+        self.val_size, self.rows = val_size, rows
+
+
 def default_val_size(training_rows: int) -> int:
     """The validation split for a training set of this many rows: 10%, at most DEFAULT_VAL_SIZE, at least 1."""
     return max(1, min(DEFAULT_VAL_SIZE, int(training_rows * DEFAULT_VAL_FRACTION)))
@@ -319,8 +330,7 @@ def _split(x: np.ndarray, y: np.ndarray, split: str, *, val_size: int | None, se
     if val_size is None:
         val_size = default_val_size(n)
     if not 0 < val_size < n:
-        raise UserError(f"{where}: validation size {val_size} does not fit {n} training rows.",
-                        f"Choose a validation size between 1 and {n - 1}.")
+        raise SplitTooLarge(where, val_size, n)
     # A fixed seeded permutation: the same seed gives the same validation rows in gate and calibrate.
     order = np.random.default_rng(seed).permutation(n)
     rows = np.sort(order[:val_size] if split == "val" else order[val_size:])
@@ -343,6 +353,22 @@ def check_input_shape(x: np.ndarray, expected_chw: tuple[int, int, int] | list[i
     if len(got) == 3 and len(expected) == 3 and got[0] == expected[0] and got[1:] != expected[1:]:
         hint += f" (resize the images to {expected[1]}x{expected[2]}, or build the model for {got[1]}x{got[2]})"
     raise UserError(f"The model expects input of shape {expected} per sample; {where} has {got}.", hint + ".")
+
+
+def check_labels(y: np.ndarray | None, num_classes: int, where: str = "The labels") -> None:
+    """Refuse labels outside 0..num_classes-1 (the classes of the model or bundle), naming the first."""
+    if y is None or not len(y):
+        return
+    bad = np.nonzero((y < 0) | (y >= num_classes))[0]
+    if len(bad):
+        raise UserError(f"{where} hold {len(bad)} value(s) outside 0..{num_classes - 1}, the classes of this model "
+                        f"(row {int(bad[0])}: label {int(y[bad[0]])}).",
+                        "Use data labelled for this model's classes.")
+
+
+def data_file(spec: str | None) -> str | None:
+    """The file a data spec reads (npz:PATH), None for the built-in sets: an input no output may replace."""
+    return spec[4:] if spec and spec.startswith("npz:") else None
 
 
 def load_images(spec: str, *, data_dir: str | Path | None = None, channels: int | None = None,

@@ -211,12 +211,15 @@ class Manifest:
 # ------------------------------------------------------------------------------------------- read/write
 
 
-def write_manifest(bundle_dir: str | Path, manifest: Manifest) -> Path:
-    """Validate `manifest` and write it as `bundle_dir/manifest.json` atomically (temp file, rename)."""
+def write_manifest(bundle_dir: str | Path, manifest: Manifest, *, expect_sha256: str | None = None) -> Path:
+    """Validate `manifest` and write it as `bundle_dir/manifest.json` atomically (temp file, rename).
+    `expect_sha256`: the sha256 of the manifest the caller read; a manifest rewritten since is not
+    overwritten (UserError; files.atomic_write)."""
     bundle_dir = Path(bundle_dir)
     data = manifest.to_dict()
     _parse(data, "manifest to write")  # never write what load_manifest would refuse
-    return write_text_atomic(bundle_dir / MANIFEST_FILE, json.dumps(data, indent=2, allow_nan=False) + "\n")
+    return write_text_atomic(bundle_dir / MANIFEST_FILE, json.dumps(data, indent=2, allow_nan=False) + "\n",
+                             expect_sha256=expect_sha256)
 
 
 def load_manifest(bundle_dir: str | Path) -> Manifest:

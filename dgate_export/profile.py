@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -52,6 +53,9 @@ def measure(bundle: str | Path, batch_sizes: list[int], *, backend: str | None =
     from .bench import exit_time_costs
     from .runtime import GatedRuntime
 
+    if not (isinstance(min_seconds, (int, float)) and math.isfinite(min_seconds) and min_seconds > 0):
+        raise UserError(f"min_seconds must be a positive number of seconds, got {min_seconds!r}.",
+                        "Give e.g. --min-seconds 2.")
     rt = GatedRuntime.load(bundle, backend=backend, **(runner_options or {}))
     try:
         manifest = rt.manifest
@@ -79,6 +83,7 @@ def measure(bundle: str | Path, batch_sizes: list[int], *, backend: str | None =
                        "providers": getattr(baseline, "providers", None), **structure(manifest)},
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                         "cpu_count": os.cpu_count(), "load_average": [*load_before, *os.getloadavg()]},
+            "min_seconds": float(min_seconds),
             "batches": batches,
         }
     finally:
@@ -89,6 +94,69 @@ def write_profile(profile: dict[str, Any], path: str | Path) -> Path:
     from .files import write_text_atomic
 
     return write_text_atomic(path, json.dumps(profile, indent=1) + "\n")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _whole(v: Any, least: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def profile_problems(data: dict[str, Any]) -> list[str]:
+    """What is wrong with a profile's fields (types, ranges, finite, positive), as phrases; [] when nothing.
+    Checked: everything `load_costs` reads and the measurement's own minimum time."""
+    problems: list[str] = []
+
+    def bad(field: str, value: Any, expected: str) -> None:
+        problems.append(f"{field} is {json.dumps(value)[:60]}, expected {expected}")
+
+    bundle = data.get("bundle")
+    if not isinstance(bundle, dict):
+        bad("bundle", bundle, "an object")
+        bundle = {}
+    if not isinstance(bundle.get("fingerprint"), str):
+        bad("bundle.fingerprint", bundle.get("fingerprint"), "a string")
+    for key in ("path", "backend"):
+        if key in bundle and not isinstance(bundle[key], str):
+            bad(f"bundle.{key}", bundle[key], "a string")
+    exits = bundle.get("exits")
+    if not (isinstance(exits, list) and exits and all(isinstance(e, str) for e in exits)):
+        bad("bundle.exits", exits, "a list of module names")
+    for key in ("segment_flops", "head_flops"):
+        flops = bundle.get(key)
+        if not (isinstance(flops, list) and all(_whole(f, 0) for f in flops)):
+            bad(f"bundle.{key}", flops, "a list of whole numbers >= 0")
+    providers = bundle.get("providers")
+    if providers is not None and not (isinstance(providers, list) and all(isinstance(p, str) for p in providers)):
+        bad("bundle.providers", providers, "a list of provider names or null")
+    if "min_seconds" in data and not (_number(data["min_seconds"]) and data["min_seconds"] > 0):
+        bad("min_seconds", data["min_seconds"], "a positive number of seconds")
+    segments = bundle.get("segment_flops")
+    exits_expected = len(segments) if isinstance(segments, list) and len(segments) >= 2 else None
+    batches = data.get("batches")
+    if not (isinstance(batches, list) and batches):
+        bad("batches", batches, "a non-empty list")
+        return problems
+    sizes = []
+    for i, entry in enumerate(batches):
+        where = f"batches[{i}]"
+        if not isinstance(entry, dict):
+            bad(where, entry, "an object")
+            continue
+        size = entry.get("batch_size")
+        if not _whole(size, 1):
+            bad(f"{where}.batch_size", size, "a whole number >= 1")
+        elif size in sizes:
+            problems.append(f"{where}.batch_size {size} appears twice")
+        sizes.append(size)
+        costs = entry.get("exit_time_costs")
+        count = f"{exits_expected} " if exits_expected else "at least 2 "
+        if not (isinstance(costs, list) and all(_number(c) and c > 0 for c in costs)
+                and len(costs) == (exits_expected or max(len(costs), 2))):
+            bad(f"{where}.exit_time_costs", costs, f"a list of {count}finite positive times (one per exit)")
+    return problems
 
 
 def load_costs(path: str | Path, *, batch_size: int | None, manifest: Manifest | None = None,
@@ -106,7 +174,11 @@ def load_costs(path: str | Path, *, batch_size: int | None, manifest: Manifest |
                         "Write one with `dgate-export profile BUNDLE -o profile.json`.") from err
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise UserError(f"{where} is not a {SCHEMA} profile.", "Write one with `dgate-export profile BUNDLE -o profile.json`.")
-    bundle, batches = data.get("bundle") or {}, data.get("batches") or []
+    problems = profile_problems(data)
+    if problems:
+        raise UserError(f"{where} is a malformed {SCHEMA} profile: {'; '.join(problems)}.",
+                        "Write it again with `dgate-export profile BUNDLE -o profile.json` rather than by hand.")
+    bundle, batches = data["bundle"], data["batches"]
     if manifest is not None and bundle.get("fingerprint") != fingerprint(manifest):
         raise UserError(f"{where} was measured on another bundle ({bundle.get('path')}, fingerprint "
                         f"{str(bundle.get('fingerprint'))[:12]}…) than this one ({fingerprint(manifest)[:12]}…): its times "
@@ -118,7 +190,7 @@ def load_costs(path: str | Path, *, batch_size: int | None, manifest: Manifest |
                             f"this model ({model_structure['exits']}).",
                             "Build this model and profile that bundle: dgate-export build MODEL; dgate-export profile "
                             "engines/MODEL -o profile.json.")
-    sizes = [int(b.get("batch_size", -1)) for b in batches]
+    sizes = [b["batch_size"] for b in batches]
     if batch_size is None:
         if len(sizes) != 1:
             raise UserError(f"{where} holds times at batch sizes {sizes}.", "Choose one with --cost-batch B.")
@@ -128,11 +200,7 @@ def load_costs(path: str | Path, *, batch_size: int | None, manifest: Manifest |
                         "depend on the batch size.", f"Profile at that size: dgate-export profile BUNDLE --batch-size "
                         f"{batch_size} -o profile.json, or choose one of {sizes} with --cost-batch.")
     entry = batches[sizes.index(batch_size)]
-    costs = [float(v) for v in entry.get("exit_time_costs", [])]
-    expected = len(bundle.get("segment_flops") or []) or len(costs)
-    if len(costs) != expected or len(costs) < 2 or not all(np.isfinite(costs)) or min(costs) <= 0:
-        raise UserError(f"{where}: the exit times at batch {batch_size} are malformed ({costs}).",
-                        "Write the profile again with `dgate-export profile`.")
+    costs = [float(v) for v in entry["exit_time_costs"]]
     providers = bundle.get("providers")
     desc = (f"measured time at batch {batch_size} on {bundle.get('backend')}"
             + (f" ({', '.join(providers)})" if providers else "") + f", profile {path}")

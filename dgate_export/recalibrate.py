@@ -7,8 +7,9 @@ sample sent out there (the gates forced), and keeps each gate's confidence as th
 and each exit's correctness. `recalibrate` chooses thresholds on the validation rows with
 `calibrate.calibrate_scores` (the same `Target` and promise as for a checkpoint), then rewrites only the
 gates' thresholds and a `calibration` record in manifest.json, atomically (`write_manifest`: validated,
-temp file, rename). The bundle is verified once, when the runtime loads it (every sha256); the
-artifacts are untouched, so every hash the manifest lists still holds afterwards.
+temp file, rename; refused if another process rewrote it meanwhile, or if it is read-only). The bundle
+is verified once, when the runtime loads it (every sha256); the artifacts are untouched, so every hash
+the manifest lists still holds afterwards.
 `calibrate_bundle` is the whole command: the recorded validation split, the data, the cost profile.
 """
 
@@ -24,10 +25,12 @@ import numpy as np
 
 from .calibrate import Calibration, Evaluation, Target, calibrate_scores, evaluate_scores, holdout_rows
 from .contract import exit_at
-from .data import check_input_shape, load_splits, recorded_split
+from .data import check_input_shape, check_labels, load_splits, recorded_split
 from .drift import reference_record
 from .errors import UserError
-from .manifest import load_manifest, write_manifest
+from .files import sha256_file
+from .manifest import MANIFEST_FILE, load_manifest, write_manifest
+from .outputs import check_rewrite
 from .profile import load_costs
 from .runtime import GatedRuntime
 
@@ -62,6 +65,8 @@ def recalibrate(bundle: str | Path, val: Any, test: Any | None, *, target: Targe
     """Choose the bundle's thresholds on `val` (a data.Dataset) for `target`, evaluate them on `test`,
     rewrite the manifest."""
     target = target or Target()
+    manifest_path = check_rewrite(Path(bundle) / MANIFEST_FILE, "--engine")
+    read = sha256_file(manifest_path)  # the version this calibration starts from (see write_manifest below)
     rt = GatedRuntime.load(bundle, backend=backend, **(runner_options or {}))  # verifies every sha256
     manifest = rt.manifest
     try:
@@ -78,7 +83,7 @@ def recalibrate(bundle: str | Path, val: Any, test: Any | None, *, target: Targe
         rt.close()
     costs, baseline = (time_cost[0], 1.0) if time_cost else (flops, base_flops)
     result = calibrate_scores(conf, correct, confidence=manifest.confidence, costs=costs, baseline_flops=baseline,
-                              target=target, seed=seed)
+                              target=target, seed=seed, num_classes=manifest.num_classes)
     if time_cost:
         expected = result.validation.expected_flops
         if expected >= 1.0:
@@ -122,7 +127,9 @@ def recalibrate(bundle: str | Path, val: Any, test: Any | None, *, target: Targe
     manifest.exit_reference = reference_record(
         result.validation.exit_fractions, result.validation.samples, result.thresholds, by="calibrate --engine",
         on=f"validation split of {data.get('spec')} ({result.validation.samples} rows, seed {data.get('seed')})")
-    write_manifest(bundle, manifest)  # validated, atomic; the artifacts (and their hashes) are untouched
+    # validated, atomic; the artifacts (and their hashes) are untouched. Refused if another process rewrote
+    # the manifest meanwhile (a second calibrate --engine): its update is kept, not silently lost.
+    write_manifest(bundle, manifest, expect_sha256=read)
     return Recalibrated(result, test_eval, old, [g.exit for g in gates])
 
 
@@ -135,6 +142,7 @@ def calibrate_bundle(bundle: str | Path, data: str, *, target: Target | None = N
     minimizes measured time instead of FLOPs. `warn` gets a line when DATA is not what the model was gated on."""
     target = target or Target()
     manifest = load_manifest(bundle)  # a clear error before any data is read; hashes: when the runtime loads it
+    check_rewrite(Path(bundle) / MANIFEST_FILE, "--engine")  # a read-only bundle: before the data is loaded
     data_split = (manifest.source or {}).get("data_split")
     val_size, seed = recorded_split(data_split, f"{bundle} (built from {(manifest.source or {}).get('checkpoint')})",
                                     val_size, seed)
@@ -159,6 +167,4 @@ def _check_labels(y: np.ndarray, num_classes: int) -> None:
     if y is None or len(y) == 0:
         raise UserError("calibrate --engine needs labelled rows: the data has no labels.",
                         "Give --data with labels (fashion-mnist, or an npz with y / y_val / y_test).")
-    if int(y.min()) < 0 or int(y.max()) >= num_classes:
-        raise UserError(f"The labels hold values outside 0..{num_classes - 1}, the classes of this bundle.",
-                        "Calibrate on data labelled for this model's classes.")
+    check_labels(y, num_classes)

@@ -82,6 +82,7 @@ class GatedRuntime:
         self.max_batch = manifest.max_batch
         self.input_shape = tuple(int(d) for d in manifest.input.shape[1:])  # (C, H, W)
         self._runners = list(runners)
+        self._closed = False
         # set by load(): opens another artifact of the bundle like the segments
         self._open: Callable[[str], backends.Runner] | None = None
         self._backend_name = manifest.backend
@@ -149,6 +150,7 @@ class GatedRuntime:
     def baseline_runner(self) -> backends.Runner:
         """A runner of the bundle's un-gated baseline (input "input", output "logits") on the same
         backend with the same options, for benchmarks and comparisons."""
+        self._check_open()
         if self._open is None:
             raise ValueError("baseline_runner() needs a runtime made by GatedRuntime.load")
         base = self.manifest.baseline
@@ -164,13 +166,22 @@ class GatedRuntime:
                         f"Build it for {backend}: `dgate-export build MODEL --backend {backend}`.")
 
     def close(self) -> None:
+        """Release every runner; the runtime refuses to run afterwards (a UserError), and closing again is
+        harmless."""
+        self._closed = True
         for runner in self._runners:
             runner.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UserError("This GatedRuntime was closed: its sessions are released and it cannot run.",
+                            "Load the bundle again with GatedRuntime.load(...), and close it only when done.")
 
     # ------------------------------------------------------------------------------------------ running
 
     def run(self, x: np.ndarray, thresholds: Sequence[float] | None = None) -> RunResult:
         """Classify x [N, C, H, W]; per-call `thresholds` override the runtime's for this call only."""
+        self._check_open()
         thr = self._thresholds if thresholds is None else self._check_thresholds(thresholds)
         x = self._prepare(x)
         n = x.shape[0]
@@ -308,6 +319,7 @@ class GatedRuntime:
         """Measure every segment's time per run at every batch bucket (median of `repeats`, buckets
         interleaved so that drift hits all alike) and return the table; `rt.bucket_times = table` makes
         the runtime decide compact-or-pad by it. Needs a bucketed runtime."""
+        self._check_open()
         if not self._buckets:
             raise UserError("profile_buckets needs a bucketed runtime (batch_buckets or fixed_buffers).",
                             "Load it with batch_buckets=True or fixed_buffers=True.")
@@ -364,6 +376,7 @@ class GatedRuntime:
         CUDA provider prepares its convolutions (cuDNN algorithm search) for each new shape, tens of ms.
         With fixed buffers, every slot a run can reach (each bucket after each larger one the table allows)
         is made and run, three times with CUDA graphs: a slot captures its graph on its third run."""
+        self._check_open()
         sizes = self.buckets() if self._buckets else [1, self.max_batch]
         no_exit = [NEVER_EXIT] * self.num_gates  # above any confidence: every segment runs
         runs = 3 if any(r.cuda_graphs for r in self._runners) else 1

@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import outputs
+from .data import check_labels
 from .errors import UserError
 from .files import UMASK
 from .manifest import Manifest, load_manifest
@@ -242,14 +244,25 @@ def output_format(path: Path) -> str:
     return fmt
 
 
-def check_output(path: Path, force: bool) -> None:
-    """Refuse an output that cannot be written, before any work."""
-    if path.is_dir():
-        raise UserError(f"-o {path} is a directory.", "Give the file to write, e.g. -o predictions.parquet or .csv.")
+def check_output(path: Path, force: bool, reads: Sequence[str | Path | None] = ()) -> None:
+    """Refuse an output that must not or cannot be written, before any work: outputs.check_output (never
+    over or into what is read, `reads`, nor into a bundle), a suffix that names no format (or parquet
+    without pyarrow); its folder must exist."""
+    outputs.check_output(path, force=force, reads=reads)
+    if output_format(path) == "parquet":
+        _ParquetSink.check()
     if not path.parent.is_dir():
         raise UserError(f"-o {path}: the folder {path.parent} does not exist.", "Create it first.")
-    if path.exists() and not force:
-        raise UserError(f"{path} exists.", "Pass --force to replace it (only once the new one is complete).")
+
+
+def check_ray(address: str) -> None:
+    """Refuse, before any work, a Ray address where nothing answers (integrations.ray.check_address: Ray's
+    own reconnect loop would go on for minutes) or Ray not installed; a Ray already running in this process
+    is used as it is, whatever the address."""
+    from .integrations.ray import check_address, require_ray
+
+    if not require_ray().is_initialized():
+        check_address(address)
 
 
 def exit_names(manifest: Manifest) -> list[str]:
@@ -266,11 +279,15 @@ def score(bundle: str | Path, x: np.ndarray, labels: np.ndarray | None, output: 
     temporary folder (named in the error when the job fails; removed when it succeeds)."""
     from tqdm import tqdm
 
+    check_output(Path(output), force, reads=(bundle,))
+    if ray is not None:
+        check_ray(ray)
     manifest = load_manifest(bundle)  # a clear error before anything starts
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"The batch size must be a positive integer, got {batch_size!r}.")
     if labels is not None and len(labels) != len(x):
         raise UserError(f"{len(labels)} labels for {len(x)} rows.", "Give one label per row.")
+    check_labels(labels, manifest.num_classes)
     if len(x) == 0:
         raise UserError("The data has no rows.", "Give at least one row to score.")
     names = exit_names(manifest)
@@ -338,6 +355,7 @@ def _on_ray(address: str, bundle: str | Path, x: np.ndarray, labels: np.ndarray 
             clock: dict[str, float], max_retries: int, writer: PredictionWriter,
             ray_log: Path) -> Generator[dict, None, None]:
     from .integrations.ray import (
+        bounded_connect,
         dataset_from_arrays,
         died_on,
         pool_size,
@@ -353,7 +371,8 @@ def _on_ray(address: str, bundle: str | Path, x: np.ndarray, labels: np.ndarray 
     if own:
         quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
         try:  # "local" is Ray's own word for a new local instance, even where another one runs
-            ray.init(address=address, **quiet)
+            with bounded_connect(address):
+                ray.init(address=address, **quiet)
         except (ConnectionError, ValueError, RuntimeError) as err:
             raise UserError(f"Could not start or reach Ray at {address!r}: {err}",
                             "Check the address (ray://HOST:10001 or auto), or drop it to start a local instance.") from err

@@ -3,6 +3,8 @@
 - `test_skipnet`: a skip connection crosses the first cut, so segment 0 has two carries.
 - `test_svdnet`: like skipnet, but its last segment calls torch.linalg.svdvals, which eager torch runs and
   the ONNX exporters reject: a build that fails midway (segments 0 and 1 export, segment 2 does not).
+- `test_numpytail`: like skipnet, but its tail computes in numpy (with an ONNX `symbolic`): the dynamo
+  exporter fails on it, the TorchScript exporter does not (build's automatic fallback).
 """
 
 from __future__ import annotations
@@ -45,7 +47,34 @@ class SvdNet(SkipNet):
         return c.mean(dim=(2, 3)) * torch.linalg.svdvals(c.flatten(2)).mean(dim=1, keepdim=True)
 
 
+class _Doubled(torch.autograd.Function):
+    """x * 2 computed in numpy: torch.export cannot trace it, so the dynamo exporter fails; the TorchScript
+    exporter uses `symbolic` (an ONNX Mul) and succeeds."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.from_numpy(x.detach().numpy() * 2)
+
+    @staticmethod
+    def symbolic(g, x):
+        return g.op("Mul", x, g.op("Constant", value_t=torch.tensor(2.0)))
+
+
+def doubled(x):
+    return _Doubled.apply(x)
+
+
+torch.fx.wrap("doubled")  # one opaque call for the split's tracing
+
+
+class NumpyTailNet(SkipNet):
+    def tail(self, c):
+        return doubled(c).mean(dim=(2, 3))
+
+
 zoo.register_arch("test_skipnet", SkipNet, default_exits=("block1", "block2"), description="test: skip over a cut")
+zoo.register_arch("test_numpytail", NumpyTailNet, default_exits=("block1", "block2"),
+                  description="test: only the TorchScript exporter exports it")
 zoo.register_arch("test_svdnet", SvdNet, default_exits=("block1", "block2"), description="test: unexportable tail")
 
 

@@ -249,7 +249,8 @@ def test_calibrate_engine_rewrites_only_the_thresholds(bundle, tmp_path):
     conf, correct = exit_scores(rt, val.x, val.y)
     costs = [float(c) for c in np.cumsum([s.flops + (s.gate.head_flops if s.gate else 0) for s in after.segments])]
     expected = calibrate_scores(conf, correct, confidence=after.confidence, costs=costs,
-                                baseline_flops=after.baseline.flops, target=Target(budget=0.6))
+                                baseline_flops=after.baseline.flops, target=Target(budget=0.6),
+                                num_classes=after.num_classes)
     assert after.thresholds == expected.thresholds
     ran = rt.run(val.x)
     assert float(np.dot(ran.exit_counts, costs)) / len(val.y) <= 0.6 * after.baseline.flops + 1e-6

@@ -264,7 +264,7 @@ def test_unwritable_output_is_refused_before_any_work(tmp_path, skip_ckpt):
 def test_bad_options_are_refused(tmp_path, skip_ckpt):
     path, _ = skip_ckpt
     for kwargs, phrase in [({"precision": "int4"}, "precision"), ({"max_batch": 0}, "max batch"),
-                           ({"exporter": "tf"}, "exporter"), ({"opset": 13}, "opset 13")]:
+                           ({"exporter": "tf"}, "exporter"), ({"opset": 13, "exporter": "dynamo"}, "opset 13")]:
         with pytest.raises(UserError, match=phrase):
             build_bundle(path, tmp_path / "out", BuildOptions(**kwargs), progress=_quiet)
     assert _listing(tmp_path) == []
@@ -279,9 +279,34 @@ def test_failure_midway_leaves_nothing(tmp_path):
         build_bundle(path, out_parent / "svd", progress=lines.append)
     message = str(info.value)
     assert "step 3/9 (export)" in message and "segment 2 (after exit 'block2')" in message
-    assert "--exporter" in message  # what to try
+    # the default exporter "auto" tried both: the message says so, and advises what is left to try
+    assert "by the torchscript exporter" in message and "Before it, the dynamo exporter failed" in message
+    assert "Both exporters failed" in message and "--opset" in message
+    assert any("exporting again with the torchscript exporter" in line for line in lines)
     assert any("segment1.onnx" in line for line in lines)  # it really failed midway
     assert _listing(out_parent) == []
+    with pytest.raises(UserError, match="Try `--exporter dynamo`"):  # one exporter asked for: the other advised
+        build_bundle(path, out_parent / "svd", BuildOptions(exporter="torchscript"), progress=_quiet)
+    assert _listing(out_parent) == []
+
+
+@pytest.mark.slow
+def test_build_retries_with_the_other_exporter_and_says_so(tmp_path):
+    """A network only the TorchScript exporter exports: the default build says why and retries with it; a build
+    asked for the dynamo exporter stops with that advice."""
+    path = save(gated("test_numpytail"), tmp_path / "np.pt")
+    lines: list[str] = []
+    out = build_bundle(path, tmp_path / "b", BuildOptions(max_batch=8), progress=lines.append)
+    manifest = load_manifest(out)
+    assert manifest.tools["exporter"] == "torchscript"
+    said = "\n".join(lines)
+    assert "the dynamo exporter failed at step 3/9 (export)" in said and ".numpy()" in said, said
+    assert "exporting again with the torchscript exporter (--exporter auto)" in said
+    assert "[3/9] export" in said and "torchscript exporter" in said and "built" in said
+    assert _listing(tmp_path) == ["b", "np.pt"]
+    with pytest.raises(UserError, match="Try `--exporter torchscript`"):
+        build_bundle(path, tmp_path / "c", BuildOptions(max_batch=8, exporter="dynamo"), progress=_quiet)
+    assert _listing(tmp_path) == ["b", "np.pt"]
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -395,3 +420,18 @@ def test_parity_tolerance_scales_with_what_fp32_can_do(tmp_path):
     assert 1e-4 < parity["logit_tolerances"][0] < 1e-2
     assert parity["logit_tolerances"][1:] == [1e-4] * 3  # elsewhere the floor: as strict as before
     assert parity["exit_logit_errors"][0] <= parity["logit_tolerances"][0]
+
+
+def test_int8_calibration_data_too_small_names_no_missing_option(tmp_path, skip_ckpt):
+    """One row of calibration data: the message was "Choose a validation size between 1 and 0" (build has no
+    such option, and the range is empty)."""
+    path, _ = skip_ckpt
+    one = tmp_path / "one.npz"
+    np.savez(one, x=np.zeros((1, 1, 8, 8), np.float32), y=np.zeros(1, np.int64))
+    result = CliRunner().invoke(main, ["build", str(path), "-o", str(tmp_path / "b"), "--precision", "int8",
+                                       "--calibration-data", f"npz:{one}"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "does not fit its 1 training rows" in text and "Use data with more training rows" in text, text
+    assert "between 1 and" not in text and "--val-size" not in text
+    assert _listing(tmp_path) == ["one.npz"]

@@ -156,18 +156,24 @@ def test_calibrate_uses_the_split_the_model_records(gated, npz, tmp_path):
 
 
 def test_calibrate_promise_too_strong_for_the_rows_says_how_many_are_needed(gated, npz, tmp_path):
-    """800 validation rows cannot carry a one-point promise at 90%: an error, nothing written."""
+    """40 validation rows (28 of them test the path) cannot carry a one-point promise at 90%: an error, nothing
+    written. (800 rows no longer sufficed to fail: since gates train for at least 1000 steps, this fixture's gates
+    beat its briefly trained backbone, and the rows they get right and it gets wrong pay for the promise.)"""
     out, _ = gated
+    with np.load(npz) as full:
+        arrays = dict(full)
+    few = tmp_path.parent / f"{tmp_path.name}_few.npz"  # outside tmp_path, which must stay empty
+    np.savez(few, **{**arrays, "x_val": arrays["x_val"][:40], "y_val": arrays["y_val"][:40]})
     for extra, message in (([], "validation rows"), (["--delta", 1.5], "delta 1.5 is not a probability"),
                            (["--delta", 0], "not a probability in (0, 1)"),
                            (["--upper-bound", 0.9], "--guarantee none")):
-        result = run("calibrate", out, "--data", f"npz:{npz}", "--max-drop", 0.01, *extra, "--no-progress", "-o",
+        result = run("calibrate", out, "--data", f"npz:{few}", "--max-drop", 0.01, *extra, "--no-progress", "-o",
                      tmp_path / "x.pt")
         assert result.exit_code == 2, result.output
         assert message in text(result) and "Traceback" not in result.output
         assert not tmp_path.joinpath("x.pt").exists() and not list(tmp_path.iterdir())
     assert "No gated thresholds keep the accuracy drop within 0.01 with probability 0.9" in text(
-        run("calibrate", out, "--data", f"npz:{npz}", "--no-progress", "-o", tmp_path / "x.pt"))
+        run("calibrate", out, "--data", f"npz:{few}", "--no-progress", "-o", tmp_path / "x.pt"))
 
 
 def test_calibrate_impossible_budget_says_what_is_possible(gated, npz, tmp_path):

@@ -252,3 +252,61 @@ def test_the_guarantee_holds_over_random_splits_of_real_scores(monkeypatch):
         saved.append(r.validation.flops_reduction)
     assert exceed <= 28, exceed
     assert np.mean(saved) > 0.5  # the promise is kept by gating, not by switching gates off
+
+
+def _fail_then_pass(n=3000, seed=0):
+    """One gate whose Learn-then-Test path is [un-gated, t1, t2, t3] with, on the test rows, t1 passing, t2
+    failing and t3 (the cheapest) passing again: four confidence bands A > B > C > D; on the search rows C
+    and D leave some rows worse than the full model (so the path orders t2 before t3), on the test rows C
+    leaves many worse and D many better (the gated model right, the full one wrong), which cancel."""
+    rng = np.random.default_rng(seed)
+    test, _ = cal.holdout_rows(n, cal.SEARCH_FRACTION, seed)
+    band = rng.integers(0, 4, n)  # 0: A ... 3: D
+    conf = np.array([0.9, 0.7, 0.5, 0.3], np.float32)[band][None, :]
+    full = np.ones(n, bool)
+    gate = np.ones(n, bool)
+    in_test = np.zeros(n, bool)
+    in_test[test] = True
+    draw = rng.random(n)
+    gate[~in_test & (band == 2) & (draw < 0.05)] = False   # search rows: C 5% worse,
+    gate[~in_test & (band == 3) & (draw < 0.20)] = False   # D 20% worse
+    gate[in_test & (band == 2) & (draw < 0.15)] = False    # test rows: C 15% worse,
+    full[in_test & (band == 3) & (draw < 0.30)] = False    # D 30% better
+    return conf, np.stack([gate, full]), test
+
+
+def test_learn_then_test_never_takes_a_set_after_the_first_failure():
+    """A calibration that kept testing after the first failure would take t3 (cheapest, passes on its own),
+    breaking the fixed-sequence guarantee; the promise allows only the sets before the failure."""
+    conf, correct, test = _fail_then_pass()
+    costs, max_drop, delta = np.array([1.0, 10.0]), 0.01, 0.1
+    expected, passed = walk(conf, correct, costs, max_drop, delta)
+    result = calibrate_scores(conf, correct, confidence="max-softmax", costs=costs, baseline_flops=10.0,
+                              target=Target(max_drop=max_drop, delta=delta))
+    search = np.setdiff1d(np.arange(conf.shape[1]), test)
+    cands, right, cost, _ = cal._grid(conf[:, search], correct[:, search], costs)
+    path = [DISABLED] + [float(cands[0][i]) for i in cal._pareto(right, cost)[::-1]]
+    assert len(path) == 4 and path[1] > path[2] > path[3]
+
+    def ok(t):  # the exact test of one set on the test rows
+        g = np.where(conf[0, test] >= t, correct[0, test], correct[1, test])
+        f = correct[1, test]
+        return cal.drop_bound_exact(int((f & ~g).sum()), int((g & ~f).sum()), len(test), delta) <= max_drop
+
+    assert [ok(t) for t in path[1:]] == [True, False, True]  # t3 alone would pass
+    assert passed == 2 and expected == [path[1]]
+    assert result.guarantee.passed == 2 and result.thresholds == pytest.approx([path[1]])
+    assert result.guarantee.path_length == 4
+
+
+def test_no_threshold_below_what_the_measure_can_give():
+    """Gates at chance (max-softmax near 1/classes everywhere) and a target every set meets: the cheapest
+    thresholds send everyone out at gate 0, and none lies below 1/classes, the lowest max-softmax."""
+    rng = np.random.default_rng(0)
+    classes, n = 10, 400
+    logits = [rng.normal(0, 0.01, (n, classes)).astype(np.float32) for _ in range(3)]
+    y = rng.integers(0, classes, n)
+    for target in (Target(max_drop=0.5, guarantee="none"), Target(max_drop=0.5)):
+        result = calibrate(logits, y, costs=[1.0, 2.0, 3.0], baseline_flops=3.0, target=target)
+        assert result.validation.exit_fractions[0] == 1.0
+        assert min(result.thresholds) >= np.float32(1 / classes), result.thresholds

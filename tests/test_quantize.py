@@ -85,7 +85,7 @@ def test_int8_build_passes_its_checks(small, tmp_path):
     conf, correct = exit_scores(rt, val.x, val.y)
     fit = calibrate_scores(conf, correct, confidence=model.confidence, costs=model.exit_costs(),
                            baseline_flops=model.count_flops()["baseline"],
-                           target=Target(max_drop=0.01, guarantee="none"))
+                           target=Target(max_drop=0.01, guarantee="none"), num_classes=m.num_classes)
     assert list(m.thresholds) == pytest.approx(fit.thresholds)
     assert m.calibration["on"]["precision"] == "int8" and m.calibration["data"]["rows"] == VAL
     assert q["thresholds"]["fp32_thresholds"] == [0.6, 0.6, 0.6]

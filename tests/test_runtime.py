@@ -397,3 +397,16 @@ def test_profile_buckets_measures_every_segment_and_bucket(tiny):
     assert rt.bucket_times == table
     with pytest.raises(UserError, match="bucketed runtime"):
         GatedRuntime.load(tiny[0]).profile_buckets()
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_use_after_close_is_a_user_error(tiny, mode):
+    bundle, _ = tiny
+    rt = GatedRuntime.load(bundle, **MODES[mode])
+    rt.run(_x(3))
+    rt.close()
+    rt.close()  # twice is harmless
+    for use in (lambda: rt.run(_x(3)), lambda: rt.run(_x(1)), rt.warmup, rt.baseline_runner,
+                lambda: rt.run(_x(2), thresholds=[0.5, 0.5])):
+        with pytest.raises(UserError, match="was closed"):
+            use()

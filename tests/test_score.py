@@ -8,7 +8,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -292,3 +294,76 @@ def test_user_errors_are_recovered_from_ray_tracebacks():
     assert user_error_in(RuntimeError("ValueError: something else")) is None
     plain = UserError("as is")
     assert user_error_in(plain) is plain
+
+def test_labels_outside_the_bundles_classes_are_refused(tiny, tmp_path):
+    bundle, x, _, _ = tiny
+    y = np.zeros(len(x), np.int64)
+    y[7] = 3  # the tiny bundle has classes 0..2
+    np.savez(tmp_path / "bad.npz", x=x, y=y)
+    r = _score(bundle, "--data", f"npz:{tmp_path / 'bad.npz'}", "-o", tmp_path / "p.parquet")
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and "outside 0..2" in text and "row 7: label 3" in text, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz"]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # nothing listens there once the socket is closed
+
+
+@pytest.mark.parametrize("scheme", ["", "ray://"])
+def test_a_ray_address_with_nothing_listening_fails_at_once(tiny, tmp_path, scheme):
+    """Ray's own reconnect loop ran past 300 s with no word from dgate-export; now: one paragraph, seconds."""
+    pytest.importorskip("ray")
+    bundle, _, _, data = tiny
+    address = f"{scheme}127.0.0.1:{_closed_port()}"
+    start = time.monotonic()
+    r = _score(bundle, "--data", f"npz:{data / 'labelled.npz'}", "-o", tmp_path / "p.parquet", "--ray", address)
+    assert time.monotonic() - start < 60
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert f"Nothing answers at {address}" in text and "no Ray cluster listens there" in text, r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_ray_address_is_checked_before_ray_is_started():
+    from dgate_export.integrations.ray import check_address
+
+    for address in ("local", "auto", "anyscale://project"):
+        check_address(address)  # Ray's to resolve
+    for address in ("127.0.0.1", "ray://host", "host:port", "host:0", "host:70000"):
+        with pytest.raises(UserError, match="is not a cluster address"):
+            check_address(address)
+
+
+@pytest.mark.slow
+def test_a_ray_address_where_something_else_listens_fails_in_bounded_time(tiny, tmp_path):
+    """Something answers at the address but it is not Ray: Ray tries once (bounded_connect), about 40 s."""
+    pytest.importorskip("ray")
+    bundle, _, _, data = tiny
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        start = time.monotonic()
+        r = _score(bundle, "--data", f"npz:{data / 'labelled.npz'}", "-o", tmp_path / "p.parquet", "--ray", address)
+        seconds = time.monotonic() - start
+    assert seconds < 150, seconds
+    assert r.exit_code == 2 and "Traceback" not in r.output and "Could not start or reach Ray" in r.output, r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ray_tries_a_cluster_once_but_starts_a_local_instance_as_it_likes(monkeypatch):
+    from dgate_export.integrations.ray import bounded_connect
+
+    key = "RAY_gcs_server_port_wait_time_s"
+    monkeypatch.delenv(key, raising=False)
+    with bounded_connect("10.0.0.1:6379"):
+        assert os.environ[key] == "1"  # one try at a cluster
+    assert key not in os.environ
+    with bounded_connect("local"):
+        assert key not in os.environ  # a new instance's GCS gets Ray's own wait to come up
+    monkeypatch.setenv(key, "60")
+    with bounded_connect("ray://head:10001"):
+        assert os.environ[key] == "60"  # the user's choice stands

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ from dgate_export.manifest import load_manifest
 from dgate_export.runtime import GatedRuntime
 from dgate_export.serving import TritonServer, find_server, write_repository
 from dgate_export.serving.repository import drop_index, package_modules
-from dgate_export.serving.server import mean_batch_size
+from dgate_export.serving.server import free_port, mean_batch_size
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = Path(__file__).resolve().parent / "triton_client.py"
@@ -406,7 +407,7 @@ def test_repository_layout(tiny, tmp_path):
     repo = info.path
     assert info.models == ["tiny", "tiny_seg0", "tiny_seg1", "tiny_seg2", "tiny_baseline", "tiny_unbatched",
                            "tiny_unbatched_seg0", "tiny_unbatched_seg1", "tiny_unbatched_seg2"]
-    assert sorted(p.name for p in repo.iterdir()) == sorted([*info.models, "README.md"])  # nothing else
+    assert sorted(p.name for p in repo.iterdir()) == sorted([*info.models, "README.md", "dgate-repository.json"])
     seg1 = (repo / "tiny_seg1" / "config.pbtxt").read_text()
     assert "max_batch_size: 16" in seg1 and "dynamic_batching { max_queue_delay_microseconds: 500 }" in seg1
     assert '"prev_carry_0"' in seg1 and '"index"' not in seg1 and '"carry_1"' in seg1
@@ -597,3 +598,19 @@ def test_serve_metrics_endpoint_and_the_drift_alarm(tiny, tmp_path):
     finally:
         left = end(serve)
     assert serve.proc.returncode == 0 and left == []
+
+
+def test_serve_on_a_taken_port_says_so_before_writing_anything(tiny, tmp_path):
+    _install_or_skip()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        res = CliRunner().invoke(main, ["serve", str(tiny), "--port", str(port), "--grpc-port", str(free_port()),
+                                        "--metrics-port", str(free_port()), "--repo", str(tmp_path / "repo")])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert f"Port {port} on 127.0.0.1 (--port) is in use" in text and "failed to load" not in text, res.output
+    same = CliRunner().invoke(main, ["serve", str(tiny), "--port", "8123", "--grpc-port", "8123"])
+    assert same.exit_code == 2 and "must differ" in same.output
+    assert list(tmp_path.iterdir()) == []

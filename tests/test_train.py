@@ -125,3 +125,40 @@ def test_backbone_training_needs_two_rows():
     ds = Dataset(np.zeros((1, 1, 28, 28), np.float32), np.zeros(1, np.int64), None, None)
     with pytest.raises(UserError, match="at least 2 training rows"):
         train_backbone(_tiny_with_1x1_batchnorm(), ds, epochs=1, progress=False)
+
+
+def _probe(feats: torch.Tensor, y: torch.Tensor) -> torch.nn.Linear:
+    """A linear probe fitted to convergence (L-BFGS, full batch): what a linear head can reach."""
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(feats.shape[1], 10)
+    opt = torch.optim.LBFGS(probe.parameters(), max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(probe(feats), y) + 1e-4 * (probe.weight ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return probe
+
+
+def test_gates_on_small_data_reach_a_linear_probe(data, backbone):
+    """192 rows at batch 256 are one optimizer step an epoch: `--epochs 1` left the gates at chance where a
+    linear probe on the same features reached 45-72%. Training counts optimizer steps (MIN_GATE_STEPS)."""
+    train, val = data
+    small = train.subset(192, seed=1)
+    gated = gated_of(backbone, "linear")
+    accs = train_gates(gated, small, epochs=1, batch_size=256, progress=False)
+    feats = cache_gate_features(gated, small, progress=False)
+    val_feats = cache_gate_features(gated, val, progress=False)
+    y, val_y = torch.from_numpy(small.y), torch.from_numpy(val.y)
+    held = exit_accuracies(gated, val)[:3]
+    with torch.no_grad():
+        for k in range(3):
+            probe = _probe(feats[k], y)
+            probe_train = float((probe(feats[k]).argmax(1) == y).float().mean())
+            probe_held = float((probe(val_feats[k]).argmax(1) == val_y).float().mean())
+            assert probe_held > 0.3  # a learnable set: far above chance (0.1)
+            assert accs[k] >= probe_train - 0.05, (k, accs, probe_train)
+            assert held[k] >= probe_held - 0.05, (k, held, probe_held)

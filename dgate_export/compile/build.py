@@ -4,7 +4,9 @@
                 or copy the GatedModel given in memory
     2 flops     FLOPs per segment and head (and the model cast to fp16 for --precision fp16)
     3 export    one ONNX graph per segment (export.py) and the un-gated baseline
-    4 check     onnx.checker (full check, with shape inference) on every graph
+    4 check     onnx.checker (full check, with shape inference) on every graph; with the exporter "auto"
+                (the default), graphs that dynamo cannot export or that fail the checker are exported
+                again by the torchscript exporter (steps 3 and 4 again, said in the progress lines)
     5 parity    a draft bundle of the ONNX graphs, run by GatedRuntime on ONNX Runtime, vs torch
    (5b quantize  --precision int8 only: quantize.py quantizes the checked float graphs, checks them against
                  the float ones and fits the thresholds on their confidences; numbered 6 of 10)
@@ -27,7 +29,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -41,9 +42,10 @@ import onnx
 from .. import __version__
 from ..backends import get_backend
 from ..contract import INPUT
+from ..data import data_file
 from ..drift import reference_record
 from ..errors import UserError
-from ..files import UMASK, replace_dir, sha256_file
+from ..files import replace_dir, sha256_file, temp_dir_beside
 from ..manifest import (
     MANIFEST_FILE,
     PRECISIONS,
@@ -56,7 +58,7 @@ from ..manifest import (
     verify_bundle,
     write_manifest,
 )
-from ..outputs import check_writable
+from ..outputs import BUNDLE, check_output
 from . import checkpoint
 from .export import EXPORTERS, export_baseline, export_segment
 from .model import GatedModel
@@ -64,6 +66,7 @@ from .parity import ParityReport, check_bundle, fmt
 from .quantize import CalibrationData, calibration_rows, quantize_bundle, refit_target, refit_thresholds
 from .threads import torch_threads
 
+AUTO = "auto"  # BuildOptions.exporter: dynamo, then torchscript if dynamo's graphs fail
 STEPS = ("load", "flops", "export", "check", "parity", "engines", "manifest", "verify", "rename")
 INT8_STEPS = (*STEPS[:5], "quantize", *STEPS[5:])
 
@@ -84,11 +87,12 @@ class _Steps:
         try:
             result = fn()
         except UserError as err:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start  # a retried step
             prefix = f"Build failed at step {number}/{total} ({name})"
             message = err.message.removeprefix(f"Step {name}: ")
             raise UserError(f"{prefix}: {message}", err.hint) from err
         seconds = time.perf_counter() - start
-        self.timings[name] = seconds
+        self.timings[name] = self.timings.get(name, 0.0) + seconds
         text = detail(result) if detail else ""
         self.progress(f"[{number}/{total}] {name:<8} {seconds:6.2f} s  {text}".rstrip())
         return result
@@ -102,7 +106,9 @@ class BuildOptions:
     precision: str = "fp32"  # fp32, fp16 (graphs exported from the half model) or int8 (static quantization)
     max_batch: int = 256  # every batch dimension is dynamic in 1..max_batch
     opset: int | None = None  # None: the exporter's
-    exporter: str = "dynamo"  # or "torchscript" (deprecated; a fallback)
+    # "auto": dynamo, and torchscript if dynamo's graphs fail to export or fail the ONNX checker (said in
+    # the progress lines); "dynamo" or "torchscript": that one only.
+    exporter: str = "auto"
     force: bool = False  # replace an existing bundle (only after the new one is built)
     backend_options: Mapping[str, Any] = field(default_factory=dict)  # TensorRT: opt_batch, workspace_mb, ...
     # int8: required (its training rows calibrate the quantization); fp16: optional, refits the thresholds
@@ -124,8 +130,15 @@ class BuildOptions:
         if self.opset is not None and self.opset < 18 and self.exporter == "dynamo":
             raise UserError(f"opset {self.opset} is too old for the dynamo exporter (it needs 18 or newer).",
                             "Leave --opset out, or choose 18 or newer.")
-        if self.exporter not in EXPORTERS:
-            raise UserError(f"Unknown exporter {self.exporter!r}.", f"Choose one of: {', '.join(EXPORTERS)}.")
+        if self.exporter not in (AUTO, *EXPORTERS):
+            raise UserError(f"Unknown exporter {self.exporter!r}.", f"Choose one of: {', '.join((AUTO, *EXPORTERS))}.")
+
+    def exporters(self) -> tuple[str, ...]:
+        """The exporters to try, in order: "auto" is dynamo then torchscript (torchscript alone below opset
+        18, which dynamo cannot write)."""
+        if self.exporter != AUTO:
+            return (self.exporter,)
+        return ("torchscript",) if self.opset is not None and self.opset < 18 else ("dynamo", "torchscript")
 
 
 def build_bundle(model: str | os.PathLike | GatedModel, out_dir: str | os.PathLike | None = None,
@@ -145,17 +158,18 @@ def build_bundle(model: str | os.PathLike | GatedModel, out_dir: str | os.PathLi
     out = Path(out_dir) if out_dir is not None else Path("engines") / model_path.stem  # type: ignore[union-attr]
     options.check()
     backend_module = get_backend(options.backend)  # refuses a backend whose libraries are missing here
-    _check_destination(out, options.force)
-    check_writable(out)
+    calibration = options.calibration
+    check_output(out, folder=BUNDLE, force=options.force,
+                 reads=(model_path, data_file(calibration.data) if calibration else None,
+                        options.backend_options.get("timing_cache")))
     if model_path is not None and not model_path.is_file():
         raise UserError(f"{model_path}: no such file.",
                         "Give the path of a gated model written by `dgate-export gate`.")
 
     steps = _Steps(progress or (lambda _line: None), INT8_STEPS if options.precision == "int8" else STEPS)
     created_parents = _make_parents(out.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
-        _chmod_like_mkdir(tmp)
         source: Path | GatedModel = model_path if model_path is not None else model  # type: ignore[assignment]
         manifest = _build_into(tmp, steps, source, out.name, options, backend_module)
         steps.run("rename", lambda: replace_dir(tmp, out, options.force), lambda _r: str(out))
@@ -170,25 +184,6 @@ def build_bundle(model: str | os.PathLike | GatedModel, out_dir: str | os.PathLi
     total = sum(steps.timings.values())
     steps.progress(f"built {out} ({manifest.num_gates} gates, {options.backend}, {options.precision}) in {total:.1f} s")
     return out
-
-
-def _check_destination(out: Path, force: bool) -> None:
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise UserError(f"The output {out} exists and is not a directory.", "Choose another -o path.")
-        if not force:
-            raise UserError(f"The output directory {out} already exists.",
-                            "Pass --force to replace it (only after the new build succeeded), or choose "
-                            "another -o path.")
-        # --force replaces bundles only: never delete a directory that merely happens to be in the way.
-        if any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
-            raise UserError(f"{out} is not empty and is not a bundle (it has no {MANIFEST_FILE}); "
-                            "--force only replaces bundles.", "Choose another -o path.")
-
-
-def _chmod_like_mkdir(path: Path) -> None:
-    """mkdtemp makes 0700 directories; the bundle should get the permissions a plain mkdir gives."""
-    os.chmod(path, 0o777 & ~UMASK)
 
 
 def _make_parents(parent: Path) -> list[Path]:
@@ -244,23 +239,46 @@ def _run_steps(tmp: Path, steps: _Steps, source: Path | GatedModel, name: str, o
     flops = steps.run("flops", count_flops, lambda f: f"{len(model.segments)} segments at {model.exits}; FLOPs per "
                       f"segment {f['segments']}, heads {f['heads']}")
 
-    built = _Built()
+    def export_and_check(exporter: str) -> tuple[_Built, list[Path]]:
+        built = _Built()
 
-    def export():
-        for k in range(len(model.segments)):
-            graph = export_segment(model, k, tmp / f"segment{k}.onnx", max_batch=max_batch, opset=opset,
-                                   exporter=exporter)
-            steps.progress(f"        segment{k}.onnx  {graph.seconds:5.2f} s  "
-                           f"in {_names(graph.inputs)} out {_names(graph.outputs)}")
-            built.graphs.append(graph)
-        built.baseline = export_baseline(model, tmp / "baseline.onnx", max_batch=max_batch, opset=opset,
-                                         exporter=exporter)
-        steps.progress(f"        baseline.onnx  {built.baseline.seconds:5.2f} s")
+        def export() -> None:
+            for k in range(len(model.segments)):
+                graph = export_segment(model, k, tmp / f"segment{k}.onnx", max_batch=max_batch, opset=opset,
+                                       exporter=exporter)
+                steps.progress(f"        segment{k}.onnx  {graph.seconds:5.2f} s  "
+                               f"in {_names(graph.inputs)} out {_names(graph.outputs)}")
+                built.graphs.append(graph)
+            built.baseline = export_baseline(model, tmp / "baseline.onnx", max_batch=max_batch, opset=opset,
+                                             exporter=exporter)
+            steps.progress(f"        baseline.onnx  {built.baseline.seconds:5.2f} s")
 
-    steps.run("export", export, lambda _r: f"{len(model.segments) + 1} graphs, {exporter} exporter, "
-              f"opset {built.graphs[0].opset}")
-    paths = [g.path for g in built.graphs] + [built.baseline.path]
-    steps.run("check", lambda: _check_graphs(paths), lambda _r: "onnx.checker passed (full check)")
+        steps.run("export", export, lambda _r: f"{len(model.segments) + 1} graphs, {exporter} exporter, "
+                  f"opset {built.graphs[0].opset}")
+        paths = [g.path for g in built.graphs] + [built.baseline.path]
+        steps.run("check", lambda: _check_graphs(paths), lambda _r: "onnx.checker passed (full check)")
+        return built, paths
+
+    exporters = options.exporters()
+    failures: list[str] = []
+    for attempt, exporter in enumerate(exporters):
+        try:
+            built, paths = export_and_check(exporter)
+            break
+        except UserError as err:
+            at, _, what = err.message.partition(": ")  # "Build failed at step 3/9 (export)", the reason
+            failures.append(f"the {exporter} exporter failed {at.removeprefix('Build failed ')}: {what}")
+            if attempt + 1 == len(exporters):
+                if len(failures) > 1:  # both tried: the hints' "try the other exporter" no longer applies
+                    raise UserError(f"{err.message} Before it, {failures[0]}",
+                                    "Both exporters failed: try another --opset; if an operation of the network has "
+                                    "no ONNX equivalent, replace it or move the gate; --debug shows the traceback.") \
+                        from err
+                raise
+            steps.progress(f"        {failures[-1]}")
+            steps.progress(f"        exporting again with the {exporters[attempt + 1]} exporter (--exporter auto)")
+            for stale in tmp.glob("*.onnx*"):
+                stale.unlink()
 
     # int8: parity checks the float graphs (fp32) before they are quantized; step quantize checks those.
     float_precision = "fp32" if precision == "int8" else precision

@@ -41,9 +41,18 @@ from ..calibrate import (
     save_curve,
 )
 from ..contract import DEFAULT_CONFIDENCE
-from ..data import DEFAULT_VAL_SIZE, Dataset, check_input_shape, load_splits, recorded_split
+from ..data import (
+    DEFAULT_VAL_SIZE,
+    Dataset,
+    SplitTooLarge,
+    check_input_shape,
+    check_labels,
+    data_file,
+    load_splits,
+    recorded_split,
+)
 from ..errors import UserError
-from ..outputs import check_writable
+from ..outputs import check_output, check_rewrite
 from ..profile import load_costs
 from ..render import calibration_plot
 from . import checkpoint
@@ -148,9 +157,7 @@ def gate_backbone(options: GateOptions, progress: Callable[[str], Any] | None = 
 
 def _check(options: GateOptions) -> list[str]:
     """The exits to gate; UserError before any work (the Target checked itself when it was made)."""
-    if Path(options.output).is_dir():
-        raise UserError(f"-o {options.output} is a directory.", "Give the file to write, e.g. -o runs/model.pt.")
-    check_writable(options.output)  # before minutes of training
+    check_saved_outputs(options.output, "-o", reads=(options.weights, data_file(options.data)))  # before training
     info = arch_info(options.arch)
     exits = list(options.exits) if options.exits else list(info.default_exits)
     if not exits:
@@ -205,9 +212,14 @@ def input_channels(backbone: nn.Module) -> int | None:
 def load_data(options: GateOptions, channels: int | None) -> dict[str, Dataset]:
     """The three splits of options.data; with repeat_channels, 1-channel data repeated to `channels`.
     Every split must have the backbone's channel count (when it has a convolution to tell)."""
-    splits = load_splits(options.data, data_dir=options.data_dir,
-                         channels=channels if options.repeat_channels else None,
-                         val_size=options.val_size, seed=options.seed)
+    try:
+        splits = load_splits(options.data, data_dir=options.data_dir,
+                             channels=channels if options.repeat_channels else None,
+                             val_size=options.val_size, seed=options.seed)
+    except SplitTooLarge as err:
+        if err.rows < 2:
+            raise
+        raise UserError(err.message, f"Choose --val-size between 1 and {err.rows - 1}.") from err
     if channels is not None:
         for ds in splits.values():
             check_input_shape(ds.x, (channels, *ds.x.shape[2:]), where=f"data set {options.data!r} ({ds.split})")
@@ -305,7 +317,8 @@ def calibrate_checkpoint(model_path: str | os.PathLike, data: str, *, target: Ta
     it records, without retraining; written to `output` (default: MODEL itself). `cost_path` (a
     `dgate-export profile`) minimizes measured time instead of FLOPs. `warn` gets a line when `data` is
     not what the model was gated on."""
-    check_writable(output or model_path, "-o" if output else "MODEL")
+    check_saved_outputs(output or model_path, "-o" if output else "MODEL", in_place=output is None,
+                        reads=(None if output is None else model_path, cost_path, data_file(data)))
     if cost_batch is not None and not cost_path:
         raise UserError("--cost-batch chooses a batch size of a --cost profile.", "Add --cost profile.json.")
     model = checkpoint.load(model_path)
@@ -324,6 +337,7 @@ def calibrate_checkpoint(model_path: str | os.PathLike, data: str, *, target: Ta
     splits = load_splits(data, data_dir=data_dir, channels=channels, val_size=val_size, seed=seed)
     for ds in splits.values():
         check_input_shape(ds.x, list(model.input_shape), where=f"data set {data!r} ({ds.split})")
+        check_labels(ds.y, model.num_classes, where=f"The labels of {data!r} ({ds.split})")
     done = calibrate_model(model, splits, confidence=confidence or model.confidence, target=target, seed=seed,
                            progress_bars=progress_bars, time_cost=time_cost)
     files = save_gated(model, output or model_path, done.calibration, done.test)
@@ -333,11 +347,28 @@ def calibrate_checkpoint(model_path: str | os.PathLike, data: str, *, target: Ta
 # ------------------------------------------------------------------------------------------- 8. save
 
 
+def curve_paths(output: str | os.PathLike) -> tuple[Path, Path]:
+    """The accuracy-vs-cost curve files written beside a gated model (JSON, PNG)."""
+    return Path(output).with_suffix(".curve.json"), Path(output).with_suffix(".curve.png")
+
+
+def check_saved_outputs(output: str | os.PathLike, flag: str, *, reads: Sequence[Any] = (),
+                        in_place: bool = False) -> None:
+    """What save_gated writes (the model and its curve files), refused before any work when it must not or
+    cannot be written (outputs.check_output); `in_place`: the model rewrites the file it was read from."""
+    if in_place:
+        check_rewrite(output, flag)
+    else:
+        check_output(output, flag=flag, reads=reads)
+    for path in curve_paths(output):
+        check_output(path, flag="the curve file", reads=reads)
+
+
 def save_gated(model: GatedModel, output: str | os.PathLike, result: Calibration,
                test: Evaluation | None) -> SavedModel:
     """model.pt, then its accuracy-vs-cost curve beside it (model.curve.json, model.curve.png)."""
     path = checkpoint.save(model, output)
-    curve_json, curve_png = Path(path).with_suffix(".curve.json"), Path(path).with_suffix(".curve.png")
+    curve_json, curve_png = curve_paths(path)
     save_curve(result, curve_json, test=test)
     calibration_plot(result, curve_png, test=test)
     return SavedModel(Path(path), curve_json, curve_png)

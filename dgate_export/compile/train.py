@@ -20,6 +20,17 @@ from ..errors import UserError
 from .threads import torch_threads
 
 LOSSES = ("ce", "hinge")
+# Gate heads train for at least MIN_GATE_STEPS optimizer steps, whatever the epochs: on small data an epoch
+# is a step or two (192 rows at batch 256: one), and after --epochs 1 the heads stayed at chance where a
+# linear probe on the same features reached 45-72%. Adam moves each weight about `lr` a step, so what the
+# heads need is steps, not passes over the data; where the minimum sets the length (few rows, nearly
+# exact gradients) the peak rate is SHORT_LR. Measured on 192 Fashion-MNIST rows (tests/test_train.py's
+# tiny CNN; held-out accuracy of its 3 linear gates, a linear probe fitted to convergence: 45/64/72%):
+# 300 steps at 1e-2 23/51/69%, 2000 at 1e-2 42/63/72%, 3000 at 1e-2 45/63/73% (14 s), 1000 at 5e-2
+# 48/64/73% (4 s); mlp and grid heads alike. Large data is not affected: Fashion-MNIST's 10 default
+# epochs are 2110 steps at 1e-2, as before.
+MIN_GATE_STEPS = 1000
+GATE_LR, SHORT_LR = 1e-2, 5e-2
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator | None, drop_single: bool = False):
@@ -107,12 +118,14 @@ def cache_gate_features(gated, data: Dataset, *, batch_size: int = 256, progress
 
 
 def train_gates(gated, train_data: Dataset, *, epochs: int = 10, loss: str = "ce", batch_size: int = 256,
-                lr: float = 1e-2, weight_decay: float = 1e-4, seed: int = 0, progress: bool = True,
-                feature_batch_size: int = 256) -> list[float]:
+                lr: float | None = None, weight_decay: float = 1e-4, seed: int = 0, progress: bool = True,
+                feature_batch_size: int = 256, min_steps: int = MIN_GATE_STEPS) -> list[float]:
     """Train every gate head's `classify` on cached pooled features; the backbone stays frozen.
 
     `loss`: "ce" (cross-entropy) or "hinge" (multi-class hinge, torch.nn.MultiMarginLoss). Adam with a
-    cosine schedule over minibatches of the cached features. Returns each gate's training accuracy.
+    cosine schedule over minibatches of the cached features, for `epochs` epochs, or as many more as make
+    `min_steps` optimizer steps (small data: the peak rate is then SHORT_LR unless `lr` is given; else
+    GATE_LR). Returns each gate's training accuracy.
     """
     if loss not in LOSSES:
         raise UserError(f"Unknown gate loss {loss!r}.", f"Choose one of: {', '.join(LOSSES)}.")
@@ -126,13 +139,17 @@ def train_gates(gated, train_data: Dataset, *, epochs: int = 10, loss: str = "ce
     y = torch.from_numpy(train_data.y)
     loss_fn: nn.Module = nn.CrossEntropyLoss() if loss == "ce" else nn.MultiMarginLoss()
     steps = math.ceil(len(train_data) / batch_size)
+    if epochs * steps < min_steps:  # small data: optimizer steps, not epochs, set the length
+        epochs, rate = math.ceil(min_steps / max(steps, 1)), SHORT_LR if lr is None else lr
+    else:
+        rate = GATE_LR if lr is None else lr
     accuracies = []
     # Heads are tiny (a few thousand weights): threads only add synchronisation, which on a busy
     # machine costs more than the arithmetic.
     with torch_threads(1):
         for k, head in enumerate(gated.heads):
             accuracies.append(_train_head(head, pooled[k], y, f"gate {k} ({gated.exits[k]})", epochs=epochs,
-                                          steps=steps, loss_fn=loss_fn, batch_size=batch_size, lr=lr,
+                                          steps=steps, loss_fn=loss_fn, batch_size=batch_size, lr=rate,
                                           weight_decay=weight_decay, seed=seed + k, progress=progress))
     return accuracies
 

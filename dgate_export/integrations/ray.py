@@ -32,8 +32,11 @@ called (`pip install 'dgate-export[ray]'`).
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import math
 import os
+import socket
 import sys
 import warnings
 from collections import Counter
@@ -47,9 +50,55 @@ import numpy as np
 from ..errors import UserError
 from ..runtime import GatedRuntime
 
-INSTALL_HINT = "Install the Ray extra: `pip install 'dgate-export[ray]'` (ray[data] and pyarrow)."
+INSTALL_HINT = "Install the Ray extra: `pip install 'dgate-export[ray]'` (ray[data,client] and pyarrow)."
 IMAGE = "image"  # the input column's default name
 DEFAULT_MAX_RETRIES = 3  # restarts of an actor, and retries of a batch, before the job fails
+
+
+CONNECT_TIMEOUT_S = 10.0  # for something to answer at a cluster's address
+
+
+def check_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse (UserError) a cluster address where nothing answers within `timeout` seconds, before Ray
+    tries: for HOST:PORT, Ray's own reconnect loop goes on for many minutes without a word. `ray://`
+    addresses (Ray Client) also need the client's gRPC library. "local", "auto" and other schemes are Ray's
+    to resolve."""
+    client = address.startswith("ray://")
+    if address in ("local", "auto") or ("://" in address and not client):
+        return
+    rest = address[len("ray://"):] if client else address
+    host, sep, port_text = rest.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise UserError(f"--ray {address!r} is not a cluster address.",
+                        "Give ray://HOST:10001 (Ray Client), HOST:6379 (on a cluster node), auto, or nothing "
+                        "(a local instance).")
+    if client and importlib.util.find_spec("grpc") is None:
+        raise UserError("A ray:// address needs Ray Client (the grpcio package), which is not installed here.",
+                        INSTALL_HINT)
+    try:
+        socket.create_connection((host.strip("[]"), int(port_text)), timeout=timeout).close()
+    except OSError as err:
+        reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+        raise UserError(f"Nothing answers at {address} ({reason}, {timeout:g} s allowed): no Ray cluster listens "
+                        "there.", "Check the host and port (ray://HOST:10001 for Ray Client, HOST:6379 from a "
+                        "cluster node), that the cluster is up, or drop the address to start a local instance.") from err
+
+
+@contextlib.contextmanager
+def bounded_connect(address: str) -> Iterator[None]:
+    """Joining a cluster at `address`, Ray tries once instead of its default dozens of times (each waits
+    about 30 s for the cluster's GCS), unless the user set RAY_gcs_server_port_wait_time_s: something that
+    answers at the address but is not Ray fails ray.init in about 40 s instead of many minutes. Not for
+    "local": starting an instance, the same variable bounds the wait for its new GCS to come up."""
+    key = "RAY_gcs_server_port_wait_time_s"
+    if key in os.environ or address == "local":
+        yield
+        return
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
 
 
 def require_ray() -> Any:

@@ -3,6 +3,7 @@
 Layout (NAME is the bundle's name, or --name):
 
     REPO/README.md                    how to serve it
+    REPO/dgate-repository.json        the marker: what wrote it (`triton --force` replaces only such a folder)
     REPO/NAME/config.pbtxt            the gate model: Python backend, business logic scripting (BLS)
     REPO/NAME/1/model.py              -> runs GatedRuntime's loop with the segment models as runners
     REPO/NAME/1/manifest.json, gate.json, dgate_export/ (the torch-free runtime modules it imports)
@@ -32,15 +33,15 @@ import ast
 import json
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..contract import INDEX, INPUT
 from ..errors import UserError
-from ..files import replace_dir
+from ..files import replace_dir, temp_dir_beside
 from ..manifest import CARRY_IN_PREFIX, Manifest, TensorSpec, verify_bundle
+from ..outputs import REPOSITORY, REPOSITORY_FORMAT, check_output
 
 PLATFORMS = ("auto", "onnxruntime", "tensorrt", "python")
 KINDS = ("cpu", "gpu")
@@ -85,6 +86,7 @@ def write_repository(bundle: str | Path, out: str | Path, *, platform: str = "au
     requests with the same thresholds share one chain of segment calls; a request is then at most
     max_batch rows, and the [N] outputs are declared dims [1] with reshape [] (docs/serving.md).
     """
+    out = check_output(out, folder=REPOSITORY, force=force, reads=(bundle,))  # before any work
     manifest = verify_bundle(bundle)
     if platform not in PLATFORMS:
         raise UserError(f"Unknown platform {platform!r}.", f"Choose one of: {', '.join(PLATFORMS)}.")
@@ -110,17 +112,16 @@ def write_repository(bundle: str | Path, out: str | Path, *, platform: str = "au
                         "Give one with --name (letters, digits, '_', '.', '-').")
     if platform != "python":
         _onnx(f"--platform {platform}")  # before anything is written
-    out = Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists.", "Choose another -o, or add --force to replace it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         writer = _Writer(manifest, tmp, platform, kind, max_queue_delay_us, segment_instances, threads,
                          gate_batching)
         models = writer.write_all(name, instances, unbatched)
         shutil.rmtree(tmp / ".graphs", ignore_errors=True)  # the gather-free graphs, copied into their models
         (tmp / "README.md").write_text(_readme(manifest, name, platform, kind, models, out.name), encoding="utf-8")
+        # the marker that lets --force recognise this folder as a repository (outputs.REPOSITORY)
+        _write(tmp / REPOSITORY.marker, json.dumps({"format": REPOSITORY_FORMAT, "bundle": manifest.name,
+                                                    "platform": platform, "models": models}, indent=2) + "\n")
         replace_dir(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

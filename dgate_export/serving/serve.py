@@ -55,6 +55,7 @@ from ..drift import (
 )
 from ..errors import UserError
 from ..manifest import Manifest, load_manifest
+from ..outputs import REPOSITORY, check_output
 from .repository import PROBE_PARAMETER, RepositoryInfo, write_repository
 from .server import ServerInstall, TritonServer, check_port, describe_exit, find_server, free_port
 
@@ -85,9 +86,8 @@ def serve_bundle(bundle: str | Path, *, port: int = 8000, grpc_port: int = 8001,
     gate_batching)."""
     settings = settings or Settings()
     _check(settings, port, grpc_port, metrics_port)
-    if repo is not None and Path(repo).exists():
-        raise UserError(f"--repo {repo} already exists; serve writes a fresh repository there.",
-                        "Choose another --repo, remove it, or leave --repo out (a temporary folder is used).")
+    if repo is not None:  # serve writes a fresh repository there, never over an existing folder
+        check_output(repo, flag="--repo", folder=REPOSITORY, reads=(bundle,))
     if log_file is not None and not Path(log_file).parent.is_dir():
         raise UserError(f"--log-file {log_file}: the folder {Path(log_file).parent} does not exist.", "Create it first.")
     install = find_server(triton_env)  # first: no repository is written for a server that is not there

@@ -355,9 +355,14 @@ class TritonServer:
             status = self.exited()
             if status is not None:
                 self.kill()
+                tail = self.log_tail()
+                hint = "Fix what the log says"
+                if "failed to load" in tail:
+                    hint += " (a model that failed to load is named there)"
+                elif "already in use" in tail.lower() or "failed to start" in tail.lower():
+                    hint += f" (a port it listens on, {self.http_port} or {self.grpc_port}, may be taken)"
                 raise UserError(f"tritonserver {describe_exit(status)} before it was ready. Its log "
-                                f"({self.log_path}) ends:",
-                                detail=self.log_tail())
+                                f"({self.log_path}) ends:", hint + ".", detail=tail)
             if should_stop is not None and should_stop():
                 return
             if self.ready():
