@@ -468,7 +468,7 @@ def score_cmd(bundle, data, data_dir, repeat_channels, split, limit, output, ray
 @click.option("--model", default=None, help="--metrics: the gate model's name [default: the bundle's].")
 @click.option("--scores", default=None, type=click.Path(dir_okay=False),
               help="A `dgate-export score` output (.parquet or .csv) made with the bundle's thresholds.")
-@click.option("--alpha", default=0.001, show_default=True, type=float,
+@click.option("--alpha", default=0.001, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="False-alarm probability: the test raises the alarm when p < alpha.")
 @click.option("--record", "record_data", default=None, metavar="DATA",
               help="Instead: record BUNDLE's exit mix on the validation split it records of DATA (fashion-mnist, "

@@ -93,9 +93,13 @@ def record_reference(bundle: str | Path, data: str, *, data_dir: str | Path | No
     (the rows its thresholds were chosen on), written into its manifest as `exit_reference` (only that
     field changes; the artifacts and their hashes stay)."""
     from .data import check_input_shape, load_dataset, recorded_split
-    from .manifest import write_manifest
+    from .files import sha256_file
+    from .manifest import MANIFEST_FILE, write_manifest
+    from .outputs import check_rewrite
     from .runtime import GatedRuntime
 
+    manifest_path = check_rewrite(Path(bundle) / MANIFEST_FILE, "--record")  # before any data is loaded
+    read = sha256_file(manifest_path)  # a rewrite by another process meanwhile is refused, not lost
     rt = GatedRuntime.load(bundle)  # verifies every file first
     try:
         manifest = rt.manifest
@@ -111,7 +115,7 @@ def record_reference(bundle: str | Path, data: str, *, data_dir: str | Path | No
     fractions = np.bincount(exits, minlength=manifest.num_gates + 1) / len(exits)
     manifest.exit_reference = reference_record(fractions, len(exits), manifest.thresholds, by="drift --record",
                                                on=f"validation split of {data} ({len(exits)} rows, seed {seed})")
-    write_manifest(bundle, manifest)
+    write_manifest(bundle, manifest, expect_sha256=read)
     return reference_of(manifest)
 
 

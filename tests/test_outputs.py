@@ -108,6 +108,7 @@ RECIPES: dict[str, list[list[str]]] = {
     "score": [["{bundle}", "--data", "npz:{missing}.npz", "-o", "{out}.parquet"]],
     "triton": [["{bundle}", "-o", "{out}", "--platform", "python"]],
     "serve": [["{bundle}", "--repo", "{out}"]],
+    "drift": [["{ro_bundle}", "--record", "npz:{missing}.npz"]],  # --record rewrites the bundle's manifest
 }
 WRITES_NOTHING = {"inspect"}  # commands without an output
 
