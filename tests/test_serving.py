@@ -586,8 +586,17 @@ def test_serve_metrics_endpoint_and_the_drift_alarm(tiny, tmp_path):
         assert errors == {}
         alarm = serve.wait_line("drift: window 1: DRIFT", timeout=60)
         assert alarm
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-            text = r.read().decode()
+        # The gate model's counters reach the endpoint every 0.25 s (a background flush), the last requests'
+        # a moment after their answers: wait until all 400 samples are counted.
+        deadline = time.monotonic() + 30
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+                text = r.read().decode()
+            counted = sum(_metric_values(text, "dgate_exit_samples_total", model="tiny", thresholds="bundle").values())
+            if counted >= 400 or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+        assert counted == 400
         assert "nv_inference_count" in text and "dgate_exit_samples_total" in text  # Triton's and the model's
         assert 'dgate_drift_alarm{model="tiny"} 1' in text and "dgate_serve_ready 1" in text
         assert 'dgate_drift_windows_total{model="tiny"} ' in text and "dgate_serve_restarts_total 0" in text
