@@ -240,7 +240,10 @@ def test_calibrate_engine_rewrites_only_the_thresholds(bundle, tmp_path):
     for seg in changed["segments"]:
         if seg["gate"]:
             seg["gate"]["threshold"] = before["segments"][seg["index"]]["gate"]["threshold"]
-    assert {k: v for k, v in changed.items() if k != "calibration"} == before  # nothing else moved
+    # nothing else moved; the drift reference is rewritten for the new thresholds
+    assert {k: v for k, v in changed.items() if k not in ("calibration", "exit_reference")} == before
+    assert after.exit_reference["by"] == "calibrate --engine" and after.exit_reference["rows"] == 600
+    assert after.exit_reference["thresholds"] == pytest.approx(after.thresholds)
     shown = " ".join(CliRunner().invoke(main, ["inspect", str(bundle)]).output.split())
     assert "thresholds fitted to this bundle's confidences" in shown and "expected FLOPs are at most 0.6" in shown
     # the thresholds are calibrate's choice on the runtime's own confidences, and keep the budget when run
