@@ -355,7 +355,7 @@ def _manifest(model, built: _Built, engines: list[dict], backend_info: dict, *, 
     for k, graph in enumerate(built.graphs):
         gate = None
         if k < model.num_gates:
-            gate = Gate(exit=model.exits[k], threshold=float(model.thresholds[k]), head=model.head_spec["name"],
+            gate = Gate(exit=model.exits[k], threshold=float(model.thresholds[k]), head=model.head_specs[k]["name"],
                         head_flops=int(flops["heads"][k]))
         segments.append(Segment(index=k, file=graph.path.name, sha256=sha256_file(graph.path), engine=engines[k],
                                 inputs=_tensors(graph.inputs), outputs=_tensors(graph.outputs),
