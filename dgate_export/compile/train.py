@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import Dataset
+from ..data import Dataset, Rows
 from ..errors import UserError
 from .threads import torch_threads
 
@@ -88,25 +88,33 @@ def train_backbone(backbone: nn.Module, train_data: Dataset, *, epochs: int, bat
 
 
 @torch.no_grad()
-def cache_gate_features(gated, data: Dataset, *, batch_size: int = 256, progress: bool = True) -> list[torch.Tensor]:
-    """Pooled features at every gate [N, C_k], in data order.
+def cache_gate_features(gated, data: Rows, *, batch_size: int = 256, progress: bool = True,
+                        labels: list[np.ndarray] | None = None) -> list[torch.Tensor]:
+    """Pooled features at every gate [N, C_k], in data order, read in one pass (`labels`, when given,
+    gets each batch's labels).
 
     Runs segments 0..K-1 only: the last segment (often a third of the FLOPs) feeds no gate.
     """
     gated.eval()
-    x = torch.from_numpy(data.x)
     pooled: list[list[torch.Tensor]] = [[] for _ in range(gated.num_gates)]
-    steps = math.ceil(len(data) / batch_size)
-    for rows in tqdm(_batches(len(data), batch_size, None), total=steps, disable=not progress,
-                     desc="caching gate features", unit="batch"):
-        carries: tuple[torch.Tensor, ...] = (x[rows],)
+    for xb, yb in tqdm(data.batches(batch_size), disable=not progress, desc="caching gate features", unit="batch"):
+        carries: tuple[torch.Tensor, ...] = (torch.from_numpy(xb),)
         for k in range(gated.num_gates):
             carries = gated.segments[k](*carries)
             pooled[k].append(gated.heads[k].pool(carries[0]))
+        if labels is not None:
+            labels.append(_labelled(yb))
     return [torch.cat(p) for p in pooled]
 
 
-def train_gates(gated, train_data: Dataset, *, epochs: int = 10, loss: str = "ce", batch_size: int = 256,
+def _labelled(y: np.ndarray | None) -> np.ndarray:
+    if y is None:
+        raise UserError("The data has no labels; training and calibrating gates needs labelled rows.",
+                        "Give (image, label) rows.")
+    return y
+
+
+def train_gates(gated, train_data: Rows, *, epochs: int = 10, loss: str = "ce", batch_size: int = 256,
                 lr: float = 1e-2, weight_decay: float = 1e-4, seed: int = 0, progress: bool = True,
                 feature_batch_size: int = 256) -> list[float]:
     """Train every gate head's `classify` on cached pooled features; the backbone stays frozen.
@@ -122,10 +130,11 @@ def train_gates(gated, train_data: Dataset, *, epochs: int = 10, loss: str = "ce
     gated.eval()
     for p in gated.parameters():
         p.requires_grad_(False)
-    pooled = cache_gate_features(gated, train_data, batch_size=feature_batch_size, progress=progress)
-    y = torch.from_numpy(train_data.y)
+    parts: list[np.ndarray] = []
+    pooled = cache_gate_features(gated, train_data, batch_size=feature_batch_size, progress=progress, labels=parts)
+    y = torch.from_numpy(np.concatenate(parts))
     loss_fn: nn.Module = nn.CrossEntropyLoss() if loss == "ce" else nn.MultiMarginLoss()
-    steps = math.ceil(len(train_data) / batch_size)
+    steps = math.ceil(len(y) / batch_size)
     accuracies = []
     # Heads are tiny (a few thousand weights): threads only add synchronisation, which on a busy
     # machine costs more than the arithmetic.
@@ -163,15 +172,15 @@ def _train_head(head, feats: torch.Tensor, y: torch.Tensor, desc: str, *, epochs
 
 
 @torch.no_grad()
-def collect_exit_logits(gated, data: Dataset, batch_size: int = 256,
+def collect_exit_logits(gated, data: Rows, batch_size: int = 256,
                         progress: bool = True) -> tuple[list[np.ndarray], np.ndarray]:
-    """Every exit's logits on `data` (K gates, then the backbone's own classifier) and the labels."""
+    """Every exit's logits on `data` (K gates, then the backbone's own classifier) and the labels, in one pass."""
     gated.eval()
-    x = torch.from_numpy(data.x)
     parts: list[list[np.ndarray]] = [[] for _ in range(gated.num_gates + 1)]
-    steps = math.ceil(len(data) / batch_size)
-    for rows in tqdm(_batches(len(data), batch_size, None), total=steps, disable=not progress,
-                     desc=f"exit logits ({data.split or 'data'})", unit="batch"):
-        for k, logits in enumerate(gated(x[rows])):
+    labels = []
+    for xb, yb in tqdm(data.batches(batch_size), disable=not progress,
+                       desc=f"exit logits ({getattr(data, 'split', '') or 'data'})", unit="batch"):
+        for k, logits in enumerate(gated(torch.from_numpy(xb))):
             parts[k].append(logits.float().numpy())
-    return [np.concatenate(p) for p in parts], data.y.copy()
+        labels.append(_labelled(yb))
+    return [np.concatenate(p) for p in parts], np.concatenate(labels)
