@@ -472,9 +472,10 @@ def _wrote(files) -> None:
 @click.option("--epochs", default=10, show_default=True, help="Gate training epochs (on cached features).")
 @click.option("--backbone-epochs", default=2, show_default=True, help="Backbone epochs when there are no --weights.")
 @click.option("--batch-size", default=128, show_default=True, help="Backbone training batch size.")
-@click.option("--head", default="linear", show_default=True, type=click.Choice(["linear", "mlp", "grid"]),
-              help="Gate head: global pooling + linear (the paper's), + one hidden layer, or grid pooling "
-                   "(4x4 cells) + one hidden layer.")
+@click.option("--head", default="linear", show_default=True,
+              help="Gate head: linear (global pooling + linear, the paper's), mlp (+ one hidden layer), grid (grid "
+                   "pooling, 4x4 cells, + one hidden layer), or a head registered with register_head in an "
+                   "--import module.")
 @click.option("--feature-layout", default="auto", show_default=True, metavar="LAYOUT[,LAYOUT...]",
               help="Layout of the exits' outputs, one for all or one per exit: auto (detected from the exit's "
                    "modules), nchw (channels first), nhwc (channels last, e.g. Swin), tokens-cls ([N, tokens, "
