@@ -124,6 +124,20 @@ def test_pool_split_of_a_sequential_head_is_cached_not_the_exit_output(splits, t
     assert trained.cache_bytes_per_row == 4 * (8 * 4 + 16 * 4)
 
 
+def test_a_head_whose_pooling_indexes_exports_a_valid_graph(trained_net, tmp_path):
+    """AdaptiveAvgPool2d(2) on block1's 7x7 output has uneven bins: the dynamo exporter decomposes it into
+    an aten.index whose value it names "index", the name of segment 1's input; the graph must stay valid."""
+    import onnx
+
+    from dgate_export.compile.export import export_segment
+
+    head = lambda shape, n: nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(shape[0] * 4, n))
+    gated = attach_gates(trained_net, ["stem", "block1"], head=head, input_shape=(1, 28, 28))
+    graph = export_segment(gated, 1, tmp_path / "segment1.onnx", max_batch=8)
+    onnx.checker.check_model(str(graph.path), full_check=True)
+    assert [t["name"] for t in graph.inputs] == ["prev_carry_0", "index"]
+
+
 def test_heads_given_by_name_and_factory(trained_net):
     gated = attach_gates(trained_net, ["stem", "block1"], head="grid", head_kwargs={"hidden": 8},
                          input_shape=(1, 28, 28))
