@@ -3,6 +3,10 @@ custom head modules, trained from torch data, calibrated, built from memory, run
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,8 +14,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dgate_export.compile import (
+    BenchOptions,
     Target,
     attach_gates,
+    bench_bundle,
     build_bundle,
     calibrate_gates,
     load_model,
@@ -112,6 +118,21 @@ def test_own_model_and_heads_end_to_end(splits, trained_net, tmp_path):
     assert np.array_equal(res.exits, ref.exits.numpy())
     assert set(np.unique(res.exits)) == {0, 1, 2}, "every exit taken: the check covers each head"
     np.testing.assert_allclose(res.logits, ref.logits.numpy(), rtol=1e-3, atol=1e-4)
+
+    # Self-contained: a fresh process with torch made unimportable (so neither MyNet nor any registry) runs it.
+    np.save(tmp_path / "x.npy", val.x)
+    code = ("import sys; sys.modules['torch'] = None; import numpy as np; "
+            "from dgate_export.runtime import GatedRuntime; "
+            f"r = GatedRuntime.load({str(bundle)!r}).run(np.load({str(tmp_path / 'x.npy')!r})); "
+            f"np.save({str(tmp_path / 'exits.npy')!r}, r.exits)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    assert np.array_equal(np.load(tmp_path / "exits.npy"), res.exits)
+
+    # bench_bundle: the report's gated accuracy is the runtime's on the same rows.
+    report = bench_bundle(bundle, Images(test), options=BenchOptions(batch_sizes=(1, 8), warmup_ms=5, min_iterations=2,
+                                                                     min_seconds=0.05), progress=False)
+    assert report["data"]["samples"] == len(test) and [e["batch_size"] for e in report["speed"]] == [1, 8]
+    assert report["accuracy"]["gated"] == pytest.approx(float((rt.run(test.x).predictions == test.y).mean()))
     rt.close()
 
 
@@ -136,6 +157,16 @@ def test_a_head_whose_pooling_indexes_exports_a_valid_graph(trained_net, tmp_pat
     graph = export_segment(gated, 1, tmp_path / "segment1.onnx", max_batch=8)
     onnx.checker.check_model(str(graph.path), full_check=True)
     assert [t["name"] for t in graph.inputs] == ["prev_carry_0", "index"]
+
+
+def test_gates_train_from_a_generator_of_batches_read_once(splits, trained_net):
+    train = splits[0]
+    gated = attach_gates(trained_net, ["stem", "block1"], head="linear", input_shape=(1, 28, 28))
+    batches = ((torch.from_numpy(train.x[i:i + 100]), torch.from_numpy(train.y[i:i + 100])) for i in range(0, 600, 100))
+    trained = train_gates(gated, batches, epochs=2, progress=False)
+    assert trained.rows == 600 and len(trained.accuracy) == 2
+    with pytest.raises(UserError, match=r"gave no batches \(an iterator that was read before gives none\)"):
+        calibrate_gates(gated, batches, progress=False)  # the validation rows must be other rows anyway
 
 
 def test_heads_given_by_name_and_factory(trained_net):

@@ -81,7 +81,7 @@ def attach_gates(backbone: nn.Module, exits: Sequence[str] | None = None, *, hea
         num_classes=num_classes if num_classes is not None else (len(names) if names else None),
         input_shape=tuple(int(d) for d in input_shape), head=head, head_kwargs=head_kwargs,
         confidence=confidence, class_names=names,
-        normalization=normalization if normalization is not None else (rows.normalization if rows else None),
+        normalization=normalization if normalization is not None else (rows.normalization if rows is not None else None),
         feature_layout=feature_layout if isinstance(feature_layout, str) else list(feature_layout),
         data_split=data_split)
 

@@ -275,9 +275,14 @@ class IterableRows:
                 pass
         return self._labels
 
+    def _empty(self) -> UserError:
+        return UserError(f"{self.what} is empty: it gave no batches"
+                         + (" (an iterator that was read before gives none)." if self.one_shot else "."),
+                         "Give data with rows; a DataLoader or a list of batches can be read again.")
+
     def _convert(self, batch: Any) -> tuple[np.ndarray, np.ndarray | None]:
         if batch is None:
-            raise UserError(f"{self.what} is empty: it gave no batches.", "Give data with rows.")
+            raise self._empty()
         x, y = _split_item(batch, f"A batch of {self.what}")
         if not _is_array(x):
             raise UserError(f"A batch of {self.what} holds a {type(x).__name__} of images, not a tensor.",
@@ -313,7 +318,7 @@ class IterableRows:
             for start in range(0, len(x), batch_size):
                 yield x[start:start + batch_size], None if y is None else y[start:start + batch_size]
         if count == 0:
-            raise UserError(f"{self.what} is empty: it gave no batches.", "Give data with rows.")
+            raise self._empty()
         self._rows = count
         self._unlabelled = unlabelled
         self._labels = None if unlabelled else np.concatenate(labels)
