@@ -40,9 +40,9 @@ class SmallNet(nn.Module):
         super().__init__()
         def block(cin: int, cout: int, stride: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-        self.block1 = block(1, 16, 1)    # 28x28
-        self.block2 = block(16, 32, 2)   # 14x14
-        self.block3 = nn.Sequential(block(32, 64, 2), block(64, 64, 1))  # 7x7
+        self.block1 = block(1, 16, 2)    # 14x14
+        self.block2 = block(16, 32, 2)   # 7x7
+        self.block3 = nn.Sequential(block(32, 64, 1), block(64, 64, 1))
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes))
 
     def forward(self, x):
@@ -75,7 +75,7 @@ def tensors(ds) -> TensorDataset:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--out", default="runs/python_api", help="folder for model.pt and the bundle")
-    parser.add_argument("--train-rows", type=int, default=20000, help="rows that train the backbone")
+    parser.add_argument("--train-rows", type=int, default=30000, help="rows that train the backbone")
     args = parser.parse_args()
     out = Path(args.out)
     torch.manual_seed(0)
@@ -88,7 +88,7 @@ def main() -> None:
 
     # Your model, trained in your own code (one quick epoch here).
     net = SmallNet()
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     net.train()
     for x, y in DataLoader(tensors(train.subset(args.train_rows)), batch_size=128, shuffle=True):
         opt.zero_grad()
@@ -101,11 +101,11 @@ def main() -> None:
     gated = attach_gates(net, ["block1", "block2"], head=[ExitHead(16), ExitHead(32)], input_shape=(1, 28, 28),
                          class_names=train.class_names, normalization=train.normalization)
     # 2. Train them, backbone frozen: one pass over the DataLoader caches the pooled features.
-    trained = train_gates(gated, DataLoader(tensors(train), batch_size=256, shuffle=True), epochs=5)
+    trained = train_gates(gated, DataLoader(tensors(train), batch_size=256, shuffle=True), epochs=5, progress=False)
     print(f"gate training accuracy {[round(a, 3) for a in trained.accuracy]} "
           f"(feature cache: {trained.cache_bytes_per_row} bytes a row)")
     # 3. Thresholds on the validation rows: a drop of at most 1 point on new data, with probability >= 90%.
-    done = calibrate_gates(gated, tensors(val), test=tensors(test), target=Target(max_drop=0.01))
+    done = calibrate_gates(gated, tensors(val), test=tensors(test), target=Target(max_drop=0.01), progress=False)
     assert done.test is not None
     print(done.calibration.promise())
     print(f"test: {done.test.accuracy:.2%} gated vs {done.test.accuracy_ungated:.2%} un-gated, "
