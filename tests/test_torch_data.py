@@ -54,12 +54,16 @@ def test_torch_dataset_has_random_access():
     assert np.array_equal(rows.labels(), data.y.numpy())
 
 
-def test_torch_dataset_labels_from_targets_without_reading_images():
+def test_torch_dataset_labels_from_targets_or_a_pass_without_reading_images_again():
     data = Items()
     data.targets = data.y.tolist()
     rows = as_rows(data)
     reads = data.reads
     assert np.array_equal(rows.labels(), data.y.numpy()) and data.reads == reads
+    plain = Items()
+    rows = as_rows(plain)
+    _all(rows)  # a pass over every row in order, as gate training's feature cache reads
+    assert plain.reads == N and np.array_equal(rows.labels(), plain.y.numpy()) and plain.reads == N
 
 
 def test_torch_dataset_read_in_worker_processes():
@@ -98,7 +102,7 @@ def test_one_shot_iterator_reads_once():
     x, y = _xy()
     rows = as_rows((x[i:i + 3], y[i:i + 3]) for i in range(0, N, 3))
     assert rows.sample_shape == (1, 2, 2)  # peeks at the first batch, which the pass still gives
-    with pytest.raises(UserError, match="not known before it is read"):
+    with pytest.raises(TypeError, match="not known before it is read"):
         len(rows)
     with pytest.raises(UserError, match="labels of a one-pass iterator"):
         rows.labels()

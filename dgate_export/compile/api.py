@@ -28,9 +28,11 @@ from torch import nn
 from ..bench import BenchOptions, run_bench
 from ..calibrate import Calibration, Evaluation, Target, calibrate, evaluate, holdout_rows, save_curve
 from ..contract import DEFAULT_CONFIDENCE
-from ..data import Rows, check_input_shape, load_dataset, recorded_split
+from ..data import Rows, check_input_shape, open_for_model, open_rows, recorded_split
 from ..errors import UserError
+from ..manifest import load_manifest
 from ..profile import load_costs
+from ..recalibrate import rows_for_bundle
 from ..render import calibration_plot
 from . import checkpoint
 from .model import GatedModel
@@ -60,7 +62,7 @@ def attach_gates(backbone: nn.Module, exits: Sequence[str] | None = None, *, hea
         under, else the class name; loading the checkpoint needs it registered, `register_arch`).
     Returns the GatedModel (thresholds off: every sample runs the whole network until calibrated).
     """
-    rows = _rows_for_shape(data) if data is not None else None
+    rows = _rows_for_shape(data, input_shape) if data is not None else None
     if input_shape is None:
         if rows is None:
             raise UserError("attach_gates needs the input shape: give input_shape=(C, H, W) or data=... to read "
@@ -76,7 +78,7 @@ def attach_gates(backbone: nn.Module, exits: Sequence[str] | None = None, *, hea
             raise UserError(f"No exits given, and {name!r} has no default exits.",
                             "Name the modules to gate after: attach_gates(model, ['layer1', 'layer2']); "
                             "print(model) lists them.")
-    return GatedModel.attach(
+    model = GatedModel.attach(
         backbone, list(exits), arch={"name": name, "kwargs": dict(arch_kwargs or {})},
         num_classes=num_classes if num_classes is not None else (len(names) if names else None),
         input_shape=tuple(int(d) for d in input_shape), head=head, head_kwargs=head_kwargs,
@@ -84,12 +86,24 @@ def attach_gates(backbone: nn.Module, exits: Sequence[str] | None = None, *, hea
         normalization=normalization if normalization is not None else (rows.normalization if rows is not None else None),
         feature_layout=feature_layout if isinstance(feature_layout, str) else list(feature_layout),
         data_split=data_split)
+    prep = getattr(rows, "prep", None)  # image folders: how files become input, recorded for build and score
+    model.image = prep.to_dict() if prep is not None else None
+    return model
 
 
-def _rows_for_shape(data: Any) -> Rows:
-    if isinstance(data, str):
-        return load_dataset(data, "test")
-    return as_rows(data, what="data")
+def _rows_for_shape(data: Any, input_shape: Sequence[int] | None) -> Rows:
+    """The rows attach_gates reads the input shape, class names and normalization from."""
+    if not isinstance(data, str):
+        return as_rows(data, what="data")
+    image = None
+    if data.startswith("folder:"):
+        from ..images import ImagePrep
+
+        if input_shape is None:
+            raise UserError(f"data={data!r}: the size the images are prepared at is not known.",
+                            "Give input_shape=(C, H, W), e.g. (3, 224, 224).")
+        image = ImagePrep.for_input(tuple(input_shape))
+    return open_rows(data, "train", image=image)
 
 
 @dataclass
@@ -115,9 +129,12 @@ def train_gates(model: GatedModel, data: Any, *, epochs: int = 10, loss: str = "
     calibrate_gates yourself. `num_workers` reads a torch Dataset in that many processes."""
     split = model.data_split
     if isinstance(data, str):
-        rows: Rows = load_dataset(data, "train", data_dir=data_dir, val_size=val_size, seed=seed,
-                                  channels=model.input_shape[0] if repeat_channels else None)
-        split = {"data": data, "val_size": rows.val_size, "seed": seed}  # type: ignore[attr-defined]
+        rows: Rows = _for_model(model, data, ("train",), where="the model", data_dir=data_dir,
+                                repeat_channels=repeat_channels, val_size=val_size, seed=seed)["train"]
+        split = {"data": data, "val_size": getattr(rows, "val_size", None), "seed": seed}
+        prep = getattr(rows, "prep", None)
+        if model.image is None and prep is not None:
+            model.image = prep.to_dict()
     else:
         rows = as_rows(data, what="the training data", num_workers=num_workers)
     _check_rows(rows, model, "the training data")
@@ -125,6 +142,12 @@ def train_gates(model: GatedModel, data: Any, *, epochs: int = 10, loss: str = "
                             weight_decay=weight_decay, seed=seed, progress=progress)
     model.data_split = split
     return GateTraining(accuracy, len(rows), cache_bytes_per_row(model), split)
+
+
+def _for_model(model: GatedModel, spec: str, splits: tuple[str, ...], **kwargs: Any) -> dict[str, Any]:
+    """Splits of the data set `spec` as Rows prepared as `model` records (data.open_for_model)."""
+    return open_for_model(spec, splits, input_shape=model.input_shape, normalization=model.normalization,
+                          image=model.image, **kwargs)
 
 
 def cache_bytes_per_row(model: GatedModel) -> int:
@@ -139,7 +162,7 @@ def cache_bytes_per_row(model: GatedModel) -> int:
 
 
 def _check_rows(rows: Rows, model: GatedModel, what: str) -> None:
-    check_input_shape(np.empty((0, *rows.sample_shape)), list(model.input_shape), where=what)
+    check_input_shape(tuple(rows.sample_shape), list(model.input_shape), where=what)
 
 
 @dataclass
@@ -179,25 +202,25 @@ def calibrate_gates(model: GatedModel, data: Any, *, test: Any = None, target: T
             "exits": list(model.exits), "segment_flops": [int(f) for f in flops["segments"]],
             "head_flops": [int(f) for f in flops["heads"]]})
     separate_test = True
-    channels = model.input_shape[0] if repeat_channels else None
     if isinstance(data, str):
         split_size, split_seed = recorded_split(model.data_split, where, val_size, seed)
         gated_on = (model.data_split or {}).get("data")
         if gated_on and gated_on != data and warn is not None:  # a moved npz is the same data; another set is not
             warn(f"warning: {where} was gated on --data {gated_on}, this calibrates on {data}: its "
                  "validation rows must be ones the gates were never trained on.")
-        val: Rows = load_dataset(data, "val", data_dir=data_dir, channels=channels, val_size=split_size,
-                                 seed=split_seed)
+        opened = _for_model(model, data, ("val", "test") if test is None else ("val",), where=where,
+                            data_dir=data_dir, repeat_channels=repeat_channels, val_size=split_size, seed=split_seed)
+        val: Rows = opened["val"]
         if test is None:
-            test = load_dataset(data, "test", data_dir=data_dir, channels=channels, val_size=split_size,
-                                seed=split_seed)
-            separate_test = test.separate_test
+            test = opened["test"]
+            separate_test = getattr(test, "separate_test", True)
         seed = split_seed
     else:
         val = as_rows(data, what="the validation data", num_workers=num_workers)
     test_rows: Rows | None = None
     if isinstance(test, str):
-        test_rows = load_dataset(test, "test", data_dir=data_dir, channels=channels)
+        test_rows = _for_model(model, test, ("test",), where=where, data_dir=data_dir,
+                               repeat_channels=repeat_channels)["test"]
     elif test is not None:
         test_rows = as_rows(test, what="the test data", num_workers=num_workers)
     seed = 0 if seed is None else seed
@@ -281,31 +304,21 @@ def load_model(path: str | os.PathLike) -> GatedModel:
 
 
 def bench_bundle(bundle: str | os.PathLike, data: Any, *, batch_sizes: Sequence[int] = (1, 32, 256),
-                 options: BenchOptions | None = None, limit: int | None = None, backend: str | None = None,
+                 options: BenchOptions | None = None, backend: str | None = None,
                  runner_options: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """Measure the bundle against its un-gated baseline on `data` (labelled rows: accuracy, exits, FLOPs,
-    latency and throughput per batch size; a spec: its test split) with dgate_export.bench, as `dgate-export
-    bench` does; returns the report (docs/bench.md). `options` (bench.BenchOptions) overrides batch_sizes."""
+    latency and throughput per batch size; a spec: its test split, prepared as the bundle records) with
+    bench.run_bench, as `dgate-export bench` does; returns the report (docs/bench.md). `options`
+    (bench.BenchOptions) overrides batch_sizes. The rows are read several times, in order: a DataLoader
+    must not shuffle."""
     options = options or BenchOptions(batch_sizes=tuple(batch_sizes))
     if isinstance(data, str):
-        rows: Rows = load_dataset(data, "test")
+        rows = rows_for_bundle(load_manifest(Path(bundle)), data, ("test",), where=str(bundle))["test"]
         description = f"{data} test split"
     else:
         rows = as_rows(data, what="the data")
-        description = f"{type(data).__name__}"
-    xs, ys = [], []
-    taken = 0
-    for x, y in rows.batches(256):
-        if limit is not None:
-            x, y = x[:limit - taken], None if y is None else y[:limit - taken]
-        xs.append(x)
-        ys.append(y)
-        taken += len(x)
-        if limit is not None and taken >= limit:
-            break
-    x_all = np.concatenate(xs)
-    y_all: np.ndarray | None = None if any(y is None for y in ys) else np.concatenate(ys)  # type: ignore[arg-type]
+        description = type(data).__name__
     info = {"spec": data if isinstance(data, str) else "python", "split": "test" if isinstance(data, str) else None,
-            "samples": len(x_all), "labelled": y_all is not None, "description": f"{description} ({len(x_all)} samples)"}
-    return run_bench(Path(bundle), x_all, y_all, options, data_info=info, backend=backend, runner_options=runner_options,
+            "samples": len(rows), "labelled": True, "description": f"{description} ({len(rows)} samples)"}
+    return run_bench(Path(bundle), rows, None, options, data_info=info, backend=backend, runner_options=runner_options,
                      progress=progress, command="dgate_export.compile.bench_bundle")

@@ -43,6 +43,7 @@ from ..backends import get_backend
 from ..contract import INPUT
 from ..errors import UserError
 from ..files import UMASK, replace_dir, sha256_file
+from ..images import ImagePrep
 from ..manifest import (
     MANIFEST_FILE,
     PRECISIONS,
@@ -372,7 +373,8 @@ def _manifest(model, built: _Built, engines: list[dict], backend_info: dict, *, 
         max_batch=max_batch,
         opset=built.graphs[0].opset,
         input=InputSpec(name=INPUT, shape=list(first["shape"]), dtype=first["dtype"], layout="NCHW",
-                        normalization=model.normalization),
+                        normalization=model.normalization,
+                        image=ImagePrep.from_dict(model.image) if getattr(model, "image", None) else None),
         num_classes=model.num_classes,
         class_names=model.class_names,
         confidence=model.confidence,

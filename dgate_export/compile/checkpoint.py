@@ -47,6 +47,7 @@ def save(model: GatedModel, path: str | os.PathLike) -> Path:
         "num_classes": model.num_classes,
         "class_names": model.class_names,
         "normalization": model.normalization,
+        "image": model.image,
         "flops": model.flops,
         "data_split": model.data_split,
         "feature_layouts": list(model.feature_layouts),
@@ -143,6 +144,7 @@ def load(path: str | os.PathLike) -> GatedModel:
         raise UserError(f"{path}: the gate heads' weights do not fit: {_first_line(err)}",
                         "A registered head factory must build the same head from (in_shape, num_classes, "
                         "**head_kwargs) as the one saved.") from err
+    model.image = payload.get("image")  # None: gated on arrays (or written before images were recorded)
     return model.eval()
 
 

@@ -2,8 +2,9 @@
 
     1 check      the options, before any work: target, output writable, architecture, exits
     2 backbone   build it from the zoo; load `weights` (a state_dict, checked against the architecture)
-    3 data       the train / val / test splits; the validation split (default: 10% of the training rows,
-                 at most 5000) is the one the gates never train on, recorded in the model
+    3 data       the train / val / test splits, opened as data.Rows (read in batches, never whole); the
+                 validation split (default: 10% of the training rows, at most 5000) is the one the gates
+                 never train on, recorded in the model; image folders' preparation is recorded too
     4 attach     gate heads at the exits (names, order, branches, layouts checked before any training)
     5 train      the backbone, only without `weights`
     6 gates      the heads, backbone frozen, on cached pooled features (train_gates)
@@ -23,7 +24,7 @@ save_model): the CLI and a user's script run the same code.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from torch import nn
 
 from ..calibrate import Calibration, Evaluation, Target
 from ..contract import DEFAULT_CONFIDENCE
-from ..data import DEFAULT_VAL_SIZE, Dataset, check_input_shape, load_splits
+from ..data import DEFAULT_VAL_SIZE, Rows, check_input_shape, num_classes, open_splits
 from ..errors import UserError
 from ..outputs import check_writable
 from . import checkpoint
@@ -49,13 +50,16 @@ from .zoo import arch_info, build_backbone
 class GateOptions:
     """What `gate` needs: the `dgate-export gate` options, typed (arch_kwargs parsed, exits split)."""
     arch: str
-    data: str  # fashion-mnist or npz:PATH
+    data: str  # a data spec: fashion-mnist, npz:PATH, npy:DIR or folder:PATH
     output: str | os.PathLike  # the gated model to write (model.pt)
     arch_kwargs: dict[str, Any] | None = None
     weights: str | os.PathLike | None = None  # a backbone state_dict; None: the backbone is trained first
     exits: Sequence[str] | None = None  # module names; None: the architecture's default exits
     data_dir: str | Path | None = None
     repeat_channels: bool = False  # repeat 1-channel data to the backbone's channel count
+    image_size: int | None = None  # folder: data: the (square) input size images are cropped to
+    resize: int | None = None  # folder: data: the shorter side is resized to this first [image_size]
+    normalize: str | None = None  # raw pixels: imagenet, none or MEAN/STD [the data's own, else imagenet / none]
     val_size: int | None = None  # None: 10% of the training rows, at most DEFAULT_VAL_SIZE
     epochs: int = 10  # gate training epochs
     backbone_epochs: int = 2  # without weights
@@ -92,8 +96,9 @@ def gate_backbone(options: GateOptions, progress: Callable[[str], Any] | None = 
     splits = load_data(options, channels)
     train = splits["train"]
     val_size = options.val_size
-    if val_size is None and splits["val"].val_size is not None:
-        val_size = splits["val"].val_size
+    held_out = getattr(splits["val"], "val_size", None)
+    if val_size is None and held_out is not None:
+        val_size = held_out
         say(f"validation split: {val_size} of the {val_size + len(train)} training rows held out for "
             f"calibration (the default, 10% up to {DEFAULT_VAL_SIZE}; --val-size to choose)")
     val_size = DEFAULT_VAL_SIZE if val_size is None else val_size  # recorded; unused where the data has x_val
@@ -119,7 +124,8 @@ def gate_backbone(options: GateOptions, progress: Callable[[str], Any] | None = 
                            target=options.target, seed=options.seed, progress=options.progress_bars)
     files = save_model(model, options.output, calibration=done)
     assert done.test is not None
-    return GateResult(model, files, done.calibration, done.test, gate_acc, val_size, splits["test"].separate_test)
+    return GateResult(model, files, done.calibration, done.test, gate_acc, val_size,
+                      getattr(splits["test"], "separate_test", True))
 
 
 # ------------------------------------------------------------------------------------------ 1. check
@@ -182,29 +188,41 @@ def input_channels(backbone: nn.Module) -> int | None:
 # ------------------------------------------------------------------------------------------- 3. data
 
 
-def load_data(options: GateOptions, channels: int | None) -> dict[str, Dataset]:
-    """The three splits of options.data; with repeat_channels, 1-channel data repeated to `channels`.
-    Every split must have the backbone's channel count (when it has a convolution to tell)."""
-    splits = load_splits(options.data, data_dir=options.data_dir,
+def load_data(options: GateOptions, channels: int | None) -> Mapping[str, Rows]:
+    """The three splits of options.data as Rows; with repeat_channels, 1-channel data repeated to
+    `channels`. Every split must have the backbone's channel count (when it has a convolution to tell).
+    Image folders are prepared for `channels` at options.image_size (required for them)."""
+    image = None
+    if options.data.startswith("folder:"):
+        from ..images import ImagePrep
+
+        if options.image_size is None:
+            raise UserError(f"--data {options.data}: give the input size the images are prepared at.",
+                            "Add --image-size (e.g. 224; --resize sets the shorter side before the centre crop).")
+        image = ImagePrep.for_input((channels or 3, options.image_size, options.image_size), resize=options.resize)
+    elif options.image_size is not None or options.resize is not None:
+        raise UserError("--image-size and --resize apply to folder: data only.", "Drop them.")
+    splits = open_splits(options.data, data_dir=options.data_dir,
                          channels=channels if options.repeat_channels else None,
-                         val_size=options.val_size, seed=options.seed)
+                         val_size=options.val_size, seed=options.seed, normalization=options.normalize, image=image)
     if channels is not None:
-        for ds in splits.values():
-            check_input_shape(ds.x, (channels, *ds.x.shape[2:]), where=f"data set {options.data!r} ({ds.split})")
+        for name, ds in splits.items():
+            shape = ds.sample_shape
+            check_input_shape(shape, (channels, *shape[1:]), where=f"data set {options.data!r} ({name})")
     return splits
 
 
 # ----------------------------------------------------------------------------------------- 4. attach
 
 
-def attach(backbone: nn.Module, exits: Sequence[str], options: GateOptions, data: Sequence[Dataset], *,
+def attach(backbone: nn.Module, exits: Sequence[str], options: GateOptions, data: Sequence[Rows], *,
            val_size: int) -> GatedModel:
     """Fresh gate heads on `backbone` at `exits` (options.head, head_kwargs, confidence, feature_layout),
-    sized for `data` (classes: the most any split has; input shape, class names, normalization: the first).
-    The model records its validation split: options.data, `val_size` rows, options.seed."""
+    sized for `data` (classes: the most any split has; input shape, class names, normalization and image
+    preparation: the first). The model records its validation split: options.data, `val_size` rows, options.seed."""
     first = data[0]
-    return attach_gates(backbone, list(exits), arch=options.arch, arch_kwargs=options.arch_kwargs,
-                        num_classes=max(ds.num_classes for ds in data), input_shape=first.sample_shape,
+    return attach_gates(backbone, list(exits), data=first, arch=options.arch, arch_kwargs=options.arch_kwargs,
+                        num_classes=max(num_classes(ds) for ds in data), input_shape=tuple(first.sample_shape),
                         head=options.head, head_kwargs=options.head_kwargs, confidence=options.confidence,
                         class_names=first.class_names, normalization=first.normalization,
                         feature_layout=options.feature_layout,

@@ -176,6 +176,9 @@ class GatedModel(nn.Module):
         self.input_shape = tuple(int(d) for d in input_shape)
         self.class_names = list(class_names) if class_names else None
         self.normalization = normalization
+        # How image files become input (images.ImagePrep's dict) when the gates were trained on an image
+        # folder; None otherwise. Set by the gate pipeline, recorded in the checkpoint and the manifest.
+        self.image: dict | None = None
         self.flops = flops
         # The validation split the gates were trained without ({"data", "val_size", "seed"}): calibrate
         # must choose thresholds on those rows, never on rows the gates saw.

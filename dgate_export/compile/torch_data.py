@@ -193,12 +193,18 @@ class TorchDatasetRows:
     def batches(self, batch_size: int, rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         order = np.arange(len(self)) if rows is None else np.asarray(rows, dtype=np.int64)
         if self.num_workers > 0:
-            loader = DataLoader(torch.utils.data.Subset(self.dataset, order.tolist()), batch_size=batch_size,
-                                shuffle=False, num_workers=self.num_workers, collate_fn=_collate)
-            yield from loader
-            return
-        for start in range(0, len(order), batch_size):
-            yield _collate([self.dataset[int(i)] for i in order[start:start + batch_size]])
+            batches: Iterable[tuple[np.ndarray, np.ndarray | None]] = DataLoader(
+                torch.utils.data.Subset(self.dataset, order.tolist()), batch_size=batch_size, shuffle=False,
+                num_workers=self.num_workers, collate_fn=_collate)
+        else:
+            batches = (_collate([self.dataset[int(i)] for i in order[start:start + batch_size]])
+                       for start in range(0, len(order), batch_size))
+        labels: list[np.ndarray | None] = []
+        for x, y in batches:
+            labels.append(y)
+            yield x, y
+        if rows is None and self._labels is None and labels and all(y is not None for y in labels):
+            self._labels = np.concatenate(labels)  # type: ignore[arg-type]  # kept: labels() reads no image again
 
 
 class IterableRows:
@@ -226,9 +232,8 @@ class IterableRows:
     def __len__(self) -> int:
         if self._rows is None:
             self._rows = self._known_rows()
-        if self._rows is None:
-            raise UserError(f"{self.what}: the number of rows of an iterator is not known before it is read.",
-                            "Give a DataLoader over a sized Dataset, or the Dataset itself.")
+        if self._rows is None:  # TypeError: what len() of an object without a length raises (consumers catch it)
+            raise TypeError(f"{self.what}: the number of rows of an iterator is not known before it is read")
         return self._rows
 
     def _known_rows(self) -> int | None:

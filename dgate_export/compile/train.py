@@ -4,18 +4,24 @@ Gate training follows the d-gate recipe: the backbone is frozen, so the pooled f
 are computed once (one forward pass over the training set) and each head's `classify` is then trained
 on those cached vectors, which takes seconds. `collect_exit_logits` gives every exit's logits for
 calibration and evaluation.
+
+Every function reads its data through `data.Rows` (batches of rows), so memory does not grow with the
+images: what is kept per row is the cache of pooled features (4 bytes x the features of every gate:
+F_k = the exit's channels, times the cells for `grid` heads), the logits (4 bytes x classes per exit)
+and the label.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import Dataset, Rows
+from ..data import Rows
 from ..errors import UserError
 from .threads import torch_threads
 
@@ -39,13 +45,13 @@ def _training_batch_starts(n: int, batch_size: int) -> list[int]:
     return starts
 
 
-def train_backbone(backbone: nn.Module, train_data: Dataset, *, epochs: int, batch_size: int = 128,
+def train_backbone(backbone: nn.Module, train_data: Rows, *, epochs: int, batch_size: int = 128,
                    lr: float = 0.1, weight_decay: float = 5e-4, seed: int = 0, progress: bool = True) -> nn.Module:
     """Train `backbone` with SGD (Nesterov momentum) and a one-cycle learning-rate schedule.
 
     One-cycle reaches good accuracy in one or two epochs, which is what a CPU demo can afford.
-    No augmentation: the point is a reasonable backbone quickly, not the best one.
-    Returns the module in eval mode.
+    No augmentation: the point is a reasonable backbone quickly, not the best one. The rows are read
+    batch by batch in a seeded order per epoch (data.Rows). Returns the module in eval mode.
     """
     if epochs < 1:
         raise UserError(f"Backbone epochs must be >= 1 (got {epochs}).", "Pass --backbone-epochs 1 or more.")
@@ -55,8 +61,6 @@ def train_backbone(backbone: nn.Module, train_data: Dataset, *, epochs: int, bat
                         "Use more data or a smaller --val-size, or give trained weights with --weights.")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    x = torch.from_numpy(train_data.x)
-    y = torch.from_numpy(train_data.y)
     steps = len(_training_batch_starts(len(train_data), batch_size))
     optimizer = torch.optim.SGD(backbone.parameters(), lr=lr, momentum=0.9, nesterov=True,
                                 weight_decay=weight_decay)
@@ -70,48 +74,65 @@ def train_backbone(backbone: nn.Module, train_data: Dataset, *, epochs: int, bat
     backbone.train()
     for epoch in range(epochs):
         seen, right, total_loss = 0, 0, 0.0
-        bar = tqdm(_batches(len(train_data), batch_size, rng, drop_single=True), total=steps, disable=not progress,
-                   desc=f"backbone epoch {epoch + 1}/{epochs}", unit="batch", leave=True)
-        for rows in bar:
-            xb, yb = x[rows], y[rows]
+        bar = tqdm(_read(train_data, _batches(len(train_data), batch_size, rng, drop_single=True)), total=steps,
+                   disable=not progress, desc=f"backbone epoch {epoch + 1}/{epochs}", unit="batch", leave=True)
+        for xb, yb in bar:
             out = backbone(xb)
             loss = loss_fn(out, yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            seen += len(rows)
+            seen += len(yb)
             right += int((out.argmax(1) == yb).sum())
-            total_loss += float(loss.detach()) * len(rows)
+            total_loss += float(loss.detach()) * len(yb)
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{right / seen:.3f}", refresh=False)
     return backbone.eval()
 
 
+def _read(data: Rows, groups) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) tensors of each group of row indices (_batches': all of one size but the last), read through
+    data.batches in one pass, so that a reader that decodes ahead keeps doing so across batches."""
+    groups = [g.numpy() for g in groups]
+    if not groups:
+        return
+    order, last = np.concatenate(groups), len(groups[-1])
+    for rows, size in ((order[:len(order) - last], len(groups[0])), (order[len(order) - last:], last)):
+        for xb, yb in data.batches(size, rows):
+            yield torch.from_numpy(xb), torch.from_numpy(_labelled(yb))
+
+
+def _labelled(y: np.ndarray | None) -> np.ndarray:
+    if y is None:
+        raise UserError("Training needs labelled rows: the data has no labels.", "Give data with labels.")
+    return np.asarray(y, dtype=np.int64)
+
+
+def _steps(data: Rows, batch_size: int) -> int | None:
+    """Batches in a pass over `data`, for the progress bar (None: not known before the pass, as for an
+    iterator of batches, whose len() raises TypeError)."""
+    try:
+        return math.ceil(len(data) / batch_size)
+    except TypeError:
+        return None
+
+
 @torch.no_grad()
-def cache_gate_features(gated, data: Rows, *, batch_size: int = 256, progress: bool = True,
-                        labels: list[np.ndarray] | None = None) -> list[torch.Tensor]:
-    """Pooled features at every gate [N, C_k], in data order, read in one pass (`labels`, when given,
-    gets each batch's labels).
+def cache_gate_features(gated, data: Rows, *, batch_size: int = 256, progress: bool = True) -> list[torch.Tensor]:
+    """Pooled features at every gate [N, F_k] float32, in data order (F_k floats a row per gate: the
+    images are read batch by batch and never kept).
 
     Runs segments 0..K-1 only: the last segment (often a third of the FLOPs) feeds no gate.
     """
     gated.eval()
     pooled: list[list[torch.Tensor]] = [[] for _ in range(gated.num_gates)]
-    for xb, yb in tqdm(data.batches(batch_size), disable=not progress, desc="caching gate features", unit="batch"):
+    for xb, _ in tqdm(data.batches(batch_size), total=_steps(data, batch_size), disable=not progress,
+                      desc="caching gate features", unit="batch"):
         carries: tuple[torch.Tensor, ...] = (torch.from_numpy(xb),)
         for k in range(gated.num_gates):
             carries = gated.segments[k](*carries)
             pooled[k].append(gated.heads[k].pool(carries[0]))
-        if labels is not None:
-            labels.append(_labelled(yb))
     return [torch.cat(p) for p in pooled]
-
-
-def _labelled(y: np.ndarray | None) -> np.ndarray:
-    if y is None:
-        raise UserError("The data has no labels; training and calibrating gates needs labelled rows.",
-                        "Give (image, label) rows.")
-    return y
 
 
 def train_gates(gated, train_data: Rows, *, epochs: int = 10, loss: str = "ce", batch_size: int = 256,
@@ -130,9 +151,8 @@ def train_gates(gated, train_data: Rows, *, epochs: int = 10, loss: str = "ce", 
     gated.eval()
     for p in gated.parameters():
         p.requires_grad_(False)
-    parts: list[np.ndarray] = []
-    pooled = cache_gate_features(gated, train_data, batch_size=feature_batch_size, progress=progress, labels=parts)
-    y = torch.from_numpy(np.concatenate(parts))
+    pooled = cache_gate_features(gated, train_data, batch_size=feature_batch_size, progress=progress)
+    y = torch.from_numpy(_labelled(train_data.labels()))
     loss_fn: nn.Module = nn.CrossEntropyLoss() if loss == "ce" else nn.MultiMarginLoss()
     steps = math.ceil(len(y) / batch_size)
     accuracies = []
@@ -177,10 +197,8 @@ def collect_exit_logits(gated, data: Rows, batch_size: int = 256,
     """Every exit's logits on `data` (K gates, then the backbone's own classifier) and the labels, in one pass."""
     gated.eval()
     parts: list[list[np.ndarray]] = [[] for _ in range(gated.num_gates + 1)]
-    labels = []
-    for xb, yb in tqdm(data.batches(batch_size), disable=not progress,
-                       desc=f"exit logits ({getattr(data, 'split', '') or 'data'})", unit="batch"):
+    for xb, _ in tqdm(data.batches(batch_size), total=_steps(data, batch_size), disable=not progress,
+                      desc=f"exit logits ({getattr(data, 'split', '') or 'data'})", unit="batch"):
         for k, logits in enumerate(gated(torch.from_numpy(xb))):
             parts[k].append(logits.float().numpy())
-        labels.append(_labelled(yb))
-    return [np.concatenate(p) for p in parts], np.concatenate(labels)
+    return [np.concatenate(p) for p in parts], _labelled(data.labels()).copy()
