@@ -93,9 +93,17 @@ def test_dataloader_is_read_in_one_pass_per_call():
 def test_dataloader_refuses_random_access_with_the_fix():
     x, y = _xy()
     rows = as_rows(DataLoader(TensorDataset(x, y), batch_size=4))
-    with pytest.raises(UserError) as err:
-        next(rows.batches(4, np.array([1, 2])))
-    assert "one pass" in err.value.message and "Pass the validation data separately" in err.value.hint
+    got_x, got_y = _all(rows, 3, np.array([0, 1, 5, 9]))  # rows in increasing order: one pass
+    assert np.array_equal(got_x, x.numpy()[[0, 1, 5, 9]]) and np.array_equal(got_y, y.numpy()[[0, 1, 5, 9]])
+    for order in (np.array([2, 1]), np.array([1, 1])):
+        with pytest.raises(UserError) as err:
+            next(rows.batches(4, order))
+        assert "one pass" in err.value.message and "Pass the validation data separately" in err.value.hint
+    shuffled = as_rows(DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True))
+    with pytest.raises(UserError, match="cannot give chosen rows"):
+        next(shuffled.batches(4, np.array([0, 1])))  # which rows those are changes from pass to pass
+    with pytest.raises(UserError, match="row 10 was asked for"):
+        list(rows.batches(4, np.array([3, 10])))
 
 
 def test_one_shot_iterator_reads_once():
@@ -183,3 +191,19 @@ class _ListDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.items[i]
+
+
+def test_bench_reads_a_dataloader_in_order_and_refuses_one_that_shuffles(tmp_path):
+    from tiny_bundle import CLASSES, SHAPE, make_tiny_bundle
+
+    from dgate_export.compile import BenchOptions, bench_bundle
+
+    bundle, _ = make_tiny_bundle(tmp_path / "b", max_batch=8)
+    x = torch.randn(20, *SHAPE)
+    y = torch.arange(20) % CLASSES
+    options = BenchOptions(batch_sizes=(4,), warmup_ms=1, min_iterations=1, min_seconds=0.01)
+    report = bench_bundle(bundle, DataLoader(TensorDataset(x, y), batch_size=6), options=options, progress=False)
+    assert report["data"]["samples"] == 20 and report["accuracy"] is not None
+    with pytest.raises(UserError, match="shuffles its rows on every pass"):
+        bench_bundle(bundle, DataLoader(TensorDataset(x, y), batch_size=6, shuffle=True), options=options,
+                     progress=False)

@@ -7,8 +7,9 @@
     build_bundle(gated, "engines/mine")                                # ONNX per segment, checked
     bench_bundle("engines/mine", test, batch_sizes=(1, 64))            # vs the un-gated baseline
 
-Data, wherever a function takes some: a data set spec ("fashion-mnist", "npz:PATH": the split each
-step uses, the validation split recorded in the model), a `data.Rows`, `(x, y)` arrays, a torch
+Data, wherever a function takes some: a data set spec ("fashion-mnist", "npz:PATH", "npy:DIR",
+"folder:PATH": the split each step uses, the validation split recorded in the model, prepared as the
+model records: data.open_for_model), a `data.Rows`, `(x, y)` arrays, a torch
 `Dataset`, a `DataLoader` or an iterable of `(x, y)` batches (`torch_data.as_rows`). The CLI's `gate`
 and `calibrate` commands are these functions (compile/gate.py calls them); `build` is `build_bundle`.
 """

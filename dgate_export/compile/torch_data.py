@@ -8,9 +8,10 @@
   `TorchDatasetRows`, random access, read in batches (in `num_workers` processes when asked);
 - a `DataLoader`, a torch `IterableDataset` or any iterable of (x, y) batches: `IterableRows`, read
   once per pass in its own order. That is all gate training (features cached in one pass) and
-  calibration (exit logits collected in one pass) need. What needs random access (cutting a
-  validation split out of the rows, a seeded subset, epochs in a shuffled order) is refused with a
-  UserError that says what to pass instead; a one-shot iterator (a generator) is refused a second pass.
+  calibration (exit logits collected in one pass) need, and bench (passes in order, its first rows).
+  What needs random access (rows in another order: a seeded subset, epochs in a shuffled order; any
+  chosen rows of a DataLoader that shuffles, such as a validation split) is refused with a UserError
+  that says what to pass instead; a one-shot iterator (a generator) is refused a second pass.
 
 Rows are model input as the model takes it: float32, already transformed and normalized by the user's
 own transforms (`normalization` None, unless given: it is recorded in the checkpoint and the manifest
@@ -211,7 +212,8 @@ class IterableRows:
     """A DataLoader, IterableDataset or iterable of (x, y) batches as data.Rows, read one pass at a time.
 
     `batches(batch_size)` yields the source's batches in its order (split to at most batch_size rows);
-    `batches(..., rows=...)` (random access) is refused. A source that is an iterator (a generator) can
+    `batches(..., rows=...)` gives rows in increasing order in one pass and refuses any other order and
+    a DataLoader that shuffles (random access). A source that is an iterator (a generator) can
     be read once: a second pass is refused. The labels and the number of rows are those of the pass last
     read (a DataLoader's number of rows is known before)."""
 
@@ -280,6 +282,27 @@ class IterableRows:
                 pass
         return self._labels
 
+    def _chosen(self, batch_size: int, rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """Rows `rows` (positions in a pass) read in one pass: only rows in increasing order of a source whose
+        order holds from pass to pass (bench's first rows); anything else needs random access."""
+        shuffles = isinstance(self.source, DataLoader) and isinstance(self.source.sampler, RandomSampler)
+        if shuffles or (len(rows) > 1 and not bool(np.all(np.diff(rows) > 0))) or (len(rows) and rows[0] < 0):
+            raise UserError(f"{self.what} cannot give chosen rows (a validation split, a subset, a shuffled "
+                            "epoch): it is read in one pass, in its own order.", RANDOM_ACCESS_HINT)
+        at, want = 0, 0  # rows of the pass seen so far; how many of `rows` were given
+        for x, y in self.batches(1 << 30) if len(rows) else ():
+            stop = int(np.searchsorted(rows, at + len(x)))  # rows[want:stop] lie in this batch
+            if stop > want:
+                px, py = _pick(x, y, rows[want:stop] - at)
+                for start in range(0, len(px), batch_size):
+                    yield px[start:start + batch_size], None if py is None else py[start:start + batch_size]
+                want = stop
+            at += len(x)
+            if want == len(rows):
+                break
+        if want < len(rows):
+            raise UserError(f"{self.what} has {at} rows; row {int(rows[want])} was asked for.")
+
     def _empty(self) -> UserError:
         return UserError(f"{self.what} is empty: it gave no batches"
                          + (" (an iterator that was read before gives none)." if self.one_shot else "."),
@@ -301,8 +324,8 @@ class IterableRows:
 
     def batches(self, batch_size: int, rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         if rows is not None:
-            raise UserError(f"{self.what} cannot give chosen rows (a validation split, a subset, a shuffled "
-                            "epoch): it is read in one pass, in its own order.", RANDOM_ACCESS_HINT)
+            yield from self._chosen(batch_size, np.asarray(rows, dtype=np.int64))
+            return
         if self.one_shot and self._passes > 0:
             raise UserError(f"{self.what} is an iterator and was already read once; this step needs another pass.",
                             "Give a DataLoader or a list of batches (they can be read again), or a torch Dataset.")
@@ -327,6 +350,10 @@ class IterableRows:
         self._rows = count
         self._unlabelled = unlabelled
         self._labels = None if unlabelled else np.concatenate(labels)
+
+
+def _pick(x: np.ndarray, y: np.ndarray | None, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    return x[keep], None if y is None else y[keep]
 
 
 def _chain(head: list, rest: Iterator) -> Iterator:
