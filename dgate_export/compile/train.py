@@ -113,18 +113,26 @@ def cache_gate_features(gated, data: Rows, *, batch_size: int = 256, progress: b
     """Pooled features at every gate [N, F_k] float32, in data order (F_k floats a row per gate: the
     images are read batch by batch and never kept).
 
-    Runs segments 0..K-1 only: the last segment (often a third of the FLOPs) feeds no gate.
+    Runs segments 0..K-1 only: the last segment (often a third of the FLOPs) feeds no gate. The
+    features go into arrays allocated once (one small tensor kept per batch, between the batches'
+    large freed ones, made the heap grow by about a batch's activations every batch).
     """
     gated.eval()
-    pooled: list[list[torch.Tensor]] = [[] for _ in range(gated.num_gates)]
-    steps = math.ceil(len(data) / batch_size)
+    n = len(data)
+    pooled: list[torch.Tensor] = []
+    at = 0
+    steps = math.ceil(n / batch_size)
     for xb, _ in tqdm(data.batches(batch_size), total=steps, disable=not progress, desc="caching gate features",
                       unit="batch"):
         carries: tuple[torch.Tensor, ...] = (torch.from_numpy(xb),)
         for k in range(gated.num_gates):
             carries = gated.segments[k](*carries)
-            pooled[k].append(gated.heads[k].pool(carries[0]))
-    return [torch.cat(p) for p in pooled]
+            features = gated.heads[k].pool(carries[0])
+            if len(pooled) <= k:
+                pooled.append(torch.empty((n, *features.shape[1:]), dtype=features.dtype))
+            pooled[k][at:at + len(xb)] = features
+        at += len(xb)
+    return pooled
 
 
 def train_gates(gated, train_data: Rows, *, epochs: int = 10, loss: str = "ce", batch_size: int = 256,
@@ -186,12 +194,16 @@ def _train_head(head, feats: torch.Tensor, y: torch.Tensor, desc: str, *, epochs
 @torch.no_grad()
 def collect_exit_logits(gated, data: Rows, batch_size: int = 256,
                         progress: bool = True) -> tuple[list[np.ndarray], np.ndarray]:
-    """Every exit's logits on `data` (K gates, then the backbone's own classifier) and the labels."""
+    """Every exit's logits on `data` (K gates, then the backbone's own classifier) and the labels
+    (written into arrays allocated once, as cache_gate_features)."""
     gated.eval()
-    parts: list[list[np.ndarray]] = [[] for _ in range(gated.num_gates + 1)]
-    steps = math.ceil(len(data) / batch_size)
+    n = len(data)
+    parts = [np.empty((n, gated.num_classes), dtype=np.float32) for _ in range(gated.num_gates + 1)]
+    at = 0
+    steps = math.ceil(n / batch_size)
     for xb, _ in tqdm(data.batches(batch_size), total=steps, disable=not progress,
                       desc=f"exit logits ({getattr(data, 'split', '') or 'data'})", unit="batch"):
         for k, logits in enumerate(gated(torch.from_numpy(xb))):
-            parts[k].append(logits.float().numpy())
-    return [np.concatenate(p) for p in parts], _labelled(data.labels()).copy()
+            parts[k][at:at + len(xb)] = logits.float().numpy()
+        at += len(xb)
+    return parts, _labelled(data.labels()).copy()
