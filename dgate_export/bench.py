@@ -3,7 +3,8 @@
 Accuracy and exits come from one pass over the data, read in batches (data.Rows: memory does not grow
 with the rows). Speed is measured per batch size with the gated runtime and the baseline interleaved
 call by call (the order alternating each iteration), so drift of the machine hits both alike, on the
-first rows of the data (as many as TIMING_BYTES of model input hold, at least the largest batch). The
+first rows of the data (as many as `timing_bytes` of model input hold, at least two of the largest
+batches). The
 ideal speed-up of the timed batches is computed from the exits those very batches took, so efficiency
 = measured / ideal compares like with like.
 
@@ -48,6 +49,7 @@ class BenchOptions:
     sweep: bool = False
     sweep_seconds: float = 1.0  # timing per sweep point (at the largest batch size)
     exit_times: bool = False    # also time leaving at each exit: the time-based ideal speed-up
+    timing_bytes: int = TIMING_BYTES  # model input kept in memory for the timed batches
 
 
 def latency_stats(seconds: Sequence[float]) -> dict[str, float]:
@@ -128,11 +130,11 @@ def baseline_predictions(rt: GatedRuntime, baseline, rows: Any) -> np.ndarray:
     return np.concatenate(out)
 
 
-def timing_rows(rows: Any, batch_sizes: Sequence[int]) -> np.ndarray:
+def timing_rows(rows: Any, batch_sizes: Sequence[int], limit: int = TIMING_BYTES) -> np.ndarray:
     """The first rows of `rows` that the timing runs on: all of them when their model input fits in
-    TIMING_BYTES, else as many as fit (at least the largest batch size)."""
+    `limit` bytes, else as many as fit (at least twice the largest batch size)."""
     per_row = 4 * int(np.prod(rows.sample_shape))
-    n = min(len(rows), max(max(batch_sizes), TIMING_BYTES // max(per_row, 1)))
+    n = min(len(rows), max(2 * max(batch_sizes), limit // max(per_row, 1)))
     parts = [xb for xb, _ in rows.batches(min(PASS_BATCH, n), np.arange(n))]
     return np.concatenate(parts)
 
@@ -236,7 +238,7 @@ def run_bench(bundle: str | Path, x: Any, y: np.ndarray | None, options: BenchOp
     costs = manifest.exit_costs()
     base_flops = float(manifest.baseline.flops or costs[-1])
     baseline_pred = baseline_predictions(rt, baseline, rows) if labels is not None else None
-    timed = rt._prepare(timing_rows(rows, options.batch_sizes))  # the bundle's float type (fp16) for both sides
+    timed = rt._prepare(timing_rows(rows, options.batch_sizes, options.timing_bytes))  # the bundle's float type (fp16) for both sides
     data_info = dict(data_info, timing_rows=len(timed))
     report: dict[str, Any] = {
         "schema": SCHEMA,

@@ -108,6 +108,9 @@ def _float_list(text: str, what: str) -> list[float]:
 @click.option("--warmup-ms", default=200.0, show_default=True, help="Warm-up before timing each batch size.")
 @click.option("--min-iterations", default=10, show_default=True, help="Timed iterations per batch size, at least.")
 @click.option("--min-seconds", default=3.0, show_default=True, help="Timed seconds per batch size, at least.")
+@click.option("--timing-mb", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Model input held in memory for the timed batches: the data's first rows that fit (at least "
+                   "two of the largest batches).")
 @click.option("--thresholds", default=None, help="Override the bundle's thresholds: a,b,c (one per gate).")
 @click.option("--backend", default=None, help="Run on another backend than the bundle's (e.g. onnxruntime).")
 @click.option("--sweep", is_flag=True, help="Also sweep one threshold at every gate: accuracy, FLOPs, speed-up.")
@@ -122,7 +125,7 @@ def _float_list(text: str, what: str) -> list[float]:
 @click.option("--json", "json_path", default=None, type=click.Path(), help="Write the full figures as JSON.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(), help="Write accuracy-vs-cost and speed-up plots (PNG).")
 def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes, warmup_ms, min_iterations,
-          min_seconds, thresholds, backend, sweep, exit_times, cuda_graphs, providers, json_path, plot_path):
+          min_seconds, timing_mb, thresholds, backend, sweep, exit_times, cuda_graphs, providers, json_path, plot_path):
     """Measure a bundle against its un-gated baseline on the same backend.
 
     Reports accuracy (gated vs baseline, per exit), exit fractions, expected FLOPs and the ideal
@@ -161,7 +164,7 @@ def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes,
     options = bench_mod.BenchOptions(
         batch_sizes=_int_list(batch_sizes, "--batch-sizes"), warmup_ms=warmup_ms, min_iterations=min_iterations,
         min_seconds=min_seconds, thresholds=_float_list(thresholds, "--thresholds") if thresholds else None,
-        sweep=sweep, exit_times=exit_times)
+        sweep=sweep, exit_times=exit_times, timing_bytes=timing_mb << 20)
     # TensorRT: a graph per segment and bucket; ONNX Runtime: fixed buffers and a graph per slot, which
     # needs --providers cuda (its runner says so otherwise).
     runner_options: dict = {"cuda_graphs": True} if cuda_graphs else {}

@@ -169,6 +169,25 @@ def test_gates_train_from_a_generator_of_batches_read_once(splits, trained_net):
         calibrate_gates(gated, batches, progress=False)  # the validation rows must be other rows anyway
 
 
+def test_an_iterator_of_unknown_length_gives_the_features_and_logits_of_the_rows(splits, trained_net):
+    """Its arrays grow as they fill (1500 rows: past the first allocation of 1024), in order."""
+    from dgate_export.compile import as_rows
+    from dgate_export.compile.train import cache_gate_features, collect_exit_logits
+
+    train = splits[0]
+    gated = attach_gates(trained_net, ["stem", "block1"], head="grid", input_shape=(1, 28, 28))
+
+    def batches():
+        return as_rows((train.x[i:i + 100], train.y[i:i + 100]) for i in range(0, len(train), 100))
+
+    for a, b in zip(cache_gate_features(gated, train, batch_size=100, progress=False),
+                    cache_gate_features(gated, batches(), batch_size=100, progress=False)):
+        assert a.shape == b.shape == (len(train), a.shape[1]) and torch.equal(a, b)
+    (ref, y_ref), (got, y_got) = (collect_exit_logits(gated, d, batch_size=100, progress=False)
+                                  for d in (train, batches()))
+    assert np.array_equal(y_ref, y_got) and all(np.array_equal(a, b) for a, b in zip(ref, got))
+
+
 def test_heads_given_by_name_and_factory(trained_net):
     gated = attach_gates(trained_net, ["stem", "block1"], head="grid", head_kwargs={"hidden": 8},
                          input_shape=(1, 28, 28))

@@ -108,13 +108,31 @@ def _labelled(y: np.ndarray | None) -> np.ndarray:
     return np.asarray(y, dtype=np.int64)
 
 
-def _steps(data: Rows, batch_size: int) -> int | None:
-    """Batches in a pass over `data`, for the progress bar (None: not known before the pass, as for an
-    iterator of batches, whose len() raises TypeError)."""
+def _known_rows(data: Rows) -> int | None:
+    """len(data), or None where it is not known before a pass (an iterator of batches: len raises TypeError)."""
     try:
-        return math.ceil(len(data) / batch_size)
+        return len(data)
     except TypeError:
         return None
+
+
+def _steps(n: int | None, batch_size: int) -> int | None:
+    """Batches in a pass of n rows, for the progress bar."""
+    return None if n is None else math.ceil(n / batch_size)
+
+
+def _store(buffers: list, k: int, at: int, values, n: int | None, empty) -> None:
+    """A batch of per-row `values` into buffers[k] from row `at`: an array allocated once for the n rows (one
+    small tensor kept per batch, between the batches' large freed ones, grew the heap), or, where n is not
+    known before the pass, one that doubles when full. `empty`: torch.empty or np.empty."""
+    need = at + len(values)
+    if len(buffers) <= k:
+        buffers.append(empty((n if n is not None else max(need, 1024), *values.shape[1:]), dtype=values.dtype))
+    elif need > len(buffers[k]):
+        grown = empty((max(need, 2 * len(buffers[k])), *values.shape[1:]), dtype=values.dtype)
+        grown[:at] = buffers[k][:at]
+        buffers[k] = grown
+    buffers[k][at:need] = values
 
 
 @torch.no_grad()
@@ -122,17 +140,22 @@ def cache_gate_features(gated, data: Rows, *, batch_size: int = 256, progress: b
     """Pooled features at every gate [N, F_k] float32, in data order (F_k floats a row per gate: the
     images are read batch by batch and never kept).
 
-    Runs segments 0..K-1 only: the last segment (often a third of the FLOPs) feeds no gate.
+    Runs segments 0..K-1 only: the last segment (often a third of the FLOPs) feeds no gate. The
+    features go into arrays allocated once (one small tensor kept per batch, between the batches'
+    large freed ones, made the heap grow by about a batch's activations every batch).
     """
     gated.eval()
-    pooled: list[list[torch.Tensor]] = [[] for _ in range(gated.num_gates)]
-    for xb, _ in tqdm(data.batches(batch_size), total=_steps(data, batch_size), disable=not progress,
+    n = _known_rows(data)
+    pooled: list[torch.Tensor] = []
+    at = 0
+    for xb, _ in tqdm(data.batches(batch_size), total=_steps(n, batch_size), disable=not progress,
                       desc="caching gate features", unit="batch"):
         carries: tuple[torch.Tensor, ...] = (torch.from_numpy(xb),)
         for k in range(gated.num_gates):
             carries = gated.segments[k](*carries)
-            pooled[k].append(gated.heads[k].pool(carries[0]))
-    return [torch.cat(p) for p in pooled]
+            _store(pooled, k, at, gated.heads[k].pool(carries[0]), n, torch.empty)
+        at += len(xb)
+    return [p[:at] for p in pooled]
 
 
 def train_gates(gated, train_data: Rows, *, epochs: int = 10, loss: str = "ce", batch_size: int = 256,
@@ -194,11 +217,15 @@ def _train_head(head, feats: torch.Tensor, y: torch.Tensor, desc: str, *, epochs
 @torch.no_grad()
 def collect_exit_logits(gated, data: Rows, batch_size: int = 256,
                         progress: bool = True) -> tuple[list[np.ndarray], np.ndarray]:
-    """Every exit's logits on `data` (K gates, then the backbone's own classifier) and the labels, in one pass."""
+    """Every exit's logits on `data` (K gates, then the backbone's own classifier) and the labels
+    (written into arrays allocated once, as cache_gate_features)."""
     gated.eval()
-    parts: list[list[np.ndarray]] = [[] for _ in range(gated.num_gates + 1)]
-    for xb, _ in tqdm(data.batches(batch_size), total=_steps(data, batch_size), disable=not progress,
+    n = _known_rows(data)
+    parts: list[np.ndarray] = []
+    at = 0
+    for xb, _ in tqdm(data.batches(batch_size), total=_steps(n, batch_size), disable=not progress,
                       desc=f"exit logits ({getattr(data, 'split', '') or 'data'})", unit="batch"):
         for k, logits in enumerate(gated(torch.from_numpy(xb))):
-            parts[k].append(logits.float().numpy())
-    return [np.concatenate(p) for p in parts], _labelled(data.labels()).copy()
+            _store(parts, k, at, logits.float().numpy(), n, np.empty)
+        at += len(xb)
+    return [p[:at] for p in parts], _labelled(data.labels()).copy()
