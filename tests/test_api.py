@@ -144,6 +144,24 @@ def test_pool_split_of_a_sequential_head_is_cached_not_the_exit_output(splits, t
     trained = train_gates(gated, (splits[0].x[:300], splits[0].y[:300]), epochs=1, progress=False)
     assert trained.cache_bytes_per_row == 4 * (8 * 4 + 16 * 4)
 
+    class Split(nn.Module):  # its own pool / classify pair: the pooled vector (C floats) is what is cached
+        def __init__(self, channels):
+            super().__init__()
+            self.fc = nn.Linear(channels, 10)
+
+        def pool(self, x):
+            return x.mean(dim=(2, 3))
+
+        def classify(self, pooled):
+            return self.fc(pooled)
+
+        def forward(self, x):
+            return self.classify(self.pool(x))
+
+    gated = attach_gates(trained_net, ["stem", "block1"], head=[Split(8), Split(16)], input_shape=(1, 28, 28))
+    assert [h.pooled_by for h in gated.heads] == ["Split.pool"] * 2
+    assert train_gates(gated, (splits[0].x[:300], splits[0].y[:300]), epochs=1, progress=False).cache_bytes_per_row == 96
+
 
 def test_a_head_whose_pooling_indexes_exports_a_valid_graph(trained_net, tmp_path):
     """AdaptiveAvgPool2d(2) on block1's 7x7 output has uneven bins: the dynamo exporter decomposes it into

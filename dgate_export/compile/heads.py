@@ -143,7 +143,8 @@ class CustomHead(GateHead):
 
     `forward` is the module's own (what is exported). `pool` / `classify` split it so that training can
     cache pooled features: the module's own `pool` and `classify` methods when it has both (they must
-    compose to its forward; attach checks), else for an `nn.Sequential` its leading pooling / flatten
+    compose to its forward, attach checks; `pool` runs once, so only `classify` trains), else for an
+    `nn.Sequential` its leading pooling / flatten
     modules (parameter-free and the same in train and eval mode), else no split: pool is the identity
     and the exit's whole output is cached per row."""
 
@@ -153,8 +154,9 @@ class CustomHead(GateHead):
         super().__init__()
         self.module = module
         self.pooled_by = "nothing (the exit's whole output is cached)"
-        self.prefix = 0
-        if callable(getattr(module, "pool", None)) and callable(getattr(module, "classify", None)):
+        self.prefix = 0  # leading pooling modules of a Sequential
+        self.own_split = callable(getattr(module, "pool", None)) and callable(getattr(module, "classify", None))
+        if self.own_split:
             self.pooled_by = f"{type(module).__name__}.pool"
         elif isinstance(module, nn.Sequential):
             for sub in module:
@@ -165,14 +167,14 @@ class CustomHead(GateHead):
                 self.pooled_by = ", ".join(type(m).__name__ for m in list(module)[:self.prefix])
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
-        if self.pooled_by.endswith(".pool"):
+        if self.own_split:
             return self.module.pool(features)  # type: ignore[operator]
         if self.prefix:
             return self.module[:self.prefix](features)  # type: ignore[index]
         return features
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
-        if self.pooled_by.endswith(".pool"):
+        if self.own_split:
             return self.module.classify(pooled)  # type: ignore[operator]
         if self.prefix:
             return self.module[self.prefix:](pooled)  # type: ignore[index]
