@@ -1,6 +1,6 @@
 """Gate your own PyTorch model from Python: attach, train, calibrate, save, build, run, bench.
 
-    python examples/python_api.py [-o runs/python_api]     # 2m25s here at load average 6 (91 s of CPU)
+    python examples/python_api.py [-o runs/python_api]     # 2.5-6.5 min here at load 6-8 (91-129 s of CPU)
 
 The walk-through of docs/python-api.md, runnable: a small CNN defined here (in no registry) is trained
 in plain PyTorch on Fashion-MNIST (Debian's dataset-fashion-mnist), then gets two exit heads of its own
