@@ -1,9 +1,12 @@
 """Measure a bundle against its un-gated baseline on the same backend (no torch).
 
-Accuracy and exits come from one pass over the data. Speed is measured per batch size with the gated
-runtime and the baseline interleaved call by call (the order alternating each iteration), so drift of
-the machine hits both alike. The ideal speed-up of the timed batches is computed from the exits those
-very batches took, so efficiency = measured / ideal compares like with like.
+Accuracy and exits come from one pass over the data, read in batches (data.Rows: memory does not grow
+with the rows). Speed is measured per batch size with the gated runtime and the baseline interleaved
+call by call (the order alternating each iteration), so drift of the machine hits both alike, on the
+first rows of the data (as many as `timing_bytes` of model input hold, at least two of the largest
+batches). The
+ideal speed-up of the timed batches is computed from the exits those very batches took, so efficiency
+= measured / ideal compares like with like.
 
 The JSON written by `--json` follows `docs/bench.md` (schema "dgate-bench/1").
 """
@@ -33,6 +36,8 @@ from .runtime import GatedRuntime
 SCHEMA = "dgate-bench/1"
 LATENCY_KEYS = ("mean", "median", "p90", "p95", "p99", "min", "max")  # trtexec's names
 SWEEP_THRESHOLDS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, NEVER_EXIT)
+TIMING_BYTES = 256 << 20  # model input kept in memory for the timed batches (all rows when they fit)
+PASS_BATCH = 256  # rows read at a time for the accuracy pass
 
 
 @dataclass
@@ -45,6 +50,7 @@ class BenchOptions:
     sweep: bool = False
     sweep_seconds: float = 1.0  # timing per sweep point (at the largest batch size)
     exit_times: bool = False    # also time leaving at each exit: the time-based ideal speed-up
+    timing_bytes: int = TIMING_BYTES  # model input kept in memory for the timed batches
 
 
 def latency_stats(seconds: Sequence[float]) -> dict[str, float]:
@@ -59,12 +65,43 @@ def _baseline_logits(baseline, x: np.ndarray, max_batch: int) -> np.ndarray:
                            for i in range(0, len(x), max_batch)]).astype(np.float32)
 
 
-def quality(rt: GatedRuntime, baseline, x: np.ndarray, y: np.ndarray | None, costs: list[float],
+def as_rows(x: Any, y: np.ndarray | None = None, normalization: dict | None = None) -> Any:
+    """data.Rows as they are, or arrays (x, y) as rows (uint8 x normalized with `normalization`)."""
+    if hasattr(x, "batches"):
+        return x
+    from .data import ArrayRows
+
+    x = np.asarray(x)
+    return ArrayRows(x, None if y is None else np.asarray(y), normalization=normalization if x.dtype == np.uint8 else None)
+
+
+def _one_pass(rt: GatedRuntime, baseline, rows: Any, thresholds: Sequence[float] | None,
+              with_baseline: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(predictions, exits, labels or None, baseline predictions or None) of every row, read in batches."""
+    preds, exits, labels, base = [], [], [], []
+    for xb, yb in rows.batches(min(PASS_BATCH, rt.max_batch)):
+        xb = rt._prepare(xb)
+        res = rt.run(xb, thresholds=thresholds)
+        preds.append(res.predictions)
+        exits.append(res.exits)
+        if yb is not None:
+            labels.append(np.asarray(yb))
+        if with_baseline:
+            base.append(_baseline_logits(baseline, xb, rt.max_batch).argmax(axis=1))
+    y = np.concatenate(labels) if labels and len(labels) == len(preds) else None
+    return (np.concatenate(preds), np.concatenate(exits), y, np.concatenate(base) if with_baseline else None)
+
+
+def quality(rt: GatedRuntime, baseline, x: Any, y: np.ndarray | None, costs: list[float],
             baseline_flops: float, thresholds: Sequence[float] | None = None,
             baseline_pred: np.ndarray | None = None) -> dict[str, Any]:
-    """Accuracy (when labels are given), exit fractions and expected FLOPs of one pass over x."""
-    res = rt.run(x, thresholds=thresholds)
-    counts = res.exit_counts.astype(int)
+    """Accuracy (when labels are given), exit fractions and expected FLOPs of one pass over x (arrays with
+    labels y, or data.Rows read in batches)."""
+    rows = as_rows(x, y, rt.manifest.input.normalization)
+    labelled = rows.labels() is not None
+    predictions, taken, labels, base_pred = _one_pass(rt, baseline, rows, thresholds,
+                                                      with_baseline=labelled and baseline_pred is None)
+    counts = np.bincount(taken, minlength=rt.num_gates + 1).astype(int)
     fractions = counts / counts.sum()
     expected = expected_cost(costs, fractions)
     out: dict[str, Any] = {
@@ -74,15 +111,33 @@ def quality(rt: GatedRuntime, baseline, x: np.ndarray, y: np.ndarray | None, cos
                   "ideal_speedup": baseline_flops / expected, "exit_costs": costs},
         "accuracy": None,
     }
-    if y is not None:
+    if labels is not None:
         if baseline_pred is None:
-            baseline_pred = _baseline_logits(baseline, x, rt.max_batch).argmax(axis=1)
-        correct = res.predictions == y
-        per_exit = [float(correct[res.exits == k].mean()) if counts[k] else None for k in range(len(counts))]
-        gated, base = float(correct.mean()), float((baseline_pred == y).mean())
+            baseline_pred = base_pred
+        assert baseline_pred is not None  # computed in the pass when not given
+        correct: np.ndarray = np.equal(predictions, labels)
+        per_exit = [float(correct[taken == k].mean()) if counts[k] else None for k in range(len(counts))]
+        gated, base = float(correct.mean()), float(np.mean(np.equal(baseline_pred, labels)))
         out["accuracy"] = {"gated": gated, "baseline": base, "drop_points": 100.0 * (base - gated),
                            "per_exit": per_exit}
     return out
+
+
+def baseline_predictions(rt: GatedRuntime, baseline, rows: Any) -> np.ndarray:
+    """The un-gated model's prediction for every row, read in batches."""
+    out = []
+    for xb, _ in rows.batches(min(PASS_BATCH, rt.max_batch)):
+        out.append(_baseline_logits(baseline, rt._prepare(xb), rt.max_batch).argmax(axis=1))
+    return np.concatenate(out)
+
+
+def timing_rows(rows: Any, batch_sizes: Sequence[int], limit: int = TIMING_BYTES) -> np.ndarray:
+    """The first rows of `rows` that the timing runs on: all of them when their model input fits in
+    `limit` bytes, else as many as fit (at least twice the largest batch size)."""
+    per_row = 4 * int(np.prod(rows.sample_shape))
+    n = min(len(rows), max(2 * max(batch_sizes), limit // max(per_row, 1)))
+    parts = [xb for xb, _ in rows.batches(min(PASS_BATCH, n), np.arange(n))]
+    return np.concatenate(parts)
 
 
 def exit_time_costs(rt: GatedRuntime, baseline, x: np.ndarray, batch_size: int, costs: list[float],
@@ -157,29 +212,31 @@ def time_batches(rt: GatedRuntime, baseline, x: np.ndarray, batch_size: int, cos
     }
 
 
-def run_bench(bundle: str | Path, x: np.ndarray, y: np.ndarray | None, options: BenchOptions, *,
+def run_bench(bundle: str | Path, x: Any, y: np.ndarray | None, options: BenchOptions, *,
               data_info: dict[str, Any], backend: str | None = None, command: str | None = None,
               progress: bool = True, runner_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The whole report as a dict (see docs/bench.md). `runner_options` go to both sides' runners."""
+    """The whole report as a dict (see docs/bench.md). `x`: data.Rows (read in batches; `y` unused), or
+    arrays x [N, C, H, W] and labels y (or None). `runner_options` go to both sides' runners."""
     from tqdm import tqdm
 
     runner_options = runner_options or {}
     rt = GatedRuntime.load(bundle, backend=backend, thresholds=options.thresholds, **runner_options)
     baseline = rt.baseline_runner()
     manifest = rt.manifest
+    rows = as_rows(x, y, manifest.input.normalization)
     too_big = [b for b in options.batch_sizes if b > manifest.max_batch]
     if too_big or any(b < 1 for b in options.batch_sizes):
         raise UserError(f"Batch sizes {list(options.batch_sizes)} include values outside 1..{manifest.max_batch}, "
                         "the range this bundle was built for.",
                         f"Use batch sizes up to {manifest.max_batch}, or rebuild with a larger --max-batch.")
-    check_labels(y, manifest.num_classes)
+    labels = rows.labels()
+    check_labels(labels, manifest.num_classes)
     rt.warmup()  # one-time per-shape costs (GPU providers) stay out of the timings
-    x = rt._prepare(x)  # the bundle's float type (fp16 bundles) for the baseline too, checked once
     costs = manifest.exit_costs()
     base_flops = float(manifest.baseline.flops or costs[-1])
-    baseline_pred = None
-    if y is not None:
-        baseline_pred = _baseline_logits(baseline, x, rt.max_batch).argmax(axis=1)
+    baseline_pred = baseline_predictions(rt, baseline, rows) if labels is not None else None
+    timed = rt._prepare(timing_rows(rows, options.batch_sizes, options.timing_bytes))  # the bundle's float type (fp16) for both sides
+    data_info = dict(data_info, timing_rows=len(timed))
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -193,7 +250,7 @@ def run_bench(bundle: str | Path, x: np.ndarray, y: np.ndarray | None, options: 
                    "providers": getattr(baseline, "providers", None)},
         "versions": _versions(backend or manifest.backend),
         "data": data_info,
-        **quality(rt, baseline, x, y, costs, base_flops, baseline_pred=baseline_pred),
+        **quality(rt, baseline, rows, None, costs, base_flops, baseline_pred=baseline_pred),
         "speed": [],
         "sweep": None,
     }
@@ -201,10 +258,10 @@ def run_bench(bundle: str | Path, x: np.ndarray, y: np.ndarray | None, options: 
     with tqdm(total=total, desc="timing", unit="setting", disable=not progress, leave=False) as bar:
         for b in options.batch_sizes:
             bar.set_postfix_str(f"batch {b}")
-            entry = time_batches(rt, baseline, x, b, costs, base_flops, warmup_ms=options.warmup_ms,
+            entry = time_batches(rt, baseline, timed, b, costs, base_flops, warmup_ms=options.warmup_ms,
                                  min_iterations=options.min_iterations, min_seconds=options.min_seconds)
             if options.exit_times:
-                rel = exit_time_costs(rt, baseline, x, b, costs, base_flops, warmup_ms=options.warmup_ms / 4,
+                rel = exit_time_costs(rt, baseline, timed, b, costs, base_flops, warmup_ms=options.warmup_ms / 4,
                                       min_seconds=options.min_seconds / 2)
                 entry["exit_time_costs"] = rel
                 entry["time_ideal_speedup"] = 1.0 / expected_cost(rel, entry["exit_fractions"])
@@ -217,8 +274,9 @@ def run_bench(bundle: str | Path, x: np.ndarray, y: np.ndarray | None, options: 
             for t in SWEEP_THRESHOLDS:
                 bar.set_postfix_str(f"sweep t={t}")
                 thr = [t] * rt.num_gates
-                point = quality(rt, baseline, x, y, costs, base_flops, thresholds=thr, baseline_pred=baseline_pred)
-                timing = time_batches(rt, baseline, x, b, costs, base_flops, warmup_ms=options.warmup_ms / 4,
+                point = quality(rt, baseline, rows, None, costs, base_flops, thresholds=thr,
+                                baseline_pred=baseline_pred)
+                timing = time_batches(rt, baseline, timed, b, costs, base_flops, warmup_ms=options.warmup_ms / 4,
                                       min_iterations=3, min_seconds=options.sweep_seconds, thresholds=thr)
                 point["speed"] = {k: timing[k] for k in ("batch_size", "speedup", "ideal_speedup", "efficiency")}
                 report["sweep"].append(point)

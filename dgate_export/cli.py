@@ -21,7 +21,7 @@ from .errors import UserError
 
 # Packages that come with an extra, not with `pip install dgate-export` (which runs and benchmarks bundles).
 EXTRAS = {"torch": "compile", "torchvision": "compile", "onnx": "compile", "onnxscript": "compile",
-          "tensorrt": "tensorrt", "cuda": "tensorrt", "matplotlib": "plot", "pyarrow": "parquet"}
+          "tensorrt": "tensorrt", "cuda": "tensorrt", "matplotlib": "plot", "pyarrow": "parquet", "PIL": "images"}
 
 
 def missing_extra(err: ModuleNotFoundError) -> UserError | None:
@@ -102,7 +102,8 @@ def _float_list(text: str, what: str) -> list[float]:
 
 @main.command()
 @click.option("--engine", "bundle", required=True, type=click.Path(), help="Bundle directory (engines/NAME).")
-@click.option("--data", default=None, help="Labelled data: fashion-mnist or npz:PATH (its test split is used).")
+@click.option("--data", default=None, help="Labelled data: fashion-mnist, npz:PATH, npy:DIR or folder:PATH (its test split is used; "
+              "images prepared as the bundle records).")
 @click.option("--data-dir", default=None, type=click.Path(), help="Folder of the Fashion-MNIST IDX files.")
 @click.option("--repeat-channels", is_flag=True, help="Repeat 1-channel data to the model's channel count.")
 @click.option("--random", "random_n", type=int, default=None, help="Time on N random inputs instead (no accuracy).")
@@ -111,6 +112,9 @@ def _float_list(text: str, what: str) -> list[float]:
 @click.option("--warmup-ms", default=200.0, show_default=True, help="Warm-up before timing each batch size.")
 @click.option("--min-iterations", default=10, show_default=True, help="Timed iterations per batch size, at least.")
 @click.option("--min-seconds", default=3.0, show_default=True, help="Timed seconds per batch size, at least.")
+@click.option("--timing-mb", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Model input held in memory for the timed batches: the data's first rows that fit (at least "
+                   "two of the largest batches).")
 @click.option("--thresholds", default=None, help="Override the bundle's thresholds: a,b,c (one per gate).")
 @click.option("--backend", default=None, help="Run on another backend than the bundle's (e.g. onnxruntime).")
 @click.option("--sweep", is_flag=True, help="Also sweep one threshold at every gate: accuracy, FLOPs, speed-up.")
@@ -125,7 +129,7 @@ def _float_list(text: str, what: str) -> list[float]:
 @click.option("--json", "json_path", default=None, type=click.Path(), help="Write the full figures as JSON.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(), help="Write accuracy-vs-cost and speed-up plots (PNG).")
 def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes, warmup_ms, min_iterations,
-          min_seconds, thresholds, backend, sweep, exit_times, cuda_graphs, providers, json_path, plot_path):
+          min_seconds, timing_mb, thresholds, backend, sweep, exit_times, cuda_graphs, providers, json_path, plot_path):
     """Measure a bundle against its un-gated baseline on the same backend.
 
     Reports accuracy (gated vs baseline, per exit), exit fractions, expected FLOPs and the ideal
@@ -152,14 +156,13 @@ def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes,
     if (data is None) == (random_n is None):
         raise UserError("Give exactly one of --data DATA (accuracy and speed) or --random N (speed only).")
     if data is not None:
-        from .data import check_input_shape, load_dataset
+        from .recalibrate import rows_for_bundle
 
-        channels = chw[0] if repeat_channels else None
-        ds = load_dataset(data, "test", data_dir=data_dir, channels=channels)
-        x, y = ds.x, ds.y
+        x = rows_for_bundle(manifest, data, ("test",), where=bundle, data_dir=data_dir,
+                            repeat_channels=repeat_channels)["test"]  # read in batches, never whole
         if limit:
-            x, y = x[:limit], y[:limit]
-        check_input_shape(x, chw, where=f"data set {data!r}")
+            x = x.select(np.arange(min(limit, len(x))))
+        y = None
         info = {"spec": data, "split": "test", "samples": len(x), "labelled": True,
                 "description": f"{data} test split ({len(x)} samples)"}
     else:
@@ -172,7 +175,7 @@ def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes,
     options = bench_mod.BenchOptions(
         batch_sizes=_int_list(batch_sizes, "--batch-sizes"), warmup_ms=warmup_ms, min_iterations=min_iterations,
         min_seconds=min_seconds, thresholds=_float_list(thresholds, "--thresholds") if thresholds else None,
-        sweep=sweep, exit_times=exit_times)
+        sweep=sweep, exit_times=exit_times, timing_bytes=timing_mb << 20)
     # TensorRT: a graph per segment and bucket; ONNX Runtime: fixed buffers and a graph per slot, which
     # needs --providers cuda (its runner says so otherwise).
     runner_options: dict = {"cuda_graphs": True} if cuda_graphs else {}
@@ -283,9 +286,9 @@ def _target(max_drop, guarantee, delta, budget, upper_bound, holdout):
                    "--calibration-data (docs/precision.md).")
 @click.option("--calibration-data", default=None, metavar="DATA",
               help="int8: the data set whose TRAINING rows calibrate the quantization and whose validation rows "
-                   "(the split the model records) fit the thresholds: fashion-mnist or npz:PATH. fp16: its "
-                   "validation rows refit the thresholds to the fp16 bundle's own confidences. The refit's target: "
-                   "the target flags given, else the one MODEL was calibrated for.")
+                   "(the split the model records) fit the thresholds: a data spec (fashion-mnist, npz:PATH, ...). "
+                   "fp16: its validation rows refit the thresholds to the fp16 bundle's own confidences. The refit's "
+                   "target: the target flags given, else the one MODEL was calibrated for.")
 @click.option("--calibration-rows", default=None, type=int, metavar="N",
               help="int8: training rows that calibrate the activation ranges [default: 512].")
 @click.option("--data-dir", default=None, type=click.Path(), help="int8: folder of the Fashion-MNIST IDX files.")
@@ -401,7 +404,8 @@ def inspect_cmd(path):
 @main.command("score")
 @click.argument("bundle", type=click.Path())
 @click.option("--data", required=True,
-              help="fashion-mnist or npz:PATH (its --split; an npz with only `x` is scored whole, without labels).")
+              help="fashion-mnist, npz:PATH, npy:DIR or folder:PATH (its --split; an npz with only `x`, or a folder "
+                   "of images without class folders, is scored whole, without labels).")
 @click.option("--data-dir", default=None, type=click.Path(), help="Folder of the Fashion-MNIST IDX files.")
 @click.option("--repeat-channels", is_flag=True, help="Repeat 1-channel data to the model's channel count.")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
@@ -433,8 +437,11 @@ def score_cmd(bundle, data, data_dir, repeat_channels, split, limit, output, ray
     full network), confidence, label (when the data has labels), logits (with --logits). Prints exit
     fractions, accuracy when labels exist, and samples/s. The file appears only once it is complete.
     """
-    from .data import check_input_shape, data_file, load_images
+    import numpy as np
+
+    from .data import data_file, recorded_split
     from .manifest import load_manifest
+    from .recalibrate import rows_for_bundle
     from .score import check_output, check_ray, score
 
     check_output(Path(output), force, reads=(bundle, data_file(data)))
@@ -443,13 +450,13 @@ def score_cmd(bundle, data, data_dir, repeat_channels, split, limit, output, ray
     manifest = load_manifest(bundle)  # a clear error before any data is read
     if ray_address is None and (actors is not None or cpus_per_actor != 1.0 or max_retries is not None):
         raise UserError("--actors, --cpus-per-actor and --max-retries apply to --ray only.", "Add --ray, or drop them.")
-    chw = tuple(int(d) for d in manifest.input.shape[1:])
-    x, y = load_images(data, data_dir=data_dir, channels=chw[0] if repeat_channels else None, split=split,
-                       data_split=(manifest.source or {}).get("data_split"))
+    val_size, seed = recorded_split((manifest.source or {}).get("data_split"), str(bundle))
+    # read in batches; a test split may be unlabelled (an npz with only x, a folder without class folders)
+    rows = rows_for_bundle(manifest, data, (split,), where=bundle, data_dir=data_dir, repeat_channels=repeat_channels,
+                           val_size=val_size, seed=seed, labelled=None if split == "test" else True)[split]
     if limit:
-        x, y = x[:limit], (None if y is None else y[:limit])
-    check_input_shape(x, chw, where=f"data set {data!r}")
-    summary = score(bundle, x, y, output, ray=ray_address, actors=actors, cpus_per_actor=cpus_per_actor,
+        rows = rows.select(np.arange(min(limit, len(rows))))
+    summary = score(bundle, rows, None, output, ray=ray_address, actors=actors, cpus_per_actor=cpus_per_actor,
                     batch_size=batch_size, thresholds=_float_list(thresholds, "--thresholds") if thresholds else None,
                     logits=logits, force=force, progress=progress, max_retries=max_retries,
                     describe=f"of {data}{'' if split == 'test' else f' ({split} split)'} with {bundle}")
@@ -583,9 +590,17 @@ def _wrote(files) -> None:
 @click.option("--weights", default=None, type=click.Path(), help="Backbone state_dict (.pth); without it the "
               "backbone is trained on DATA first.")
 @click.option("--exits", default=None, help="Comma-separated module names to gate after (default: the zoo's).")
-@click.option("--data", required=True, help="fashion-mnist or npz:PATH.")
+@click.option("--data", required=True, help="fashion-mnist, npz:PATH, npy:DIR or folder:PATH (docs: data specs).")
 @click.option("--data-dir", default=None, type=click.Path(), help="Folder of the Fashion-MNIST IDX files.")
 @click.option("--repeat-channels", is_flag=True, help="Repeat 1-channel data to the model's channel count.")
+@click.option("--image-size", default=None, type=click.IntRange(min=1),
+              help="folder: data: the square input size images are centre-cropped to (e.g. 224).")
+@click.option("--resize", default=None, type=click.IntRange(min=1),
+              help="folder: data: resize the shorter side to this first (e.g. 256) [--image-size].")
+@click.option("--normalize", default=None, metavar="imagenet|none|MEAN/STD",
+              help="Raw pixels (folder:, uint8 arrays): ImageNet's mean and std, none ([0, 1] only), or MEAN/STD "
+                   "on [0, 1] pixels (one value or one per channel) [imagenet for 3 channels, else none; "
+                   "Fashion-MNIST: its own]. Recorded in model.pt and the bundle.")
 @click.option("--val-size", default=None, type=click.IntRange(min=1),
               help=f"Validation rows held out of training [10% of the training rows, at most {DEFAULT_VAL_SIZE}].")
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1),
@@ -593,9 +608,10 @@ def _wrote(files) -> None:
                    "trains for more epochs).")
 @click.option("--backbone-epochs", default=2, show_default=True, help="Backbone epochs when there are no --weights.")
 @click.option("--batch-size", default=128, show_default=True, help="Backbone training batch size.")
-@click.option("--head", default="linear", show_default=True, type=click.Choice(["linear", "mlp", "grid"]),
-              help="Gate head: global pooling + linear (the paper's), + one hidden layer, or grid pooling "
-                   "(4x4 cells) + one hidden layer.")
+@click.option("--head", default="linear", show_default=True,
+              help="Gate head: linear (global pooling + linear, the paper's), mlp (+ one hidden layer), grid (grid "
+                   "pooling, 4x4 cells, + one hidden layer), or a head registered with register_head in an "
+                   "--import module.")
 @click.option("--feature-layout", default="auto", show_default=True, metavar="LAYOUT[,LAYOUT...]",
               help="Layout of the exits' outputs, one for all or one per exit: auto (detected from the exit's "
                    "modules), nchw (channels first), nhwc (channels last, e.g. Swin), tokens-cls ([N, tokens, "
@@ -607,8 +623,8 @@ def _wrote(files) -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed of the validation split and of training.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Gated model to write (model.pt).")
-def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val_size, epochs, backbone_epochs,
-         batch_size, head, feature_layout, confidence, loss, max_drop, guarantee, delta, budget, upper_bound, holdout,
+def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, image_size, resize, normalize, val_size,
+         epochs, backbone_epochs, batch_size, head, feature_layout, confidence, loss, max_drop, guarantee, delta, budget, upper_bound, holdout,
          seed, progress, output):
     """Attach d-gates to a backbone, train them, calibrate their thresholds, save model.pt.
 
@@ -631,7 +647,8 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
     options = GateOptions(
         arch=arch, data=data, output=output, arch_kwargs=kwargs, weights=weights,
         exits=[e.strip() for e in exits.split(",") if e.strip()] if exits else None, data_dir=data_dir,
-        repeat_channels=repeat_channels, val_size=val_size, epochs=epochs, backbone_epochs=backbone_epochs,
+        repeat_channels=repeat_channels, image_size=image_size, resize=resize, normalize=normalize,
+        val_size=val_size, epochs=epochs, backbone_epochs=backbone_epochs,
         batch_size=batch_size, head=head, feature_layout=layouts[0] if len(layouts) == 1 else layouts,
         confidence=confidence, loss=loss, target=target, seed=seed, progress_bars=progress)
     gated = gate_backbone(options, progress=click.echo)
@@ -646,7 +663,8 @@ def gate(arch, arch_kwargs, weights, exits, data, data_dir, repeat_channels, val
               help="Calibrate this bundle instead of MODEL: run its own segments (its precision, its backend) on "
                    "the validation rows and rewrite only the thresholds (and a record of the choice) in its "
                    "manifest.json.")
-@click.option("--data", required=True, help="fashion-mnist or npz:PATH (the same data the gates were trained on).")
+@click.option("--data", required=True, help="fashion-mnist, npz:PATH, npy:DIR or folder:PATH (the same data the gates "
+              "were trained on; images prepared as MODEL or the bundle records).")
 @click.option("--data-dir", default=None, type=click.Path(), help="Folder of the Fashion-MNIST IDX files.")
 @click.option("--repeat-channels", is_flag=True, help="Repeat 1-channel data to the model's channel count.")
 @click.option("--val-size", default=None, type=int, help=f"Validation rows [the split MODEL records, else {DEFAULT_VAL_SIZE}].")

@@ -21,8 +21,13 @@ from . import contract
 from .contract import CARRY_IN_PREFIX, CONFIDENCE, CONFIDENCES, INDEX, INPUT, LOGITS
 from .errors import UserError
 from .files import sha256_file, write_text_atomic
+from .images import ImagePrep
 
 FORMAT = "dgate-bundle/1"
+# /1 plus input.image (how image files become input): written only by bundles that record it, so that
+# readers of /1 keep reading every other bundle, and refuse the ones whose images they would misprepare.
+FORMAT_IMAGES = "dgate-bundle/2"
+FORMATS = (FORMAT, FORMAT_IMAGES)
 MANIFEST_FILE = "manifest.json"
 # precision -> float dtype of every graph's inputs and outputs (int8 graphs quantize inside: QDQ)
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
@@ -126,10 +131,14 @@ class InputSpec:
     dtype: str
     layout: str = "NCHW"
     normalization: dict[str, Any] | None = None  # {"scale", "mean": [...], "std": [...]}: x = (raw*scale - mean)/std
+    image: ImagePrep | None = None  # how an image file becomes raw pixels (format /2 only), None: no record
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "layout": self.layout,
-                "normalization": self.normalization}
+        out = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "layout": self.layout,
+               "normalization": self.normalization}
+        if self.image is not None:
+            out["image"] = self.image.to_dict()
+        return out
 
 
 @dataclass
@@ -182,7 +191,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         extra = {"quantization": self.quantization} if self.quantization is not None else {}
         return {
-            "format": self.format,
+            "format": FORMAT_IMAGES if self.input.image is not None else FORMAT,
             "name": self.name,
             "created": self.created,
             "backend": self.backend,
@@ -401,9 +410,9 @@ def _parse_manifest(data: Any) -> Manifest:
     if not isinstance(data, dict):
         raise _Bad("the top level must be a JSON object")
     fmt = data.get("format")
-    if fmt != FORMAT:
+    if fmt not in FORMATS:
         if isinstance(fmt, str) and fmt.startswith("dgate-bundle/"):
-            raise _Bad(f"format {fmt!r} is not supported (this dgate-export reads {FORMAT!r})")
+            raise _Bad(f"format {fmt!r} is not supported (this dgate-export reads {' and '.join(map(repr, FORMATS))})")
         raise _Bad(f"format {fmt!r} is not {FORMAT!r}: this is not a dgate-export bundle manifest")
 
     precision = _get(data, "precision", "manifest", str)
@@ -425,7 +434,11 @@ def _parse_manifest(data: Any) -> Manifest:
         dtype=_get(inp, "dtype", "input", str),
         layout=_get(inp, "layout", "input", str),
         normalization=_normalization(inp.get("normalization")),
+        image=_image(_get(inp, "image", "input", dict)) if fmt == FORMAT_IMAGES else None,
     )
+    if input_spec.image is not None and [input_spec.image.channels, *input_spec.image.size] != input_spec.shape[1:]:
+        raise _Bad(f"input.image (color {input_spec.image.color}, size {list(input_spec.image.size)}) does not give "
+                   f"input.shape {input_spec.shape[1:]}")
     if input_spec.name != INPUT or input_spec.dtype != float_dtype or input_spec.shape[0] != BATCH:
         raise _Bad(f"input must be named {INPUT!r}, have dtype {float_dtype} for precision {precision} "
                    f"and a leading {BATCH!r} dimension")
@@ -484,7 +497,7 @@ def _parse_manifest(data: Any) -> Manifest:
         calibration=_get(data, "calibration", "manifest", dict, optional=True),
         quantization=quantization,
         exit_reference=_exit_reference(data, len(segments) - 1),
-        format=FORMAT,
+        format=fmt,
     )
 
 
@@ -502,6 +515,13 @@ def _exit_reference(data: Any, num_gates: int) -> dict[str, Any] | None:
         raise _Bad(f"exit_reference must hold {num_gates + 1} exit_fractions >= 0, {num_gates} thresholds and "
                    "rows >= 1")
     return dict(ref)
+
+
+def _image(value: dict) -> ImagePrep:
+    try:
+        return ImagePrep.from_dict(value)
+    except (ValueError, UserError) as err:
+        raise _Bad(str(err)) from err
 
 
 def _normalization(value: Any) -> dict[str, Any] | None:

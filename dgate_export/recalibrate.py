@@ -25,28 +25,38 @@ import numpy as np
 
 from .calibrate import Calibration, Evaluation, Target, calibrate_scores, evaluate_scores, holdout_rows
 from .contract import exit_at
-from .data import check_input_shape, check_labels, load_splits, recorded_split
+from .data import Dataset, check_labels, open_for_model, recorded_split
 from .drift import reference_record
 from .errors import UserError
 from .files import sha256_file
-from .manifest import MANIFEST_FILE, load_manifest, write_manifest
+from .manifest import MANIFEST_FILE, Manifest, load_manifest, write_manifest
 from .outputs import check_rewrite
 from .profile import load_costs
 from .runtime import GatedRuntime
 
+EXIT_SCORE_BATCH = 256  # rows read and run at a time (the runtime compacts within it)
 
-def exit_scores(rt, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(conf [K, N] float32, correct [K+1, N] bool) of every exit of the runtime's bundle on x, y."""
+
+def exit_scores(rt, x: Any, y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(conf [K, N] float32, correct [K+1, N] bool) of every exit of the runtime's bundle on labelled rows:
+    data.Rows read in batches, or arrays x and y."""
+    rows = x if y is None else Dataset(x, y, None, None)
     k_gates = rt.num_gates
-    conf = np.empty((k_gates, len(x)), dtype=np.float32)
-    correct = np.empty((k_gates + 1, len(x)), dtype=bool)
-    for k in range(k_gates + 1):
-        res = rt.run(x, thresholds=exit_at(k, k_gates))
-        if not (res.exits == k).all():
-            raise RuntimeError(f"forcing exit {k} sent samples to exits {np.unique(res.exits).tolist()}")
-        correct[k] = res.predictions == y
-        if k < k_gates:
-            conf[k] = res.confidence
+    n = len(rows)
+    conf = np.empty((k_gates, n), dtype=np.float32)
+    correct = np.empty((k_gates + 1, n), dtype=bool)
+    at = 0
+    for xb, yb in rows.batches(min(EXIT_SCORE_BATCH, rt.max_batch)):
+        _check_labels(yb, rt.num_classes)
+        stop = at + len(xb)
+        for k in range(k_gates + 1):
+            res = rt.run(xb, thresholds=exit_at(k, k_gates))
+            if not (res.exits == k).all():
+                raise RuntimeError(f"forcing exit {k} sent samples to exits {np.unique(res.exits).tolist()}")
+            correct[k, at:stop] = res.predictions == yb
+            if k < k_gates:
+                conf[k, at:stop] = res.confidence
+        at = stop
     return conf, correct
 
 
@@ -62,8 +72,8 @@ def recalibrate(bundle: str | Path, val: Any, test: Any | None, *, target: Targe
                 backend: str | None = None, runner_options: dict[str, Any] | None = None,
                 time_cost: tuple[list[float], dict] | None = None,
                 data_record: dict[str, Any] | None = None) -> Recalibrated:
-    """Choose the bundle's thresholds on `val` (a data.Dataset) for `target`, evaluate them on `test`,
-    rewrite the manifest."""
+    """Choose the bundle's thresholds on `val` (data.Rows: read in batches) for `target`, evaluate them on
+    `test`, rewrite the manifest."""
     target = target or Target()
     manifest_path = check_rewrite(Path(bundle) / MANIFEST_FILE, "--engine")
     read = sha256_file(manifest_path)  # the version this calibration starts from (see write_manifest below)
@@ -72,12 +82,8 @@ def recalibrate(bundle: str | Path, val: Any, test: Any | None, *, target: Targe
     try:
         flops = manifest.exit_costs()
         base_flops = float(manifest.baseline.flops or flops[-1])
-        _check_labels(val.y, manifest.num_classes)
-        conf, correct = exit_scores(rt, val.x, val.y)
-        test_scores = None
-        if test is not None:
-            _check_labels(test.y, manifest.num_classes)
-            test_scores = exit_scores(rt, test.x, test.y)
+        conf, correct = exit_scores(rt, val)
+        test_scores = exit_scores(rt, test) if test is not None else None
         providers = getattr(rt.baseline_runner(), "providers", None)
     finally:
         rt.close()
@@ -153,17 +159,22 @@ def calibrate_bundle(bundle: str | Path, data: str, *, target: Target | None = N
     if gated_on and gated_on != data and warn is not None:
         warn(f"warning: {bundle} was gated on --data {gated_on}, this calibrates on {data}: its validation "
              "rows must be ones the gates were never trained on.")
-    chw = tuple(int(d) for d in manifest.input.shape[1:])
-    splits = load_splits(data, data_dir=data_dir, channels=chw[0] if repeat_channels else None, val_size=val_size,
-                         seed=seed)
-    for name in ("val", "test"):
-        check_input_shape(splits[name].x, list(chw), where=f"data set {data!r} ({name})")
+    splits = rows_for_bundle(manifest, data, ("val", "test"), where=str(bundle), data_dir=data_dir,
+                             repeat_channels=repeat_channels, val_size=val_size, seed=seed)
     record = {"spec": data, "val_size": val_size, "seed": seed, "rows": len(splits["val"])}
     return recalibrate(bundle, splits["val"], splits["test"], target=target, seed=seed, time_cost=time_cost,
                        data_record=record)
 
 
-def _check_labels(y: np.ndarray, num_classes: int) -> None:
+def rows_for_bundle(manifest: Manifest, data: str, splits: tuple[str, ...], *, where: str, **kwargs: Any) -> dict[str, Any]:
+    """Splits of `data` as Rows prepared as the bundle records (input shape, normalization, image
+    preparation): data.open_for_model's keywords."""
+    image = manifest.input.image.to_dict() if manifest.input.image is not None else None
+    return open_for_model(data, splits, input_shape=manifest.input.shape[1:], normalization=manifest.input.normalization,
+                          image=image, where=where, **kwargs)
+
+
+def _check_labels(y: np.ndarray | None, num_classes: int) -> None:
     if y is None or len(y) == 0:
         raise UserError("calibrate --engine needs labelled rows: the data has no labels.",
                         "Give --data with labels (fashion-mnist, or an npz with y / y_val / y_test).")

@@ -3,11 +3,13 @@
     summary = score("engines/model", x, labels, "predictions.parquet")                  # in-process
     summary = score("engines/model", x, labels, "predictions.csv")                      # no pyarrow needed
     summary = score("engines/model", x, labels, "predictions.parquet", ray="local")     # Ray Data
+    summary = score("engines/model", rows, None, "predictions.parquet")                 # data.Rows
 
 In-process, one GatedRuntime classifies `batch_size` rows at a time. With `ray`, a Ray instance is
 started for the job (`"local"`) or joined (an address such as `ray://head:10001` or `auto`; an
 already initialized Ray is used as it is), and a pool of actors classifies the rows
-(`dgate_export.integrations.ray`).
+(`dgate_export.integrations.ray`). Rows given as data.Rows (`open_rows`: an image folder, a memory-mapped
+npz) are read batch by batch, in-process or by Ray's read tasks, so memory does not grow with them.
 
 The output has one row per input row, in input order: `row` (the input's row number), `prediction`,
 `exit` (0..K-1: the gate taken, K: the full network), `confidence` (at the exit taken), `label` when
@@ -30,7 +32,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -269,14 +271,15 @@ def exit_names(manifest: Manifest) -> list[str]:
     return [seg.gate.exit for seg in manifest.segments if seg.gate is not None] + ["full network"]
 
 
-def score(bundle: str | Path, x: np.ndarray, labels: np.ndarray | None, output: str | Path, *,
+def score(bundle: str | Path, x: Any, labels: np.ndarray | None, output: str | Path, *,
           ray: str | None = None, actors: int | None = None, cpus_per_actor: float = 1.0, batch_size: int = 256,
           thresholds: Sequence[float] | None = None, logits: bool = False, force: bool = False,
           progress: bool = True, describe: str = "", max_retries: int | None = None) -> ScoreSummary:
-    """Classify x [N, C, H, W] with `bundle` into `output` (see the module docstring); `ray`: None
-    (in-process), "local" or a Ray address; `max_retries`: Ray's restarts of an actor and retries of a batch
-    (None: integrations.ray.DEFAULT_MAX_RETRIES). On Ray, what Ray prints goes to a log file in the
-    temporary folder (named in the error when the job fails; removed when it succeeds)."""
+    """Classify x [N, C, H, W] (arrays, with `labels` or None; or data.Rows, whose own labels are used)
+    with `bundle` into `output` (see the module docstring); `ray`: None (in-process), "local" or a Ray
+    address; `max_retries`: Ray's restarts of an actor and retries of a batch (None:
+    integrations.ray.DEFAULT_MAX_RETRIES). On Ray, what Ray prints goes to a log file in the temporary
+    folder (named in the error when the job fails; removed when it succeeds)."""
     from tqdm import tqdm
 
     check_output(Path(output), force, reads=(bundle,))
@@ -285,9 +288,11 @@ def score(bundle: str | Path, x: np.ndarray, labels: np.ndarray | None, output: 
     manifest = load_manifest(bundle)  # a clear error before anything starts
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"The batch size must be a positive integer, got {batch_size!r}.")
+    if hasattr(x, "batches"):
+        labels = None  # data.Rows bring their own
     if labels is not None and len(labels) != len(x):
         raise UserError(f"{len(labels)} labels for {len(x)} rows.", "Give one label per row.")
-    check_labels(labels, manifest.num_classes)
+    check_labels(x.labels() if hasattr(x, "batches") else labels, manifest.num_classes)
     if len(x) == 0:
         raise UserError("The data has no rows.", "Give at least one row to score.")
     names = exit_names(manifest)
@@ -329,34 +334,46 @@ def score(bundle: str | Path, x: np.ndarray, labels: np.ndarray | None, output: 
                         where=f"{describe} {where}".strip(), columns=writer.columns)
 
 
-def _in_process(bundle: str | Path, x: np.ndarray, labels: np.ndarray | None, batch_size: int,
+def _batches(x: Any, labels: np.ndarray | None, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """(x, labels or None) per batch: data.Rows' batches, or slices of arrays."""
+    if hasattr(x, "batches"):
+        yield from x.batches(batch_size)
+        return
+    for start in range(0, len(x), batch_size):
+        yield x[start:start + batch_size], (None if labels is None else labels[start:start + batch_size])
+
+
+def _in_process(bundle: str | Path, x: Any, labels: np.ndarray | None, batch_size: int,
                 thresholds: Sequence[float] | None, logits: bool, clock: dict[str, float]) -> Generator[dict, None, None]:
     from .runtime import GatedRuntime
 
     runtime = GatedRuntime.load(bundle, thresholds=thresholds)
     clock["start"] = time.perf_counter()
     try:
-        for start in range(0, len(x), batch_size):
-            stop = min(start + batch_size, len(x))
-            r = runtime.run(x[start:stop])
+        start = 0
+        for xb, yb in _batches(x, labels, batch_size):
+            stop = start + len(xb)
+            r = runtime.run(xb)
             batch = {"row": np.arange(start, stop, dtype=np.int64), "prediction": r.predictions, "exit": r.exits,
                      "confidence": r.confidence}
-            if labels is not None:
-                batch["label"] = labels[start:stop]
+            if yb is not None:
+                batch["label"] = yb
             if logits:
                 batch["logits"] = r.logits
+            start = stop
             yield batch
     finally:
         runtime.close()
 
 
-def _on_ray(address: str, bundle: str | Path, x: np.ndarray, labels: np.ndarray | None, actors: int | None,
+def _on_ray(address: str, bundle: str | Path, x: Any, labels: np.ndarray | None, actors: int | None,
             cpus_per_actor: float, batch_size: int, thresholds: Sequence[float] | None, logits: bool,
             clock: dict[str, float], max_retries: int, writer: PredictionWriter,
             ray_log: Path) -> Generator[dict, None, None]:
     from .integrations.ray import (
         bounded_connect,
         dataset_from_arrays,
+        dataset_from_rows,
         died_on,
         pool_size,
         require_ray,
@@ -383,7 +400,8 @@ def _on_ray(address: str, bundle: str | Path, x: np.ndarray, labels: np.ndarray 
         clock["startup"] = time.perf_counter() - started
         clock["actors"] = actors or pool_size(ray.cluster_resources(), cpus_per_actor)
         clock["start"] = time.perf_counter()  # putting the rows into Ray's object store counts as scoring
-        ds = dataset_from_arrays(x, labels, block_rows=batch_size)
+        ds = (dataset_from_rows(x, block_rows=batch_size) if hasattr(x, "batches")
+              else dataset_from_arrays(x, labels, block_rows=batch_size))
         batch_log = start_batch_log()
         out = score_dataset(ds, bundle, actors=actors, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
                             thresholds=thresholds, logits=logits, max_retries=max_retries, batch_log=batch_log)

@@ -1,12 +1,16 @@
 """Classify images with a built bundle: the runtime embedded in a program that has no torch.
 
     python examples/classify.py engines/NAME data.npz          # x [N, C, H, W] or [N, H, W], optional y
-    python examples/classify.py engines/NAME folder/            # every *.png in it (needs Pillow)
+    python examples/classify.py engines/NAME folder/            # its JPEG / PNG images (needs Pillow)
     python examples/classify.py engines/NAME data.npz --thresholds 0.9 0.8 --show 5
 
-Needs numpy and onnxruntime only (plus Pillow for PNG folders): `dgate_export.runtime` imports neither
-torch nor onnx. Integer pixels (uint8) are normalized by the runtime with the bundle's recorded
-input.normalization; float arrays are taken as model input as they are.
+Needs numpy and onnxruntime only (plus Pillow for image folders): `dgate_export.runtime` imports
+neither torch nor onnx. A folder's images (directly in it, or in one sub-folder per class: then their
+labels are the sorted class folders) are prepared as the bundle records in input.image (colour mode,
+resize, centre crop: what `gate --data folder:` used; a bundle gated on arrays: the model's size, no
+border cut), exactly as `dgate-export score` prepares them. Integer pixels (uint8) are normalized by
+the runtime with the bundle's recorded input.normalization; float arrays are taken as model input as
+they are.
 """
 
 from __future__ import annotations
@@ -38,24 +42,18 @@ def load_npz(path: Path, channels: int) -> tuple[np.ndarray, np.ndarray | None]:
     return x, y
 
 
-def load_pngs(folder: Path, shape: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
-    try:
-        from PIL import Image
-    except ImportError as err:
-        raise UserError("Reading PNG images needs Pillow.", "pip install pillow, or pass an .npz file.") from err
-    files = sorted(folder.glob("*.png"))
-    if not files:
-        raise UserError(f"{folder} holds no *.png files.", "Pass a folder of PNG images or an .npz file.")
-    c, h, w = shape
-    images = []
-    for f in files:
-        img = Image.open(f).convert("L" if c == 1 else "RGB")
-        if img.size != (w, h):
-            print(f"note: resizing {f.name} from {img.size[0]}x{img.size[1]} to {w}x{h}", file=sys.stderr)
-            img = img.resize((w, h), Image.Resampling.BILINEAR)
-        a = np.asarray(img, dtype=np.uint8)
-        images.append(a[None] if c == 1 else a.transpose(2, 0, 1))
-    return np.stack(images), [f.name for f in files]
+def load_folder(folder: Path, rt: GatedRuntime) -> tuple[np.ndarray, list[str], np.ndarray | None]:
+    """uint8 pixels of every image in `folder`, prepared as the bundle records; file names; labels or None."""
+    from dgate_export.images import ImagePrep, prepare_image, scan_folder
+
+    prep = rt.manifest.input.image or ImagePrep.for_input(rt.input_shape)
+    folders = {p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    # class folders named as the bundle's classes take their indices; other names: their sorted order
+    known = rt.class_names if rt.class_names and folders <= set(rt.class_names) else None
+    listing = scan_folder(folder, class_names=known, labelled=None)
+    paths = [listing.path(i) for i in range(len(listing))]
+    x = np.stack([prepare_image(p, prep) for p in paths])
+    return x, [str(p.relative_to(folder)) for p in paths], listing.labels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         names: list[str] | None = None
         y = None
         if args.input.is_dir():
-            x, names = load_pngs(args.input, rt.input_shape)
+            x, names, y = load_folder(args.input, rt)
         elif args.input.is_file():
             x, y = load_npz(args.input, rt.input_shape[0])
         else:
-            raise UserError(f"{args.input} does not exist.", "Pass an .npz file or a folder of PNG images.")
+            raise UserError(f"{args.input} does not exist.", "Pass an .npz file or a folder of images.")
         start = time.perf_counter()
         res = rt.run(x)
         seconds = time.perf_counter() - start

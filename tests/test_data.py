@@ -198,3 +198,116 @@ def test_dataset_batches_cover_the_rows_in_order_or_as_asked():
     assert [b[1].tolist() for b in picked] == [[6, 0], [3]]
     np.testing.assert_array_equal(picked[0][0], x[[6, 0]])
     assert ds.sample_shape == (1, 2, 2) and ds.labels() is ds.y
+
+
+# ---------------------------------------------------------------------------- streaming (data.Rows)
+
+
+def _pixels(n: int, c: int = 3, size: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, c, size, size), dtype=np.uint8), rng.integers(0, 4, size=n).astype(np.int64)
+
+
+def test_npz_members_are_memory_mapped_float32_and_uint8(tmp_path):
+    from dgate_export.data import normalize_pixels, open_rows
+
+    raw, y = _pixels(40)
+    x = (raw.astype(np.float32) - 100) / 50
+    np.savez(tmp_path / "f.npz", x=x, y=y)
+    np.savez(tmp_path / "u.npz", x=raw, y=y)
+    floats = open_rows(f"npz:{tmp_path / 'f.npz'}", "test")
+    pixels = open_rows(f"npz:{tmp_path / 'u.npz'}", "test", normalization="0.5/0.25")
+    for rows in (floats, pixels):
+        assert isinstance(rows.x, np.memmap)  # read in place, not loaded
+    assert floats.normalization is None and not floats.raw
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in floats.batches(16)]), x)
+    norm = {"scale": 1 / 255, "mean": [0.5] * 3, "std": [0.25] * 3}
+    assert pixels.normalization == norm and pixels.raw
+    got = np.concatenate([b[0] for b in pixels.batches(16, rows=np.arange(39, -1, -1))])
+    np.testing.assert_allclose(got, normalize_pixels(raw[::-1], norm), rtol=0, atol=1e-6)
+    assert got.dtype == np.float32 and got.flags.writeable  # batches are the caller's own copies
+    # the runtime's formula: (raw * scale - mean) / std
+    np.testing.assert_allclose(got[0], (raw[39] / 255 - 0.5) / 0.25, rtol=0, atol=1e-6)
+
+
+def test_uint8_pixels_default_normalization_and_compressed_npz(tmp_path):
+    from dgate_export.data import open_rows
+    from dgate_export.images import IMAGENET_MEAN
+
+    raw, y = _pixels(10)
+    np.savez_compressed(tmp_path / "c.npz", x=raw, y=y)
+    rows = open_rows(f"npz:{tmp_path / 'c.npz'}", "test")
+    assert not isinstance(rows.x, np.memmap)  # a compressed member cannot be mapped: read whole
+    assert rows.normalization["mean"] == IMAGENET_MEAN  # 3-channel pixels: ImageNet's by default
+    gray, _ = _pixels(10, c=1)
+    np.savez(tmp_path / "g.npz", x=gray, y=y)
+    assert open_rows(f"npz:{tmp_path / 'g.npz'}", "test").normalization == {"scale": 1 / 255, "mean": [0.0],
+                                                                           "std": [1.0]}
+    three = open_rows(f"npz:{tmp_path / 'g.npz'}", "test", channels=3)
+    assert three.sample_shape == (3, 6, 6) and next(three.batches(4))[0].shape == (4, 3, 6, 6)
+
+
+def test_npy_folder_and_its_split(tmp_path):
+    from dgate_export.data import open_rows, split_rows
+
+    raw, y = _pixels(30, c=1)
+    x = raw.astype(np.float32)
+    np.save(tmp_path / "x_train.npy", x)
+    np.save(tmp_path / "y_train.npy", y)
+    np.save(tmp_path / "x_test.npy", x[:5])
+    np.save(tmp_path / "y_test.npy", y[:5])
+    train = open_rows(f"npy:{tmp_path}", "train", val_size=6, seed=3)
+    val = open_rows(f"npy:{tmp_path}", "val", val_size=6, seed=3)
+    test = open_rows(f"npy:{tmp_path}", "test")
+    assert isinstance(train.x, np.memmap) and train.x is not None
+    # the validation split is a set of row indices into the arrays, seeded
+    np.testing.assert_array_equal(val.index, split_rows(30, "val", val_size=6, seed=3))
+    assert sorted(np.concatenate([train.index, val.index]).tolist()) == list(range(30))
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in val.batches(4)]), x[val.index])
+    np.testing.assert_array_equal(val.labels(), y[val.index])
+    assert len(test) == 5 and test.separate_test
+    # the same arrays in an npz: the same rows
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:5], y_test=y[:5])
+    np.testing.assert_array_equal(open_rows(f"npz:{tmp_path / 'd.npz'}", "val", val_size=6, seed=3).index, val.index)
+    with pytest.raises(UserError, match="no such folder"):
+        open_rows(f"npy:{tmp_path / 'nope'}", "test")
+
+
+@needs_fmnist
+def test_fashion_mnist_rows_keep_uint8_and_normalize_per_batch():
+    from dgate_export.data import _fashion_mnist, open_rows
+
+    rows = open_rows("fashion-mnist", "val", val_size=5000)
+    assert rows.x.dtype == np.uint8 and rows.x.base is not None  # the decompressed pixels, not a float copy
+    x, y = _fashion_mnist("train", None)  # the float32 formula used before rows streamed
+    picked = np.array([4999, 0, 17])
+    got = next(rows.batches(3, picked))
+    np.testing.assert_allclose(got[0], x[rows.index[picked]], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(got[1], y[rows.index[picked]])
+
+
+def test_nan_rows_are_refused_as_they_are_read_naming_the_file_rows(tmp_path):
+    from dgate_export.data import open_rows
+
+    x = np.zeros((20, 1, 4, 4), np.float32)
+    x[3, 0, 1, 2] = np.nan
+    x[12, 0, 0, 0] = np.inf
+    np.savez(tmp_path / "d.npz", x=x, y=np.zeros(20, np.int64))
+    rows = open_rows(f"npz:{tmp_path / 'd.npz'}", "test")
+    assert len(next(rows.batches(3))[0]) == 3  # rows 0-2 are fine
+    with pytest.raises(UserError, match=r"1 row\(s\) \(rows 12\)"):
+        list(rows.batches(2, rows=np.array([0, 12])))
+
+
+def test_memory_mapped_rows_pickle_as_their_file(tmp_path):
+    import pickle
+
+    from dgate_export.data import open_rows
+
+    raw, y = _pixels(500, size=16)
+    np.savez(tmp_path / "u.npz", x=raw, y=y)
+    rows = open_rows(f"npz:{tmp_path / 'u.npz'}", "train", val_size=50)
+    blob = pickle.dumps(rows)
+    assert len(blob) < raw.nbytes / 20  # the labels and indices, not the pixels
+    again = pickle.loads(blob)
+    np.testing.assert_array_equal(next(again.batches(7))[0], next(rows.batches(7))[0])

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from tiny_bundle import make_tiny_bundle
 
+from dgate_export.images import ImagePrep, prepare_image
 from dgate_export.runtime import GatedRuntime
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,10 +84,15 @@ def test_classify_png_folder_without_torch(bundle, tmp_path):
     Image.fromarray(rng.integers(0, 256, (10, 12), dtype=np.uint8), mode="L").save(tmp_path / "z_big.png")
     out = _run_without_torch(str(EXAMPLE), str(bundle), str(tmp_path))
     assert out.returncode == 0, out.stderr
-    assert "note: resizing z_big.png from 12x10 to 8x8" in out.stderr
-    want = GatedRuntime.load(bundle).run(pixels[:, None])
+    # prepared as `score` prepares images for a bundle gated on arrays: the shorter side to the model's
+    # size, then the centre crop (12x10 -> 9x8 -> 8x8)
+    big = prepare_image(tmp_path / "z_big.png", ImagePrep.for_input((1, 8, 8)))
+    np.testing.assert_array_equal(big[0], np.asarray(Image.open(tmp_path / "z_big.png").resize((9, 8),
+                                  Image.Resampling.BILINEAR))[:, 0:8])
+    want = GatedRuntime.load(bundle).run(np.concatenate([pixels[:, None], big[None]]))
     for i in range(3):
         assert f"img{i}.png: {['a', 'b', 'c'][want.predictions[i]]}  exit {want.exits[i]}" in out.stdout
+    assert f"z_big.png: {['a', 'b', 'c'][want.predictions[3]]}  exit {want.exits[3]}" in out.stdout
     assert "4 samples in" in out.stdout
 
 

@@ -120,7 +120,8 @@ def _mutations():
         return f
 
     return [
-        ("unknown format version", setk(["format"], "dgate-bundle/2"), "not supported"),
+        ("unknown format version", setk(["format"], "dgate-bundle/3"), "not supported"),
+        ("/2 without input.image", setk(["format"], "dgate-bundle/2"), "input.image is missing"),
         ("foreign format", setk(["format"], "something"), "not a dgate-export bundle"),
         ("missing format", delk(["format"]), "not a dgate-export bundle"),
         ("bad precision", setk(["precision"], "int8"), "precision"),
@@ -195,3 +196,30 @@ def test_verify_detects_changed_and_missing_files(tmp_path):
     assert "segment1.onnx (mismatch)" in str(info.value)
     assert "baseline.onnx (missing)" in str(info.value)
     assert "segment0.onnx" not in str(info.value)
+
+def test_image_preparation_is_format_2_and_checked(tmp_path):
+    """input.image (how image files become input) makes a bundle dgate-bundle/2; without it the bundle
+    stays /1, which older readers read; a record that does not give input.shape is refused."""
+    from dgate_export.images import ImagePrep
+    from dgate_export.manifest import FORMAT_IMAGES
+
+    data = _sample(tmp_path)
+    _write(tmp_path, data)
+    plain = load_manifest(tmp_path)
+    assert plain.input.image is None and plain.to_dict()["format"] == FORMAT and "image" not in plain.to_dict()["input"]
+    prep = ImagePrep((8, 8), 9, "L")
+    data["format"] = FORMAT_IMAGES
+    data["input"]["image"] = prep.to_dict()
+    _write(tmp_path, data)
+    m = load_manifest(tmp_path)
+    assert m.input.image == prep and m.format == FORMAT_IMAGES
+    write_manifest(tmp_path, m)
+    again = json.loads((tmp_path / "manifest.json").read_text())
+    assert again["format"] == FORMAT_IMAGES and again["input"]["image"] == prep.to_dict()
+    for bad, phrase in ((dict(prep.to_dict(), color="RGB"), "does not give input.shape"),
+                        (dict(prep.to_dict(), size=[8, 7]), "does not give input.shape"),
+                        (dict(prep.to_dict(), resize=4), "resize must be")):
+        data["input"]["image"] = bad
+        _write(tmp_path, data)
+        with pytest.raises(UserError, match=phrase):
+            load_manifest(tmp_path)

@@ -126,7 +126,8 @@ def _corrupted(root, train):
     nan = x.copy()
     nan[[3, 700]] = np.nan  # rows of the training part (the seeded validation split takes 300 others)
     return {
-        "NaN": (_npz(root / "nan.npz", nan, y), 256, "NaN or inf values in 2 row"),
+        # rows are checked as they are read: the calibration rows (read first) hold row 3, not 700
+        "NaN": (_npz(root / "nan.npz", nan, y), 256, r"NaN or inf values in 1 row\(s\) \(rows 3\)"),
         "shape": (_npz(root / "shape.npz", x[:, :, :14, :14], y), 256, "expects input of shape"),
         "few rows": (_npz(root / "few.npz", x[:400], y[:400]), 256, "has 100 rows; --calibration-rows asks for 256"),
         "rows below minimum": (_npz(root / "fm2.npz", x, y), 8, "at least 32"),

@@ -246,3 +246,24 @@ def test_score_on_ray_keeps_ray_out_of_the_terminal(bundle, tmp_path):
         assert list(temp.glob("dgate-score-ray-*.log")) == []  # a success keeps no log of Ray's messages
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_memory_mapped_rows_are_read_by_rays_tasks(local_ray, bundle, fmnist, reference, tmp_path):
+    """An npz's x is read where Ray's tasks run (the driver pickles its file and offset, not the rows):
+    the runtime's results on the same rows, in order."""
+    import pickle
+
+    from dgate_export.data import open_rows
+
+    np.savez(tmp_path / "x.npz", x=fmnist.x)  # unlabelled
+    rows = open_rows(f"npz:{tmp_path / 'x.npz'}", "test", labelled=None)
+    assert len(pickle.dumps(rows)) < 10_000  # what each task receives
+    out = tmp_path / "p.parquet"
+    result = CliRunner().invoke(main, ["score", str(bundle), "--data", f"npz:{tmp_path / 'x.npz'}", "-o",
+                                       str(out), "--ray", "--actors", "1", "--batch-size", "500", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out)
+    assert table.column_names == ["row", "prediction", "exit", "confidence"]  # unlabelled
+    assert np.array_equal(table["row"].to_numpy(), np.arange(len(fmnist.x)))
+    assert np.array_equal(table["prediction"].to_numpy(), reference.predictions)
+    assert np.array_equal(table["exit"].to_numpy(), reference.exits)

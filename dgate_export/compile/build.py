@@ -46,6 +46,7 @@ from ..data import data_file
 from ..drift import reference_record
 from ..errors import UserError
 from ..files import replace_dir, sha256_file, temp_dir_beside
+from ..images import ImagePrep
 from ..manifest import (
     MANIFEST_FILE,
     PRECISIONS,
@@ -377,7 +378,7 @@ def _manifest(model, built: _Built, engines: list[dict], backend_info: dict, *, 
     for k, graph in enumerate(built.graphs):
         gate = None
         if k < model.num_gates:
-            gate = Gate(exit=model.exits[k], threshold=float(model.thresholds[k]), head=model.head_spec["name"],
+            gate = Gate(exit=model.exits[k], threshold=float(model.thresholds[k]), head=model.head_specs[k]["name"],
                         head_flops=int(flops["heads"][k]))
         segments.append(Segment(index=k, file=graph.path.name, sha256=sha256_file(graph.path), engine=engines[k],
                                 inputs=_tensors(graph.inputs), outputs=_tensors(graph.outputs),
@@ -394,7 +395,8 @@ def _manifest(model, built: _Built, engines: list[dict], backend_info: dict, *, 
         max_batch=max_batch,
         opset=built.graphs[0].opset,
         input=InputSpec(name=INPUT, shape=list(first["shape"]), dtype=first["dtype"], layout="NCHW",
-                        normalization=model.normalization),
+                        normalization=model.normalization,
+                        image=ImagePrep.from_dict(model.image) if getattr(model, "image", None) else None),
         num_classes=model.num_classes,
         class_names=model.class_names,
         confidence=model.confidence,

@@ -23,8 +23,9 @@ from .. import __version__
 from ..contract import DEFAULT_CONFIDENCE
 from ..errors import UserError
 from ..files import atomic_write
+from .heads import HEADS
 from .model import GatedModel
-from .zoo import build_backbone
+from .zoo import arch_registered, build_backbone
 
 FORMAT = "dgate-model/1"
 
@@ -39,12 +40,14 @@ def save(model: GatedModel, path: str | os.PathLike) -> Path:
         "arch": model.arch,
         "exits": list(model.exits),
         "head": model.head_spec,
+        "exit_heads": [dict(spec) for spec in model.head_specs],  # per exit {"name", "kwargs"}
         "confidence": model.confidence,
         "thresholds": [float(t) for t in model.thresholds],
         "input_shape": list(model.input_shape),
         "num_classes": model.num_classes,
         "class_names": model.class_names,
         "normalization": model.normalization,
+        "image": model.image,
         "flops": model.flops,
         "data_split": model.data_split,
         "calibration": model.calibration,
@@ -108,6 +111,11 @@ def read_payload(path: str | os.PathLike) -> dict:
 def load(path: str | os.PathLike) -> GatedModel:
     payload = read_payload(path)
     arch = payload["arch"]
+    heads = payload.get("exit_heads") or [payload["head"]] * len(payload["exits"])
+    missing = unregistered(arch["name"], [h["name"] for h in heads])
+    if missing:
+        raise UserError(f"{path} was gated with {' and '.join(missing)}, not registered in this process: a "
+                        "checkpoint records code by name and never holds it.", REGISTER_HINT)
     backbone = build_backbone(arch["name"], arch.get("kwargs"))
     try:
         load_state(backbone, payload["backbone"])
@@ -120,8 +128,8 @@ def load(path: str | os.PathLike) -> GatedModel:
         arch=arch,
         num_classes=payload["num_classes"],
         input_shape=tuple(payload["input_shape"]),
-        head=payload["head"]["name"],
-        head_kwargs=payload["head"].get("kwargs"),
+        head=[h["name"] for h in heads],
+        head_kwargs=[h.get("kwargs") or {} for h in heads],
         confidence=payload.get("confidence", DEFAULT_CONFIDENCE),
         thresholds=payload["thresholds"],
         class_names=payload.get("class_names"),
@@ -135,8 +143,28 @@ def load(path: str | os.PathLike) -> GatedModel:
     try:
         load_state(model.heads, payload["heads"])
     except RuntimeError as err:
-        raise UserError(f"{path}: the gate heads' weights do not fit: {_first_line(err)}") from err
+        raise UserError(f"{path}: the gate heads' weights do not fit: {_first_line(err)}",
+                        "A registered head factory must build the same head from (in_shape, num_classes, "
+                        "**head_kwargs) as the one saved.") from err
+    model.image = payload.get("image")  # None: gated on arrays (or written before images were recorded)
     return model.eval()
+
+
+REGISTER_HINT = ("Register it in a module you trust, with dgate_export.compile.register_arch(NAME, factory) "
+                 "(factory(**kwargs) -> the nn.Module) or register_head(NAME, factory) (factory(in_shape, "
+                 "num_classes, **kwargs) -> the head module), and name that module first: `dgate-export --import "
+                 "mymodels build model.pt` (mymodels.py on PYTHONPATH); or build from Python with the model in "
+                 "memory: dgate_export.compile.build_bundle(model, 'engines/NAME') (a bundle needs no registry).")
+
+
+def unregistered(arch: str, heads: list[str]) -> list[str]:
+    """What of a gated model is not registered here (empty: a checkpoint of it loads), in words:
+    "architecture 'MyNet'", "gate head 'MyHead'"."""
+    missing = [] if arch_registered(arch) else [f"architecture {arch!r}"]
+    names = list(dict.fromkeys(h for h in heads if h not in HEADS))
+    if names:
+        missing.append(f"gate head{'s' if len(names) > 1 else ''} {', '.join(repr(n) for n in names)}")
+    return missing
 
 
 @dataclass
@@ -179,7 +207,8 @@ def summarize(path: str | os.PathLike) -> CheckpointSummary:
                                        flops["heads"][k] if gate else None,
                                        model.thresholds[k] if gate else None, costs[k]))
     return CheckpointSummary(str(path), model.arch, list(model.input_shape), model.num_classes, model.confidence,
-                             model.head_spec["name"], list(model.feature_layouts), segments, flops["baseline"],
+                             ", ".join(dict.fromkeys(h["name"] for h in model.head_specs)),
+                             list(model.feature_layouts), segments, flops["baseline"],
                              model.data_split)
 
 

@@ -202,6 +202,7 @@ def export_module(module: nn.Module, args: tuple[torch.Tensor, ...], path: str |
             "the full traceback.",
         ) from err
     seconds = time.perf_counter() - start
+    _unshadow(path)
     inputs, outputs, graph_opset = read_io(path)
     if any(isinstance(d, str) for t in inputs + outputs for d in t["shape"][1:]):
         _pin_sample_dims(module, args, path)
@@ -227,6 +228,33 @@ def _export_torchscript(module, args, path, input_names, output_names, input_dim
     kwargs: dict[str, Any] = {} if opset is None else {"opset_version": opset}
     torch.onnx.export(module, args, str(path), dynamo=False, input_names=input_names,
                       output_names=output_names, dynamic_axes=axes, **kwargs)
+
+
+def _unshadow(path: Path) -> None:
+    """Rename every value that reuses the name of a graph input (or initializer), and its later uses: an
+    ONNX graph must be in static single assignment form. The dynamo exporter names values after their FX
+    nodes, so an `aten.index` (AdaptiveAvgPool2d with uneven bins decomposes into one) gave a value named
+    "index", the contract's input of every segment k>0, and the checker refused the graph."""
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    inputs = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    everything = inputs | {name for node in graph.node for name in node.output}
+    renamed: dict[str, str] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+        for i, name in enumerate(node.output):
+            if name in inputs:
+                k = 1
+                while f"{name}_{k}" in everything:
+                    k += 1
+                renamed[name] = node.output[i] = f"{name}_{k}"
+                everything.add(node.output[i])
+    if not renamed:
+        return
+    for value in graph.value_info:  # the shapes of the values renamed (the inputs' are in graph.input)
+        value.name = renamed.get(value.name, value.name)
+    onnx.save(model, str(path))
 
 
 def _pin_sample_dims(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path) -> None:

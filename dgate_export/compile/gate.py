@@ -2,63 +2,47 @@
 
     1 check      the options, before any work: target, output writable, architecture, exits
     2 backbone   build it from the zoo; load `weights` (a state_dict, checked against the architecture)
-    3 data       the train / val / test splits; the validation split (default: 10% of the training rows,
-                 at most 5000) is the one the gates never train on, recorded in the model
+    3 data       the train / val / test splits, opened as data.Rows (read in batches, never whole); the
+                 validation split (default: 10% of the training rows, at most 5000) is the one the gates
+                 never train on, recorded in the model; image folders' preparation is recorded too
     4 attach     gate heads at the exits (names, order, branches, layouts checked before any training)
     5 train      the backbone, only without `weights`
-    6 gates      the heads, backbone frozen, on cached pooled features (train.train_gates)
-    7 calibrate  thresholds on the validation split, figures on the test split (calibrate_model)
-    8 save       model.pt, model.curve.json and model.curve.png, each written atomically (save_gated)
+    6 gates      the heads, backbone frozen, on cached pooled features (train_gates)
+    7 calibrate  thresholds on the validation split, figures on the test split (calibrate_gates)
+    8 save       model.pt, model.curve.json and model.curve.png, each written atomically (save_model)
 
 `gate_backbone(GateOptions(...))` runs them all and returns a `GateResult` (the model, the files
 written, the calibration and its test figures); progress lines go to `progress`, the report is the
 caller's to print. `dgate-export calibrate MODEL` reruns steps 7 and 8 on a saved model.
 
 The pipeline behind the `gate` command, as build.py is the one behind `build`; heads.py holds the
-heads and model.py the gated model they make. `calibrate_checkpoint` is `calibrate MODEL`.
+heads and model.py the gated model they make. `calibrate_checkpoint` is `calibrate MODEL`. Steps 4, 6,
+7 and 8 are the public Python API's functions (api.py: attach_gates, train_gates, calibrate_gates,
+save_model): the CLI and a user's script run the same code.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..calibrate import (
-    Calibration,
-    Evaluation,
-    Target,
-    calibrate,
-    calibration_record,
-    evaluate,
-    holdout_rows,
-    save_curve,
-)
+from ..calibrate import Calibration, Evaluation, Target
 from ..contract import DEFAULT_CONFIDENCE
-from ..data import (
-    DEFAULT_VAL_SIZE,
-    Dataset,
-    SplitTooLarge,
-    check_input_shape,
-    check_labels,
-    data_file,
-    load_splits,
-    recorded_split,
-)
+from ..data import DEFAULT_VAL_SIZE, Rows, SplitTooLarge, check_input_shape, data_file, num_classes, open_splits
 from ..errors import UserError
 from ..outputs import check_output, check_rewrite
-from ..profile import load_costs
-from ..render import calibration_plot
 from . import checkpoint
+from .api import SavedModel, attach_gates, calibrate_gates, curve_paths, save_model, train_gates
 from .checkpoint import load_state, unreadable_torch_file
+from .heads import head_info
 from .model import GatedModel
-from .train import collect_exit_logits, train_backbone, train_gates
+from .train import train_backbone
 from .zoo import arch_info, build_backbone
 
 
@@ -66,13 +50,16 @@ from .zoo import arch_info, build_backbone
 class GateOptions:
     """What `gate` needs: the `dgate-export gate` options, typed (arch_kwargs parsed, exits split)."""
     arch: str
-    data: str  # fashion-mnist or npz:PATH
+    data: str  # a data spec: fashion-mnist, npz:PATH, npy:DIR or folder:PATH
     output: str | os.PathLike  # the gated model to write (model.pt)
     arch_kwargs: dict[str, Any] | None = None
     weights: str | os.PathLike | None = None  # a backbone state_dict; None: the backbone is trained first
     exits: Sequence[str] | None = None  # module names; None: the architecture's default exits
     data_dir: str | Path | None = None
     repeat_channels: bool = False  # repeat 1-channel data to the backbone's channel count
+    image_size: int | None = None  # folder: data: the (square) input size images are cropped to
+    resize: int | None = None  # folder: data: the shorter side is resized to this first [image_size]
+    normalize: str | None = None  # raw pixels: imagenet, none or MEAN/STD [the data's own, else imagenet / none]
     val_size: int | None = None  # None: 10% of the training rows, at most DEFAULT_VAL_SIZE
     epochs: int = 10  # gate training epochs
     backbone_epochs: int = 2  # without weights
@@ -85,21 +72,6 @@ class GateOptions:
     target: Target = field(default_factory=Target)  # what the thresholds are chosen for
     seed: int = 0  # of the validation split and of training
     progress_bars: bool = True  # tqdm bars on stderr
-
-
-@dataclass
-class Calibrated:
-    """Step 7's result: the thresholds chosen on validation (already set on the model), the test figures."""
-    calibration: Calibration
-    test: Evaluation
-
-
-@dataclass
-class SavedModel:
-    """Step 8's files."""
-    path: Path  # model.pt
-    curve_json: Path
-    curve_png: Path
 
 
 @dataclass
@@ -124,8 +96,9 @@ def gate_backbone(options: GateOptions, progress: Callable[[str], Any] | None = 
     splits = load_data(options, channels)
     train = splits["train"]
     val_size = options.val_size
-    if val_size is None and splits["val"].val_size is not None:
-        val_size = splits["val"].val_size
+    held_out = getattr(splits["val"], "val_size", None)
+    if val_size is None and held_out is not None:
+        val_size = held_out
         say(f"validation split: {val_size} of the {val_size + len(train)} training rows held out for "
             f"calibration (the default, 10% up to {DEFAULT_VAL_SIZE}; --val-size to choose)")
     val_size = DEFAULT_VAL_SIZE if val_size is None else val_size  # recorded; unused where the data has x_val
@@ -143,13 +116,16 @@ def gate_backbone(options: GateOptions, progress: Callable[[str], Any] | None = 
     torch.manual_seed(options.seed)
     model = attach(backbone, exits, options, list(splits.values()), val_size=val_size)
     model.count_flops()
-    gate_acc = train_gates(model, train, epochs=options.epochs, loss=options.loss, seed=options.seed,
-                           progress=options.progress_bars)
+    trained = train_gates(model, train, epochs=options.epochs, loss=options.loss, seed=options.seed,
+                          progress=options.progress_bars)
+    gate_acc = trained.accuracy
     say("gate training accuracy: " + ", ".join(f"{e} {a:.2%}" for e, a in zip(exits, gate_acc)))
-    done = calibrate_model(model, splits, confidence=options.confidence, target=options.target, seed=options.seed,
-                           progress_bars=options.progress_bars)
-    files = save_gated(model, options.output, done.calibration, done.test)
-    return GateResult(model, files, done.calibration, done.test, gate_acc, val_size, splits["test"].separate_test)
+    done = calibrate_gates(model, splits["val"], test=splits["test"], confidence=options.confidence,
+                           target=options.target, seed=options.seed, progress=options.progress_bars)
+    files = save_model(model, options.output, calibration=done)
+    assert done.test is not None
+    return GateResult(model, files, done.calibration, done.test, gate_acc, val_size,
+                      getattr(splits["test"], "separate_test", True))
 
 
 # ------------------------------------------------------------------------------------------ 1. check
@@ -159,6 +135,7 @@ def _check(options: GateOptions) -> list[str]:
     """The exits to gate; UserError before any work (the Target checked itself when it was made)."""
     check_saved_outputs(options.output, "-o", reads=(options.weights, data_file(options.data)))  # before training
     info = arch_info(options.arch)
+    head_info(options.head)  # an unknown head is refused before minutes of training
     exits = list(options.exits) if options.exits else list(info.default_exits)
     if not exits:
         raise UserError(f"Architecture {options.arch!r} has no default exits.",
@@ -209,91 +186,51 @@ def input_channels(backbone: nn.Module) -> int | None:
 # ------------------------------------------------------------------------------------------- 3. data
 
 
-def load_data(options: GateOptions, channels: int | None) -> dict[str, Dataset]:
-    """The three splits of options.data; with repeat_channels, 1-channel data repeated to `channels`.
-    Every split must have the backbone's channel count (when it has a convolution to tell)."""
+def load_data(options: GateOptions, channels: int | None) -> Mapping[str, Rows]:
+    """The three splits of options.data as Rows; with repeat_channels, 1-channel data repeated to
+    `channels`. Every split must have the backbone's channel count (when it has a convolution to tell).
+    Image folders are prepared for `channels` at options.image_size (required for them)."""
+    image = None
+    if options.data.startswith("folder:"):
+        from ..images import ImagePrep
+
+        if options.image_size is None:
+            raise UserError(f"--data {options.data}: give the input size the images are prepared at.",
+                            "Add --image-size (e.g. 224; --resize sets the shorter side before the centre crop).")
+        image = ImagePrep.for_input((channels or 3, options.image_size, options.image_size), resize=options.resize)
+    elif options.image_size is not None or options.resize is not None:
+        raise UserError("--image-size and --resize apply to folder: data only.", "Drop them.")
     try:
-        splits = load_splits(options.data, data_dir=options.data_dir,
+        splits = open_splits(options.data, data_dir=options.data_dir,
                              channels=channels if options.repeat_channels else None,
-                             val_size=options.val_size, seed=options.seed)
+                             val_size=options.val_size, seed=options.seed, normalization=options.normalize,
+                             image=image)
     except SplitTooLarge as err:
         if err.rows < 2:
             raise
         raise UserError(err.message, f"Choose --val-size between 1 and {err.rows - 1}.") from err
     if channels is not None:
-        for ds in splits.values():
-            check_input_shape(ds.x, (channels, *ds.x.shape[2:]), where=f"data set {options.data!r} ({ds.split})")
+        for name, ds in splits.items():
+            shape = ds.sample_shape
+            check_input_shape(shape, (channels, *shape[1:]), where=f"data set {options.data!r} ({name})")
     return splits
 
 
 # ----------------------------------------------------------------------------------------- 4. attach
 
 
-def attach(backbone: nn.Module, exits: Sequence[str], options: GateOptions, data: Sequence[Dataset], *,
+def attach(backbone: nn.Module, exits: Sequence[str], options: GateOptions, data: Sequence[Rows], *,
            val_size: int) -> GatedModel:
     """Fresh gate heads on `backbone` at `exits` (options.head, head_kwargs, confidence, feature_layout),
-    sized for `data` (classes: the most any split has; input shape, class names, normalization: the first).
-    The model records its validation split: options.data, `val_size` rows, options.seed."""
+    sized for `data` (classes: the most any split has; input shape, class names, normalization and image
+    preparation: the first). The model records its validation split: options.data, `val_size` rows, options.seed."""
     first = data[0]
-    layout = options.feature_layout
-    arch = {"name": options.arch, "kwargs": dict(options.arch_kwargs or {})}
-    return GatedModel.attach(backbone, list(exits), arch=arch,
-                             num_classes=max(ds.num_classes for ds in data), input_shape=tuple(first.x.shape[1:]),
-                             head=options.head, head_kwargs=options.head_kwargs, confidence=options.confidence,
-                             class_names=first.class_names, normalization=first.normalization,
-                             feature_layout=layout if isinstance(layout, str) else list(layout),
-                             data_split={"data": options.data, "val_size": val_size, "seed": options.seed})
-
-
-# -------------------------------------------------------------------------------------- 7. calibrate
-
-
-def calibrate_model(model: GatedModel, splits: dict[str, Dataset], *, confidence: str, target: Target | None = None,
-                    seed: int = 0, progress_bars: bool = True,
-                    time_cost: tuple[list[float], dict] | None = None) -> Calibrated:
-    """Choose thresholds for `target` on splits["val"] (calibrate.calibrate), set them and `confidence` on `model`,
-    and evaluate them on splits["test"]. With `time_cost` (relative exit times from a profile, and its
-    description) the expected measured time is minimized instead of FLOPs."""
-    flops = model.flops or model.count_flops()
-    costs = model.exit_costs()
-    val_logits, val_y = collect_exit_logits(model, splits["val"], progress=progress_bars)
-    result = calibrate(val_logits, val_y, confidence=confidence, costs=time_cost[0] if time_cost else costs,
-                       baseline_flops=1.0 if time_cost else flops["baseline"], target=target, seed=seed)
-    if time_cost:
-        _measured_time_figures(result, val_logits, val_y, confidence, costs, flops["baseline"], time_cost,
-                               (target or Target()).holdout, seed)
-    model.thresholds = list(result.thresholds)
-    model.confidence = confidence
-    model.calibration = calibration_record(result, target or Target())
-    test_logits, test_y = collect_exit_logits(model, splits["test"], progress=progress_bars)
-    test = evaluate(test_logits, test_y, confidence=confidence, thresholds=result.thresholds, costs=costs,
-                    baseline_flops=flops["baseline"])
-    return Calibrated(result, test)
-
-
-def _measured_time_figures(result: Calibration, val_logits, val_y, confidence: str, flops_costs,
-                           baseline_flops: float, time_cost: tuple[list[float], dict], holdout, seed: int) -> None:
-    """After a calibration on measured times: keep the time figures in result.cost, put the FLOPs figures of
-    the same rows back in the report, and refuse thresholds that are slower than the un-gated model."""
-    costs, info = time_cost
-    expected = result.validation.expected_flops  # in units of the un-gated model's time
-    if expected >= 1.0:
-        raise UserError(
-            f"On this target ({info['description']}) the cheapest thresholds that keep the promise would take "
-            f"{expected:.3f} x the un-gated model's time: gating would slow it down (the first exit alone costs "
-            f"{costs[0]:.3f}, the whole gated chain {costs[-1]:.3f}). Nothing was written.",
-            "Disable the gates (thresholds above 1, e.g. bench --thresholds "
-            f"{','.join(['1.01'] * (len(costs) - 1))}) or serve the un-gated baseline on this target; or "
-            "profile another batch size or backend, where gating pays.")
-    rows = np.arange(len(val_y))
-    if holdout is not None:
-        rows, out = holdout_rows(len(val_y), holdout, seed)
-        result.held_out = evaluate([lg[out] for lg in val_logits], val_y[out], confidence=confidence,
-                                   thresholds=result.thresholds, costs=flops_costs, baseline_flops=baseline_flops)
-    result.validation = evaluate([lg[rows] for lg in val_logits], val_y[rows], confidence=confidence,
-                                 thresholds=result.thresholds, costs=flops_costs, baseline_flops=baseline_flops)
-    result.cost = dict(info, unit="measured time / un-gated", exit_costs=list(costs), expected=float(expected))
-    result.method += f"; cost: {info['description']} (the curve's costs are relative times)"
+    return attach_gates(backbone, list(exits), data=first, arch=options.arch, arch_kwargs=options.arch_kwargs,
+                        num_classes=max(num_classes(ds) for ds in data), input_shape=tuple(first.sample_shape),
+                        head=options.head, head_kwargs=options.head_kwargs, confidence=options.confidence,
+                        class_names=first.class_names, normalization=first.normalization,
+                        feature_layout=options.feature_layout,
+                        data_split={"data": options.data, "val_size": val_size, "seed": options.seed})
 
 
 @dataclass
@@ -314,47 +251,28 @@ def calibrate_checkpoint(model_path: str | os.PathLike, data: str, *, target: Ta
                          cost_batch: int | None = None, progress_bars: bool = True,
                          warn: Callable[[str], Any] | None = None) -> Recalibrated:
     """`dgate-export calibrate MODEL`: steps 7 and 8 again on a saved gated model, on the validation split
-    it records, without retraining; written to `output` (default: MODEL itself). `cost_path` (a
-    `dgate-export profile`) minimizes measured time instead of FLOPs. `warn` gets a line when `data` is
-    not what the model was gated on."""
+    it records, without retraining (calibrate_gates); written to `output` (default: MODEL itself).
+    `cost_path` (a `dgate-export profile`) minimizes measured time instead of FLOPs. `warn` gets a line when
+    `data` is not what the model was gated on."""
     check_saved_outputs(output or model_path, "-o" if output else "MODEL", in_place=output is None,
                         reads=(None if output is None else model_path, cost_path, data_file(data)))
     if cost_batch is not None and not cost_path:
         raise UserError("--cost-batch chooses a batch size of a --cost profile.", "Add --cost profile.json.")
     model = checkpoint.load(model_path)
-    time_cost = None
-    if cost_path:
-        flops = model.flops or model.count_flops()
-        time_cost = load_costs(cost_path, batch_size=cost_batch, model_structure={
-            "exits": list(model.exits), "segment_flops": [int(f) for f in flops["segments"]],
-            "head_flops": [int(f) for f in flops["heads"]]})
-    val_size, seed = recorded_split(model.data_split, str(model_path), val_size, seed)
-    gated_on = (model.data_split or {}).get("data")
-    if gated_on and gated_on != data and warn is not None:  # a moved npz is the same data; another data set is not
-        warn(f"warning: {model_path} was gated on --data {gated_on}, this calibrates on {data}: its "
-             "validation rows must be ones the gates were never trained on.")
-    channels = model.input_shape[0] if repeat_channels else None
-    splits = load_splits(data, data_dir=data_dir, channels=channels, val_size=val_size, seed=seed)
-    for ds in splits.values():
-        check_input_shape(ds.x, list(model.input_shape), where=f"data set {data!r} ({ds.split})")
-        check_labels(ds.y, model.num_classes, where=f"The labels of {data!r} ({ds.split})")
-    done = calibrate_model(model, splits, confidence=confidence or model.confidence, target=target, seed=seed,
-                           progress_bars=progress_bars, time_cost=time_cost)
-    files = save_gated(model, output or model_path, done.calibration, done.test)
-    return Recalibrated(model, done.calibration, done.test, files, splits["test"].separate_test)
+    done = calibrate_gates(model, data, target=target, confidence=confidence, cost=cost_path, cost_batch=cost_batch,
+                           seed=seed, val_size=val_size, data_dir=data_dir, repeat_channels=repeat_channels,
+                           progress=progress_bars, warn=warn, where=str(model_path))
+    assert done.test is not None
+    files = save_model(model, output or model_path, calibration=done)
+    return Recalibrated(model, done.calibration, done.test, files, done.separate_test)
 
 
 # ------------------------------------------------------------------------------------------- 8. save
 
 
-def curve_paths(output: str | os.PathLike) -> tuple[Path, Path]:
-    """The accuracy-vs-cost curve files written beside a gated model (JSON, PNG)."""
-    return Path(output).with_suffix(".curve.json"), Path(output).with_suffix(".curve.png")
-
-
 def check_saved_outputs(output: str | os.PathLike, flag: str, *, reads: Sequence[Any] = (),
                         in_place: bool = False) -> None:
-    """What save_gated writes (the model and its curve files), refused before any work when it must not or
+    """What save_model writes (the model and its curve files), refused before any work when it must not or
     cannot be written (outputs.check_output); `in_place`: the model rewrites the file it was read from."""
     if in_place:
         check_rewrite(output, flag)
@@ -362,13 +280,3 @@ def check_saved_outputs(output: str | os.PathLike, flag: str, *, reads: Sequence
         check_output(output, flag=flag, reads=reads)
     for path in curve_paths(output):
         check_output(path, flag="the curve file", reads=reads)
-
-
-def save_gated(model: GatedModel, output: str | os.PathLike, result: Calibration,
-               test: Evaluation | None) -> SavedModel:
-    """model.pt, then its accuracy-vs-cost curve beside it (model.curve.json, model.curve.png)."""
-    path = checkpoint.save(model, output)
-    curve_json, curve_png = curve_paths(path)
-    save_curve(result, curve_json, test=test)
-    calibration_plot(result, curve_png, test=test)
-    return SavedModel(Path(path), curve_json, curve_png)

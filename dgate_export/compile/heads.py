@@ -4,11 +4,20 @@ A head pools the features (no parameters: globally, or to a small grid) and clas
 vector, so frozen-backbone training can cache pooled features once and train `classify` alone. Heads
 are chosen by name from a small registry and built for one exit's feature shape (C, H, W). The
 confidence measures mirror `dgate_export.confidence` (numpy), all scaled to [0, 1].
+
+A user's own head is any `nn.Module` mapping an exit's output (as the backbone gives it, no layout
+conversion: layout "raw") to class scores [N, classes]. It is wrapped in `CustomHead`, which finds the
+part that can be cached during training (a `pool` / `classify` pair of the module's own, else the
+leading pooling and flatten modules of an `nn.Sequential`, else nothing: the exit's whole output is
+cached). `register_head(name, factory)` names a head factory like the built-in ones, so that a
+checkpoint recording that name can be loaded (a checkpoint never holds code).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -129,24 +138,141 @@ class GridHead(MLPHead):
         return features.reshape(-1, self.channels, gh, kh, gw, kw).mean(dim=(3, 5)).flatten(1)
 
 
-HEADS: dict[str, type[GateHead]] = {"linear": LinearHead, "mlp": MLPHead, "grid": GridHead}
+class CustomHead(GateHead):
+    """A user's head module (any nn.Module: an exit's raw output -> class scores), as a GateHead.
+
+    `forward` is the module's own (what is exported). `pool` / `classify` split it so that training can
+    cache pooled features: the module's own `pool` and `classify` methods when it has both (they must
+    compose to its forward, attach checks; `pool` runs once, so only `classify` trains), else for an
+    `nn.Sequential` its leading pooling / flatten
+    modules (parameter-free and the same in train and eval mode), else no split: pool is the identity
+    and the exit's whole output is cached per row."""
+
+    layout = "raw"
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        self.pooled_by = "nothing (the exit's whole output is cached)"
+        self.prefix = 0  # leading pooling modules of a Sequential
+        self.own_split = callable(getattr(module, "pool", None)) and callable(getattr(module, "classify", None))
+        if self.own_split:
+            self.pooled_by = f"{type(module).__name__}.pool"
+        elif isinstance(module, nn.Sequential):
+            for sub in module:
+                if not isinstance(sub, _POOLING):
+                    break
+                self.prefix += 1
+            if self.prefix:
+                self.pooled_by = ", ".join(type(m).__name__ for m in list(module)[:self.prefix])
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        if self.own_split:
+            return self.module.pool(features)  # type: ignore[operator]
+        if self.prefix:
+            return self.module[:self.prefix](features)  # type: ignore[index]
+        return features
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        if self.own_split:
+            return self.module.classify(pooled)  # type: ignore[operator]
+        if self.prefix:
+            return self.module[self.prefix:](pooled)  # type: ignore[index]
+        return self.module(pooled)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.module(features)
+
+
+# Parameter-free modules that behave the same in train and eval mode: a custom nn.Sequential head's
+# leading run of these is cached once during gate training.
+_POOLING: tuple[type[nn.Module], ...] = (
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._MaxPoolNd, nn.Flatten, nn.Identity)
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    name: str
+    factory: Callable[..., nn.Module]  # factory(in_shape, num_classes, **kwargs) -> nn.Module
+    description: str = ""
+    builtin: bool = False
+
+
+HEADS: dict[str, HeadInfo] = {
+    "linear": HeadInfo("linear", LinearHead, "global average pooling + one linear layer (the paper's)", True),
+    "mlp": HeadInfo("mlp", MLPHead, "global average pooling + one hidden layer (kwargs: hidden=128)", True),
+    "grid": HeadInfo("grid", GridHead, "average pooling to at most 4x4 cells + one hidden layer "
+                     "(kwargs: hidden=128, grid=4)", True),
+}
+
+
+def register_head(name: str, factory: Callable[..., nn.Module], *, description: str = "") -> Callable[..., nn.Module]:
+    """Register `factory(in_shape, num_classes, **kwargs) -> nn.Module` under `name` (`head=name`,
+    `--head name`), the way `zoo.register_arch` registers architectures: a checkpoint whose heads were
+    made by it (or are instances of it, when it is a class) records `name` and loads where the module
+    that registers it is imported (`dgate-export --import MODULE`). `in_shape` is the exit's output
+    shape per sample, (C, H, W) for a feature map. A factory that returns a GateHead subclass gets the
+    exit's output in channels-first layout (as the built-in heads do); any other module gets it raw."""
+    if not name or name in HEADS and HEADS[name].builtin:
+        raise ValueError(f"gate head name {name!r} is empty or built in")
+    HEADS[name] = HeadInfo(name, factory, description)
+    return factory
 
 
 def list_heads() -> list[str]:
     return list(HEADS)
 
 
-def make_head(name: str, in_shape: tuple[int, ...], num_classes: int, layout: str = "nchw", **kwargs) -> GateHead:
-    """Head `name` for one exit's per-sample output shape in `layout` ((C, H, W) in nchw, (C,) for vectors)."""
+def head_info(name: str) -> HeadInfo:
     if name not in HEADS:
-        raise UserError(f"Unknown gate head {name!r}.", f"Choose one of: {', '.join(HEADS)}.")
-    check_layout(layout, tuple(in_shape), f"a {name} head")
+        raise UserError(f"Unknown gate head {name!r}.",
+                        f"Choose one of: {', '.join(HEADS)}; or register your own with "
+                        "dgate_export.compile.register_head in a module you import (`dgate-export --import MODULE`).")
+    return HEADS[name]
+
+
+def registered_name(head: object) -> str | None:
+    """The registered name of a head factory, or of the class of a head module (None: not registered)."""
+    for info in HEADS.values():
+        if info.factory is head or (isinstance(info.factory, type) and type(head) is info.factory):
+            return info.name
+    return None
+
+
+def is_gate_head_factory(factory: object) -> bool:
+    """Whether `factory` makes GateHeads (the layout-aware kind), judged without calling it."""
+    return isinstance(factory, type) and issubclass(factory, GateHead)
+
+
+def wrap_head(module: nn.Module, layout: str = "raw") -> GateHead:
+    """A head module as a GateHead: GateHeads as they are (their layout set), others in a CustomHead."""
+    if isinstance(module, GateHead):
+        module.layout = layout
+        return module
+    return CustomHead(module)
+
+
+def make_head(name: str, in_shape: tuple[int, ...], num_classes: int, layout: str = "nchw", **kwargs) -> GateHead:
+    """Head `name` for one exit's per-sample output shape `in_shape` in `layout` ((C, H, W) in nchw, (C,) for
+    vectors). A registered factory that does not make GateHeads gets `in_shape` raw (layout ignored)."""
+    return build_head(head_info(name).factory, name, in_shape, num_classes, layout, **kwargs)
+
+
+def build_head(factory: Callable[..., nn.Module], name: str, in_shape: tuple[int, ...], num_classes: int,
+               layout: str = "nchw", **kwargs) -> GateHead:
+    """`factory(in_shape, num_classes, **kwargs)` as a GateHead (make_head, for a factory not registered)."""
+    layered = is_gate_head_factory(factory)
+    if layered:
+        check_layout(layout, tuple(in_shape), f"a {name} head")
     try:
-        head = HEADS[name](layout_shape(tuple(in_shape), layout), num_classes, **kwargs)
+        head = factory(layout_shape(tuple(in_shape), layout) if layered else tuple(in_shape), num_classes, **kwargs)
     except TypeError as err:
-        raise UserError(f"Gate head {name!r} does not accept these arguments: {err}.") from err
-    head.layout = layout
-    return head
+        raise UserError(f"Gate head {name!r} does not accept these arguments: {err}.",
+                        "A head factory is called as factory(in_shape, num_classes, **head_kwargs).") from err
+    if not isinstance(head, nn.Module):
+        raise UserError(f"Gate head factory {name!r} returned a {type(head).__name__}, not an nn.Module.")
+    return wrap_head(head, layout if layered else "raw")
 
 
 # Modules whose output shows where the channels are: (channels axis, the module's channel count).

@@ -4,8 +4,9 @@ The build's `quantize` step, run after the float graphs passed parity with the t
 
 1. Rows. `rows` seeded rows of the TRAINING split of `--calibration-data`, cut with the validation
    size and seed the checkpoint records: never a validation row (where the thresholds are fitted) and
-   never a test row. Rows with NaN or inf (load_dataset), a wrong per-sample shape, or fewer rows than
-   asked are refused (UserError) in the build's load step, before any export.
+   never a test row; prepared as the checkpoint records (normalization, image preparation) and read
+   alone (data.Rows), not the whole data set. Rows with NaN or inf, a wrong per-sample shape, or fewer
+   rows than asked are refused (UserError) in the build's load step, before any export.
 2. Inputs per graph. Segment 0 and the baseline take the rows. Segment k>0 takes the carries the
    float chain produces for them with index = arange (nobody leaves), so every segment's activation
    ranges come from all calibration rows, as in the float bundle when every threshold is off.
@@ -43,7 +44,7 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 
 from ..calibrate import Target, exits_of, recorded_target
 from ..contract import CARRY_IN_PREFIX, CONFIDENCE, INDEX, INPUT, LOGITS, is_carry
-from ..data import DEFAULT_VAL_SIZE, check_input_shape, load_dataset
+from ..data import DEFAULT_VAL_SIZE, Rows, open_for_model
 from ..errors import UserError
 from ..recalibrate import recalibrate
 from .parity import probe_thresholds, rel_error
@@ -82,7 +83,7 @@ INT8_TOLERANCE = Int8Tolerance()
 class CalibrationData:
     """The data `build --precision int8` needs (and an fp16 build that refits its thresholds)."""
 
-    data: str  # --calibration-data: a data set spec (fashion-mnist, npz:PATH)
+    data: str  # --calibration-data: a data set spec (fashion-mnist, npz:PATH, npy:DIR, folder:PATH)
     rows: int = CALIBRATION_ROWS
     data_dir: str | None = None
     repeat_channels: bool = False  # repeat 1-channel data to the model's channel count
@@ -111,33 +112,43 @@ def _split_of(model) -> tuple[int, int]:
     return int(split.get("val_size", DEFAULT_VAL_SIZE)), int(split.get("seed", 0))
 
 
-def _channels(options: CalibrationData, model) -> int | None:
-    return int(model.input_shape[0]) if options.repeat_channels else None
+def _open(options: CalibrationData, model, split: str) -> Rows:
+    """`split` of options.data as Rows prepared as the model records (normalization, image preparation)."""
+    val_size, seed = _split_of(model)
+    return open_for_model(options.data, (split,), input_shape=model.input_shape, normalization=model.normalization,
+                          image=getattr(model, "image", None), where="the model", data_dir=options.data_dir,
+                          repeat_channels=options.repeat_channels, val_size=val_size, seed=seed)[split]
+
+
+def _take(rows: Rows, picked: np.ndarray) -> np.ndarray:
+    """The rows `picked` (sorted indices) as one float32 array."""
+    parts = [x for x, _ in rows.batches(CHUNK * 4, picked)]
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32) if parts else np.empty((0,), np.float32)
 
 
 def calibration_rows(options: CalibrationData, model) -> CalibrationRows:
-    """The calibration and probe rows from the training split of options.data; UserError on bad data."""
+    """The calibration and probe rows from the training split of options.data (read only those rows:
+    memory grows with --calibration-rows, not with the data); UserError on bad data."""
     rows = options.rows
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < MIN_CALIBRATION_ROWS:
         raise UserError(f"--calibration-rows must be a whole number of at least {MIN_CALIBRATION_ROWS}, got {rows!r}.",
                         f"Pass --calibration-rows {CALIBRATION_ROWS} (the default) or more.")
     val_size, seed = _split_of(model)
-    train = load_dataset(options.data, "train", data_dir=options.data_dir, channels=_channels(options, model),
-                         val_size=val_size, seed=seed)
     where = f"--calibration-data {options.data} (training split)"
-    check_input_shape(train.x, model.input_shape, where=where)
+    train = _open(options, model, "train")
     if len(train) < rows:
         raise UserError(f"{where} has {len(train)} rows; --calibration-rows asks for {rows}.",
                         f"Pass --calibration-rows {len(train)} or fewer (at least {MIN_CALIBRATION_ROWS}), or give "
                         "more training data.")
     order = np.random.default_rng(ROW_SEED).permutation(len(train))
     chosen = np.sort(order[:rows])
-    x = np.ascontiguousarray(train.x[chosen], dtype=np.float32)  # load_dataset refused NaN and inf rows
+    x = _take(train, chosen)  # rows with NaN or inf are refused as they are read
     probe_rows = np.sort(order[rows:rows + PROBE_ROWS])
-    probe = np.ascontiguousarray(train.x[probe_rows], dtype=np.float32)
     if len(probe_rows) < MIN_CALIBRATION_ROWS:
         probe = x[:PROBE_ROWS]  # too few rows left beyond the calibration rows: probe on those
         probe_rows = np.array([], dtype=np.int64)
+    else:
+        probe = _take(train, probe_rows)
     info = {
         "rows": rows,
         "source": {"data": options.data, "split": "train", "val_size": val_size, "seed": seed,
@@ -393,8 +404,7 @@ def refit_thresholds(bundle: Path, model, options: CalibrationData) -> Any:
     which rewrites the manifest's thresholds and its `calibration` record (a holdout keeps the same rows
     out as `calibrate --holdout`)."""
     val_size, seed = _split_of(model)
-    val = load_dataset(options.data, "val", data_dir=options.data_dir, channels=_channels(options, model),
-                       val_size=val_size, seed=seed)
+    val = _open(options, model, "val")
     record = {"spec": options.data, "val_size": val_size, "seed": seed, "rows": len(val)}
     return recalibrate(bundle, val, None, target=refit_target(model, options), seed=seed,
                        data_record=record).calibration

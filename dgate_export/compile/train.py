@@ -4,18 +4,24 @@ Gate training follows the d-gate recipe: the backbone is frozen, so the pooled f
 are computed once (one forward pass over the training set) and each head's `classify` is then trained
 on those cached vectors, which takes seconds. `collect_exit_logits` gives every exit's logits for
 calibration and evaluation.
+
+Every function reads its data through `data.Rows` (batches of rows), so memory does not grow with the
+images: what is kept per row is the cache of pooled features (4 bytes x the features of every gate:
+F_k = the exit's channels, times the cells for `grid` heads), the logits (4 bytes x classes per exit)
+and the label.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import Dataset
+from ..data import Rows
 from ..errors import UserError
 from .threads import torch_threads
 
@@ -50,13 +56,13 @@ def _training_batch_starts(n: int, batch_size: int) -> list[int]:
     return starts
 
 
-def train_backbone(backbone: nn.Module, train_data: Dataset, *, epochs: int, batch_size: int = 128,
+def train_backbone(backbone: nn.Module, train_data: Rows, *, epochs: int, batch_size: int = 128,
                    lr: float = 0.1, weight_decay: float = 5e-4, seed: int = 0, progress: bool = True) -> nn.Module:
     """Train `backbone` with SGD (Nesterov momentum) and a one-cycle learning-rate schedule.
 
     One-cycle reaches good accuracy in one or two epochs, which is what a CPU demo can afford.
-    No augmentation: the point is a reasonable backbone quickly, not the best one.
-    Returns the module in eval mode.
+    No augmentation: the point is a reasonable backbone quickly, not the best one. The rows are read
+    batch by batch in a seeded order per epoch (data.Rows). Returns the module in eval mode.
     """
     if epochs < 1:
         raise UserError(f"Backbone epochs must be >= 1 (got {epochs}).", "Pass --backbone-epochs 1 or more.")
@@ -66,8 +72,6 @@ def train_backbone(backbone: nn.Module, train_data: Dataset, *, epochs: int, bat
                         "Use more data or a smaller --val-size, or give trained weights with --weights.")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    x = torch.from_numpy(train_data.x)
-    y = torch.from_numpy(train_data.y)
     steps = len(_training_batch_starts(len(train_data), batch_size))
     optimizer = torch.optim.SGD(backbone.parameters(), lr=lr, momentum=0.9, nesterov=True,
                                 weight_decay=weight_decay)
@@ -81,43 +85,91 @@ def train_backbone(backbone: nn.Module, train_data: Dataset, *, epochs: int, bat
     backbone.train()
     for epoch in range(epochs):
         seen, right, total_loss = 0, 0, 0.0
-        bar = tqdm(_batches(len(train_data), batch_size, rng, drop_single=True), total=steps, disable=not progress,
-                   desc=f"backbone epoch {epoch + 1}/{epochs}", unit="batch", leave=True)
-        for rows in bar:
-            xb, yb = x[rows], y[rows]
+        bar = tqdm(_read(train_data, _batches(len(train_data), batch_size, rng, drop_single=True)), total=steps,
+                   disable=not progress, desc=f"backbone epoch {epoch + 1}/{epochs}", unit="batch", leave=True)
+        for xb, yb in bar:
             out = backbone(xb)
             loss = loss_fn(out, yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            seen += len(rows)
+            seen += len(yb)
             right += int((out.argmax(1) == yb).sum())
-            total_loss += float(loss.detach()) * len(rows)
+            total_loss += float(loss.detach()) * len(yb)
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{right / seen:.3f}", refresh=False)
     return backbone.eval()
 
 
-@torch.no_grad()
-def cache_gate_features(gated, data: Dataset, *, batch_size: int = 256, progress: bool = True) -> list[torch.Tensor]:
-    """Pooled features at every gate [N, C_k], in data order.
+def _read(data: Rows, groups) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) tensors of each group of row indices (_batches': all of one size but the last), read through
+    data.batches in one pass, so that a reader that decodes ahead keeps doing so across batches."""
+    groups = [g.numpy() for g in groups]
+    if not groups:
+        return
+    order, last = np.concatenate(groups), len(groups[-1])
+    for rows, size in ((order[:len(order) - last], len(groups[0])), (order[len(order) - last:], last)):
+        for xb, yb in data.batches(size, rows):
+            yield torch.from_numpy(xb), torch.from_numpy(_labelled(yb))
 
-    Runs segments 0..K-1 only: the last segment (often a third of the FLOPs) feeds no gate.
+
+def _labelled(y: np.ndarray | None) -> np.ndarray:
+    if y is None:
+        raise UserError("Training needs labelled rows: the data has no labels.", "Give data with labels.")
+    return np.asarray(y, dtype=np.int64)
+
+
+def _known_rows(data: Rows) -> int | None:
+    """len(data), or None where it is not known before a pass (an iterator of batches: len raises TypeError)."""
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def _steps(n: int | None, batch_size: int) -> int | None:
+    """Batches in a pass of n rows, for the progress bar."""
+    return None if n is None else math.ceil(n / batch_size)
+
+
+def _store(buffers: list, k: int, at: int, values, n: int | None, empty) -> None:
+    """A batch of per-row `values` into buffers[k] from row `at`: an array allocated once for the n rows (one
+    small tensor kept per batch, between the batches' large freed ones, grew the heap), or, where n is not
+    known before the pass, one that doubles when full. `empty`: torch.empty or np.empty."""
+    need = at + len(values)
+    if len(buffers) <= k:
+        buffers.append(empty((n if n is not None else max(need, 1024), *values.shape[1:]), dtype=values.dtype))
+    elif need > len(buffers[k]):
+        grown = empty((max(need, 2 * len(buffers[k])), *values.shape[1:]), dtype=values.dtype)
+        grown[:at] = buffers[k][:at]
+        buffers[k] = grown
+    buffers[k][at:need] = values
+
+
+@torch.no_grad()
+def cache_gate_features(gated, data: Rows, *, batch_size: int = 256, progress: bool = True) -> list[torch.Tensor]:
+    """Pooled features at every gate [N, F_k] float32, in data order (F_k floats a row per gate: the
+    images are read batch by batch and never kept).
+
+    Runs segments 0..K-1 only: the last segment (often a third of the FLOPs) feeds no gate. The
+    features go into arrays allocated once (one small tensor kept per batch, between the batches'
+    large freed ones, made the heap grow by about a batch's activations every batch).
     """
     gated.eval()
-    x = torch.from_numpy(data.x)
-    pooled: list[list[torch.Tensor]] = [[] for _ in range(gated.num_gates)]
-    steps = math.ceil(len(data) / batch_size)
-    for rows in tqdm(_batches(len(data), batch_size, None), total=steps, disable=not progress,
-                     desc="caching gate features", unit="batch"):
-        carries: tuple[torch.Tensor, ...] = (x[rows],)
+    n = _known_rows(data)
+    pooled: list[torch.Tensor] = []
+    at = 0
+    for xb, _ in tqdm(data.batches(batch_size), total=_steps(n, batch_size), disable=not progress,
+                      desc="caching gate features", unit="batch"):
+        carries: tuple[torch.Tensor, ...] = (torch.from_numpy(xb),)
         for k in range(gated.num_gates):
             carries = gated.segments[k](*carries)
-            pooled[k].append(gated.heads[k].pool(carries[0]))
-    return [torch.cat(p) for p in pooled]
+            _store(pooled, k, at, gated.heads[k].pool(carries[0]), n, torch.empty)
+        at += len(xb)
+    return [p[:at] for p in pooled]
 
 
-def train_gates(gated, train_data: Dataset, *, epochs: int = 10, loss: str = "ce", batch_size: int = 256,
+def train_gates(gated, train_data: Rows, *, epochs: int = 10, loss: str = "ce", batch_size: int = 256,
                 lr: float | None = None, weight_decay: float = 1e-4, seed: int = 0, progress: bool = True,
                 feature_batch_size: int = 256, min_steps: int = MIN_GATE_STEPS) -> list[float]:
     """Train every gate head's `classify` on cached pooled features; the backbone stays frozen.
@@ -136,9 +188,9 @@ def train_gates(gated, train_data: Dataset, *, epochs: int = 10, loss: str = "ce
     for p in gated.parameters():
         p.requires_grad_(False)
     pooled = cache_gate_features(gated, train_data, batch_size=feature_batch_size, progress=progress)
-    y = torch.from_numpy(train_data.y)
+    y = torch.from_numpy(_labelled(train_data.labels()))
     loss_fn: nn.Module = nn.CrossEntropyLoss() if loss == "ce" else nn.MultiMarginLoss()
-    steps = math.ceil(len(train_data) / batch_size)
+    steps = math.ceil(len(y) / batch_size)
     if epochs * steps < min_steps:  # small data: optimizer steps, not epochs, set the length
         epochs, rate = math.ceil(min_steps / max(steps, 1)), SHORT_LR if lr is None else lr
     else:
@@ -180,15 +232,17 @@ def _train_head(head, feats: torch.Tensor, y: torch.Tensor, desc: str, *, epochs
 
 
 @torch.no_grad()
-def collect_exit_logits(gated, data: Dataset, batch_size: int = 256,
+def collect_exit_logits(gated, data: Rows, batch_size: int = 256,
                         progress: bool = True) -> tuple[list[np.ndarray], np.ndarray]:
-    """Every exit's logits on `data` (K gates, then the backbone's own classifier) and the labels."""
+    """Every exit's logits on `data` (K gates, then the backbone's own classifier) and the labels
+    (written into arrays allocated once, as cache_gate_features)."""
     gated.eval()
-    x = torch.from_numpy(data.x)
-    parts: list[list[np.ndarray]] = [[] for _ in range(gated.num_gates + 1)]
-    steps = math.ceil(len(data) / batch_size)
-    for rows in tqdm(_batches(len(data), batch_size, None), total=steps, disable=not progress,
-                     desc=f"exit logits ({data.split or 'data'})", unit="batch"):
-        for k, logits in enumerate(gated(x[rows])):
-            parts[k].append(logits.float().numpy())
-    return [np.concatenate(p) for p in parts], data.y.copy()
+    n = _known_rows(data)
+    parts: list[np.ndarray] = []
+    at = 0
+    for xb, _ in tqdm(data.batches(batch_size), total=_steps(n, batch_size), disable=not progress,
+                      desc=f"exit logits ({getattr(data, 'split', '') or 'data'})", unit="batch"):
+        for k, logits in enumerate(gated(torch.from_numpy(xb))):
+            _store(parts, k, at, logits.float().numpy(), n, np.empty)
+        at += len(xb)
+    return [p[:at] for p in parts], _labelled(data.labels()).copy()

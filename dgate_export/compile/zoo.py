@@ -41,6 +41,16 @@ def list_archs() -> list[ArchInfo]:
     return sorted(_REGISTRY.values(), key=lambda a: a.name)
 
 
+def arch_registered(name: str) -> bool:
+    """Whether `name` builds here: the zoo, `torchvision/...` or registered by the user's own code."""
+    return name.startswith("torchvision/") or name in _REGISTRY
+
+
+def registered_arch_name(backbone: nn.Module) -> str | None:
+    """The registered name whose factory is the backbone's class itself (None: none is)."""
+    return next((a.name for a in _REGISTRY.values() if a.factory is type(backbone)), None)
+
+
 def arch_info(name: str) -> ArchInfo:
     if name.startswith("torchvision/"):
         tv_name = name.split("/", 1)[1]
@@ -51,7 +61,7 @@ def arch_info(name: str) -> ArchInfo:
         raise UserError(
             f"Unknown architecture {name!r}.",
             f"{hint}Zoo: {', '.join(_REGISTRY)}; any torchvision classifier as 'torchvision/NAME'; "
-            "your own architecture: register it with dgate_export.zoo.register_arch in a module you trust "
+            "your own architecture: register it with dgate_export.compile.register_arch in a module you trust "
             "and pass that module with `dgate-export --import MODULE`.",
         )
     return _REGISTRY[name]

@@ -344,6 +344,40 @@ def dataset_from_arrays(x: np.ndarray, labels: np.ndarray | None = None, *, bloc
     return ray.data.from_arrow(tables)
 
 
+class _ReadRows:
+    """A Ray Data batch of block starts -> the rows of those blocks (columns row, image, label), read
+    from data.Rows where the task runs (an image folder or a memory-mapped array: a path every node
+    must see, like the bundle's)."""
+
+    def __init__(self, rows: Any, block_rows: int):
+        self.rows, self.block_rows = rows, block_rows
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(self.rows)
+        picks = [np.arange(s, min(s + self.block_rows, n)) for s in np.asarray(batch["start"]).tolist()]
+        numbers = np.concatenate(picks) if picks else np.empty(0, np.int64)
+        images, labels = [], []
+        for xb, yb in self.rows.batches(self.block_rows, numbers):
+            images.append(xb)
+            if yb is not None:
+                labels.append(np.asarray(yb, dtype=np.int64))
+        out = {"row": numbers.astype(np.int64),
+               IMAGE: np.concatenate(images) if images else np.empty((0, *self.rows.sample_shape), np.float32)}
+        if labels:
+            out["label"] = np.concatenate(labels)
+        return out
+
+
+def dataset_from_rows(rows: Any, *, block_rows: int = 256) -> Any:
+    """A ray.data.Dataset of columns `row`, `image` and `label` (when labelled) read from data.Rows by
+    Ray's tasks, one block of `block_rows` rows each: the driver holds only the block starts."""
+    ray = require_ray()
+    starts = list(range(0, len(rows), block_rows))
+    ds = ray.data.from_items([{"start": s} for s in starts], override_num_blocks=max(1, len(starts)))
+    return ds.map_batches(_ReadRows(rows, block_rows), batch_size=1, batch_format="numpy",
+                          udf_modifying_row_count=True)
+
+
 def user_error_in(err: BaseException) -> UserError | None:
     """The UserError an actor raised, recovered from the exception Ray raises in the driver, or None.
 
