@@ -45,7 +45,8 @@ def write_folder(root, per_class: dict[str, list[int]], *, size=(32, 32), ext=".
 
 
 @pytest.mark.parametrize("size, prep", [((40, 30), ImagePrep((24, 24), 28)), ((30, 40), ImagePrep((20, 20), 20)),
-                                        ((32, 32), ImagePrep((32, 32), 32)), ((33, 50), ImagePrep((21, 21), 27))])
+                                        ((32, 32), ImagePrep((32, 32), 32)), ((33, 50), ImagePrep((21, 21), 27)),
+                                        ((50, 33), ImagePrep((21, 21), 27))])
 @pytest.mark.parametrize("ext", [".png", ".jpg"])
 def test_preparation_is_torchvisions_resize_and_centre_crop(tmp_path, size, prep, ext):
     """The runtime side prepares a file as torchvision's Resize + CenterCrop do (the compile side's
