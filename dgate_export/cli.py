@@ -156,7 +156,7 @@ def bench(bundle, data, data_dir, repeat_channels, random_n, limit, batch_sizes,
     if (data is None) == (random_n is None):
         raise UserError("Give exactly one of --data DATA (accuracy and speed) or --random N (speed only).")
     if data is not None:
-        from .recalibrate import rows_for_bundle
+        from .data import rows_for_bundle
 
         x = rows_for_bundle(manifest, data, ("test",), where=bundle, data_dir=data_dir,
                             repeat_channels=repeat_channels)["test"]  # read in batches, never whole
@@ -439,9 +439,8 @@ def score_cmd(bundle, data, data_dir, repeat_channels, split, limit, output, ray
     """
     import numpy as np
 
-    from .data import data_file, recorded_split
+    from .data import data_file, recorded_split, rows_for_bundle
     from .manifest import load_manifest
-    from .recalibrate import rows_for_bundle
     from .score import check_output, check_ray, score
 
     check_output(Path(output), force, reads=(bundle, data_file(data)))

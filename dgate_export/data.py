@@ -543,7 +543,13 @@ def _arrays(members: dict[str, Any], split: str, *, val_size: int | None, seed: 
             return _Arrays(x, y, None, names, False, None, where)
         cut = val_size if val_size is not None else default_val_size(len(y))
         return _Arrays(x, y, split_rows(len(y), split, val_size=cut, seed=seed, where=where), names, False, cut, where)
-    if "x" in keys and labelled is None and split == "test":  # unlabelled images (score)
+    if "x" in keys and "y" not in keys and "x_train" not in keys:  # unlabelled images (score)
+        if split != "test":
+            raise UserError(f"{where} holds only x (no labels, no splits): it has no {split} split.",
+                            "Score it whole: leave out --split.")
+        if labelled is not None:
+            raise UserError(f"{where} holds only x: no labels (y), which this needs.",
+                            "Save it with labels: np.savez(path, x=images, y=labels).")
         x = members["x"]()
         _check_arrays(x, None, f"{where} (x)")
         return _Arrays(x, None, None, names, False, None, where)
@@ -736,6 +742,14 @@ def open_for_model(spec: str, splits: tuple[str, ...] = SPLITS, *, input_shape: 
         check_input_shape(rows.sample_shape, chw, where=f"data set {spec!r} ({split})")
         out[split] = rows
     return out
+
+
+def rows_for_bundle(manifest: Any, data: str, splits: tuple[str, ...], *, where: str, **kwargs: Any) -> dict[str, Any]:
+    """Splits of `data` as Rows prepared as a bundle's manifest.Manifest records (input shape, normalization,
+    image preparation): open_for_model's keywords."""
+    image = manifest.input.image.to_dict() if manifest.input.image is not None else None
+    return open_for_model(data, splits, input_shape=manifest.input.shape[1:], normalization=manifest.input.normalization,
+                          image=image, where=where, **kwargs)
 
 
 def recorded_split(data_split: dict | None, where: str, val_size: int | None = None,

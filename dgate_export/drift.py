@@ -92,7 +92,7 @@ def record_reference(bundle: str | Path, data: str, *, data_dir: str | Path | No
     """`drift --record`: the bundle's exit mix, with its thresholds, on the validation split it records
     (the rows its thresholds were chosen on), written into its manifest as `exit_reference` (only that
     field changes; the artifacts and their hashes stay)."""
-    from .data import check_input_shape, load_dataset, recorded_split
+    from .data import recorded_split, rows_for_bundle
     from .files import sha256_file
     from .manifest import MANIFEST_FILE, write_manifest
     from .outputs import check_rewrite
@@ -105,11 +105,10 @@ def record_reference(bundle: str | Path, data: str, *, data_dir: str | Path | No
         manifest = rt.manifest
         split = (manifest.source or {}).get("data_split")
         val_size, seed = recorded_split(split, str(bundle))
-        chw = [int(d) for d in manifest.input.shape[1:]]
-        val = load_dataset(data, "val", data_dir=data_dir, channels=chw[0] if repeat_channels else None,
-                           val_size=val_size, seed=seed)
-        check_input_shape(val.x, chw, where=f"data set {data!r} (val)")
-        exits = rt.run(val.x).exits
+        val = rows_for_bundle(manifest, data, ("val",), where=str(bundle), data_dir=data_dir,
+                              repeat_channels=repeat_channels, val_size=val_size, seed=seed)["val"]
+        # read in batches: memory does not grow with the rows
+        exits = np.concatenate([rt.run(xb).exits for xb, _ in val.batches(rt.max_batch)])
     finally:
         rt.close()
     fractions = np.bincount(exits, minlength=manifest.num_gates + 1) / len(exits)

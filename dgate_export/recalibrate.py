@@ -25,11 +25,11 @@ import numpy as np
 
 from .calibrate import Calibration, Evaluation, Target, calibrate_scores, evaluate_scores, holdout_rows
 from .contract import exit_at
-from .data import Dataset, check_labels, open_for_model, recorded_split
+from .data import Dataset, check_labels, recorded_split, rows_for_bundle
 from .drift import reference_record
 from .errors import UserError
 from .files import sha256_file
-from .manifest import MANIFEST_FILE, Manifest, load_manifest, write_manifest
+from .manifest import MANIFEST_FILE, load_manifest, write_manifest
 from .outputs import check_rewrite
 from .profile import load_costs
 from .runtime import GatedRuntime
@@ -164,14 +164,6 @@ def calibrate_bundle(bundle: str | Path, data: str, *, target: Target | None = N
     record = {"spec": data, "val_size": val_size, "seed": seed, "rows": len(splits["val"])}
     return recalibrate(bundle, splits["val"], splits["test"], target=target, seed=seed, time_cost=time_cost,
                        data_record=record)
-
-
-def rows_for_bundle(manifest: Manifest, data: str, splits: tuple[str, ...], *, where: str, **kwargs: Any) -> dict[str, Any]:
-    """Splits of `data` as Rows prepared as the bundle records (input shape, normalization, image
-    preparation): data.open_for_model's keywords."""
-    image = manifest.input.image.to_dict() if manifest.input.image is not None else None
-    return open_for_model(data, splits, input_shape=manifest.input.shape[1:], normalization=manifest.input.normalization,
-                          image=image, where=where, **kwargs)
 
 
 def _check_labels(y: np.ndarray | None, num_classes: int) -> None:

@@ -318,11 +318,11 @@ def test_a_concurrent_manifest_update_is_never_lost(bundle, tmp_path, monkeypatc
     scores = recal.exit_scores
     inner: list = []
 
-    def meanwhile(rt, xs, ys):  # the other calibrate runs whole while this one scores its rows
+    def meanwhile(rt, rows, ys=None):  # the other calibrate runs whole while this one scores its rows
         if not inner:
             inner.append(None)
             inner[0] = recal.recalibrate(bundle, val, None, target=Target(budget=0.9))
-        return scores(rt, xs, ys)
+        return scores(rt, rows, ys)
 
     monkeypatch.setattr(recal, "exit_scores", meanwhile)
     with pytest.raises(UserError, match="changed while this command was working"):

@@ -38,11 +38,18 @@ from ..calibrate import (
     save_curve,
 )
 from ..contract import DEFAULT_CONFIDENCE
-from ..data import Rows, check_input_shape, check_labels, open_for_model, open_rows, recorded_split
+from ..data import (
+    Rows,
+    check_input_shape,
+    check_labels,
+    open_for_model,
+    open_rows,
+    recorded_split,
+    rows_for_bundle,
+)
 from ..errors import UserError
 from ..manifest import load_manifest
 from ..profile import load_costs
-from ..recalibrate import rows_for_bundle
 from ..render import calibration_plot
 from . import checkpoint
 from .model import GatedModel

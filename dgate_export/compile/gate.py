@@ -34,7 +34,15 @@ from torch import nn
 
 from ..calibrate import Calibration, Evaluation, Target
 from ..contract import DEFAULT_CONFIDENCE
-from ..data import DEFAULT_VAL_SIZE, Rows, SplitTooLarge, check_input_shape, data_file, num_classes, open_splits
+from ..data import (
+    DEFAULT_VAL_SIZE,
+    Rows,
+    SplitTooLarge,
+    check_input_shape,
+    data_file,
+    num_classes,
+    open_splits,
+)
 from ..errors import UserError
 from ..outputs import check_output, check_rewrite
 from . import checkpoint
