@@ -344,6 +344,9 @@ def dataset_from_arrays(x: np.ndarray, labels: np.ndarray | None = None, *, bloc
     return ray.data.from_arrow(tables)
 
 
+READ_TASKS = 2  # read tasks at a time (each one block of rows)
+
+
 class _ReadRows:
     """A Ray Data batch of block starts -> the rows of those blocks (columns row, image, label), read
     from data.Rows where the task runs (an image folder or a memory-mapped array: a path every node
@@ -374,8 +377,10 @@ def dataset_from_rows(rows: Any, *, block_rows: int = 256) -> Any:
     ray = require_ray()
     starts = list(range(0, len(rows), block_rows))
     ds = ray.data.from_items([{"start": s} for s in starts], override_num_blocks=max(1, len(starts)))
+    # num_cpus=0: the actor pool may hold every CPU (2 actors on 2 cores), and read tasks that each
+    # reserve one would never be scheduled (the job hung). `concurrency` bounds them instead.
     return ds.map_batches(_ReadRows(rows, block_rows), batch_size=1, batch_format="numpy",
-                          udf_modifying_row_count=True)
+                          udf_modifying_row_count=True, num_cpus=0, concurrency=READ_TASKS)
 
 
 def user_error_in(err: BaseException) -> UserError | None:
