@@ -344,7 +344,7 @@ def test_cli_build_and_inspect(tmp_path, skip_ckpt):
     assert "validation split: not recorded" in " ".join(result.output.split())
 
     result = runner.invoke(main, ["inspect", str(tmp_path / "nothing")])
-    assert result.exit_code == 2 and "no such file or directory" in result.output
+    assert result.exit_code == 2 and "no such file or directory" in " ".join(result.output.split())
 
     result = runner.invoke(main, ["build", str(path), "-o", str(tmp_path / "x"), "--backend", "nope"])
     assert result.exit_code == 2 and "Unknown backend" in result.output
