@@ -1,0 +1,440 @@
+"""Is gating worth it? Gated ResNets against the static ones a user would pick instead (issue 28).
+
+    .venv/bin/python benchmarks/pareto.py                   # everything (resumable): train, gate, build, measure, plot
+    .venv/bin/python benchmarks/pareto.py --steps measure,plot --seconds 300
+    .venv/bin/python benchmarks/pareto.py --steps plot      # table + plot again from results/pareto.json
+
+On Fashion-MNIST, the zoo's ResNet-20, 32, 44, 56 and 110 (stem_stride 1, full 28x28 resolution), each
+trained with one recipe (train_backbones.py: 5 epochs, batch 128, one-cycle lr 0.1, seed 0, 10 000
+validation rows held out), then:
+1. train: `train_backbones.py NETWORK --epochs 5 --fresh --threads T` for a backbone whose weights are
+   missing (benchmarks/weights/NETWORK.pth);
+2. gate: `dgate-export gate` with the zoo's default exits, grid heads and the default promise (a drop of
+   at most 1 point on new data with probability >= 90%), thresholds chosen on the 10 000 validation rows
+   -> runs/pareto/NETWORK_gated.pt (log: results/pareto_gate_NETWORK.log);
+3. build: the fp32 bundle (engines/pareto-NETWORK) and the int8 bundle (engines/pareto-NETWORK-int8:
+   `--precision int8 --calibration-data fashion-mnist`, thresholds refitted on the int8 graphs with the
+   same default promise); the un-gated point of a bundle is its own baseline.onnx;
+4. measure: accuracy of all 20 points (5 networks x un-gated/gated x fp32/int8) on the whole 10 000-row
+   test split, then ONE interleaved timing run over all of them at batch 1 and 256 on ONNX Runtime (CPU,
+   one intra-op thread per session, the project's default): every round runs each of the 20 on the same
+   batch, the order rotated by one each round, and time slices of batch 256 and batch 1 alternate, so
+   drift of a shared machine hits every point alike. Throughput = batch / mean latency (samples/s);
+5. plot: benchmarks/plots/pareto.png (accuracy vs throughput, log x, the Pareto front over all points
+   marked; batch 256 and batch 1 panels) and the markdown table (printed).
+Steps 1-3 skip what exists unless --fresh. Writes benchmarks/results/pareto.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's dgate_export, not another one installed in the venv
+
+from dgate_export.bench import _versions, latency_stats, quality
+from dgate_export.contract import INPUT
+from dgate_export.data import load_dataset
+from dgate_export.runtime import GatedRuntime
+
+BENCH = ROOT / "benchmarks"
+RESULTS = BENCH / "results"
+CLI = str(Path(sys.executable).parent / "dgate-export")  # the console script of this venv
+NETWORKS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+PRECISIONS = ("fp32", "int8")
+BATCH_SIZES = (256, 1)
+STEPS = ("train", "gate", "build", "measure", "plot")
+RECIPE = ["--epochs", "5"]  # train_backbones.py's defaults otherwise: batch 128, lr 0.1, seed 0, val 10 000
+
+
+def gated_path(network: str) -> Path:
+    return ROOT / "runs" / "pareto" / f"{network}_gated.pt"
+
+
+def bundle_path(network: str, precision: str) -> Path:
+    return ROOT / "engines" / (f"pareto-{network}" + ("" if precision == "fp32" else f"-{precision}"))
+
+
+def rel(p: Path) -> str:
+    return str(p.relative_to(ROOT))
+
+
+def backbone_record(network: str) -> dict:
+    return json.loads((BENCH / "weights" / f"{network}.json").read_text())
+
+
+def commands(network: str) -> dict[str, list[str]]:
+    """The toolkit commands of one network (run from the repository root)."""
+    record = backbone_record(network) if (BENCH / "weights" / f"{network}.json").is_file() else {
+        "arch_kwargs": {"stem_stride": 1}, "val_size": 10000, "seed": 0}
+    model = rel(gated_path(network))
+    return {
+        "gate": ["gate", "--arch", network, "--arch-kwargs", json.dumps(record["arch_kwargs"]),
+                 "--weights", f"benchmarks/weights/{network}.pth", "--data", "fashion-mnist",
+                 "--val-size", str(record["val_size"]), "--seed", str(record["seed"]), "--head", "grid",
+                 "--no-progress", "-o", model],
+        "fp32": ["build", model, "-o", rel(bundle_path(network, "fp32"))],
+        "int8": ["build", model, "-o", rel(bundle_path(network, "int8")), "--precision", "int8",
+                 "--calibration-data", "fashion-mnist"],
+    }
+
+
+def run_logged(cmd: list[str], log: Path, threads: int) -> None:
+    """Run cmd from the repository root with this checkout's package first, appending to log."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
+    started = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n# started {datetime.now(timezone.utc).isoformat(timespec='seconds')}, "
+                f"load {os.getloadavg()[0]:.1f}\n")
+        f.flush()
+        done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, check=False)
+        f.write(f"# exit {done.returncode}, {(time.perf_counter() - started) / 60:.1f} min, "
+                f"load {os.getloadavg()[0]:.1f}\n")
+    if done.returncode:
+        sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}; see {log}")
+
+
+def step_train(networks, args) -> None:
+    for n in networks:
+        if (BENCH / "weights" / f"{n}.pth").is_file() and not args.fresh:
+            continue
+        cmd = [sys.executable, rel(BENCH / "train_backbones.py"), n, *RECIPE, "--fresh", "--threads", str(args.threads)]
+        print(f"train {n}: {' '.join(cmd[1:])}", flush=True)
+        run_logged(cmd, RESULTS / f"pareto_train_{n}.log", args.threads)
+
+
+def step_gate(networks, args) -> None:
+    for n in networks:
+        if gated_path(n).is_file() and not args.fresh:
+            continue
+        cmd = [CLI, *commands(n)["gate"]]
+        print(f"gate {n}", flush=True)
+        log = RESULTS / f"pareto_gate_{n}.log"
+        log.unlink(missing_ok=True)
+        gated_path(n).unlink(missing_ok=True)
+        run_logged(cmd, log, args.threads)
+
+
+def step_build(networks, args) -> None:
+    for n in networks:
+        for p in PRECISIONS:
+            if (bundle_path(n, p) / "manifest.json").is_file() and not args.fresh:
+                continue
+            cmd = [CLI, *commands(n)[p], *(["--force"] if bundle_path(n, p).exists() else [])]
+            print(f"build {n} {p}", flush=True)
+            run_logged(cmd, RESULTS / f"pareto_build_{n}_{p}.log", args.threads)
+
+
+# ------------------------------------------------------------------------------------------ measure
+
+def load_points(networks) -> tuple[list[dict], dict]:
+    """The 20 points: accuracy, exits and FLOPs on the whole test split, and a callable that runs one batch."""
+    test = load_dataset("fashion-mnist", "test")
+    points, runs = [], {}
+    for n in networks:
+        for p in PRECISIONS:
+            rt = GatedRuntime.load(bundle_path(n, p))
+            base = rt.baseline_runner()
+            manifest = rt.manifest
+            costs = manifest.exit_costs()
+            base_flops = float(manifest.baseline.flops or costs[-1])
+            q = quality(rt, base, test.x, test.y, costs, base_flops)
+            for gated in (False, True):
+                key = f"{n}/{'gated' if gated else 'static'}/{p}"
+                points.append({
+                    "key": key, "network": n, "depth": int(n[len("resnet"):]), "gated": gated, "precision": p,
+                    "accuracy": q["accuracy"]["gated" if gated else "baseline"],
+                    "flops": q["flops"]["expected"] if gated else base_flops,
+                    "flops_saved": q["flops"]["reduction"] if gated else 0.0,
+                    "thresholds": q["thresholds"] if gated else None,
+                    "exit_fractions": q["exits"]["fractions"] if gated else None,
+                    "accuracy_per_exit": q["accuracy"]["per_exit"] if gated else None,
+                    "bundle": rel(bundle_path(n, p)),
+                })
+                runs[key] = (lambda b, rt=rt: rt.run(b)) if gated else (lambda b, base=base: base.run({INPUT: b}))
+            print(f"{n} {p}: un-gated {q['accuracy']['baseline']:.2%}, gated {q['accuracy']['gated']:.2%}, "
+                  f"FLOPs saved {q['flops']['reduction']:.1%}", flush=True)
+    return points, {"runs": runs, "x": test.x}
+
+
+def time_all(runs: dict, x: np.ndarray, *, seconds: float, slice_s: float, warmup_rounds: int) -> dict:
+    """One interleaved timing run over every config and batch size (see the module docstring).
+    Returns per batch size: config -> latency stats (ms), rounds, and the load averages seen."""
+    names = list(runs)
+    state = {b: {"round": 0, "times": {k: [] for k in names}, "load": []} for b in BATCH_SIZES}
+
+    # Batch 1 visits the test rows in a seeded order (a short run still sees every kind of row);
+    # larger batches are consecutive test batches. Both cycle.
+    order = np.random.default_rng(0).permutation(len(x))
+
+    def batch(b: int, i: int) -> np.ndarray:
+        if b == 1:
+            j = order[i % len(x)]
+            return x[j:j + 1]
+        j = i % (len(x) // b)
+        return x[j * b:(j + 1) * b]
+
+    def one_round(b: int, record: bool) -> None:
+        s = state[b]
+        i = s["round"]
+        xb = batch(b, i)
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            t0 = time.perf_counter()
+            runs[name](xb)
+            dt = time.perf_counter() - t0
+            if record:
+                s["times"][name].append(dt)
+        s["round"] = i + 1
+
+    for b in BATCH_SIZES:
+        for _ in range(warmup_rounds):
+            one_round(b, False)
+        state[b]["round"] = 0
+    start = time.perf_counter()
+    slices = 0
+    while time.perf_counter() - start < seconds or any(state[b]["round"] < 3 for b in BATCH_SIZES):
+        for b in BATCH_SIZES:
+            t0 = time.perf_counter()
+            one_round(b, True)
+            while time.perf_counter() - t0 < slice_s:
+                one_round(b, True)
+            state[b]["load"].append(os.getloadavg())
+        slices += 1
+        done = {b: state[b]["round"] for b in BATCH_SIZES}
+        print(f"  {time.perf_counter() - start:.0f} s: rounds {done}, load {os.getloadavg()[0]:.1f}", flush=True)
+    return {str(b): {"rounds": state[b]["round"], "slices": slices,
+                     "load_average": {"min": min(v[0] for v in state[b]["load"]),
+                                      "max": max(v[0] for v in state[b]["load"]),
+                                      "samples": state[b]["load"]},
+                     "latency_ms": {k: latency_stats(t) for k, t in state[b]["times"].items()}}
+            for b in BATCH_SIZES}
+
+
+def step_measure(networks, args) -> dict:
+    load_before = os.getloadavg()
+    points, ctx = load_points(networks)
+    print(f"timing {len(points)} points x batch {list(BATCH_SIZES)} for {args.seconds:g} s "
+          f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    timing = time_all(ctx["runs"], ctx["x"], seconds=args.seconds, slice_s=args.slice_seconds,
+                      warmup_rounds=args.warmup_rounds)
+    for pt in points:
+        pt["throughput"] = {b: int(b) / (t["latency_ms"][pt["key"]]["mean"] / 1e3) for b, t in timing.items()}
+        pt["latency_ms"] = {b: t["latency_ms"][pt["key"]] for b, t in timing.items()}
+    result = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/pareto.py " + " ".join(sys.argv[1:]),
+        "recipe": {n: backbone_record(n) for n in networks},
+        "commands": {n: {k: "dgate-export " + " ".join(c) for k, c in commands(n).items()} for n in networks},
+        "timing": {"seconds": args.seconds, "slice_seconds": args.slice_seconds,
+                   "warmup_rounds": args.warmup_rounds, "backend": "onnxruntime (CPU), intra_op_num_threads 1",
+                   "rounds": {b: t["rounds"] for b, t in timing.items()},
+                   "load_average": {"before": load_before, "after": os.getloadavg(),
+                                    **{f"batch_{b}": {k: t["load_average"][k] for k in ("min", "max")}
+                                       for b, t in timing.items()}},
+                   "load_samples": {b: t["load_average"]["samples"] for b, t in timing.items()}},
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "python": platform.python_version()},
+        "versions": _versions("onnxruntime"),
+        "points": points,
+    }
+    result["analysis"] = analyse(points)
+    out = RESULTS / "pareto.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {rel(out)}", flush=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ analysis
+
+def front(points: list[dict], b: str) -> list[str]:
+    """Keys of the points no other point beats on both accuracy and throughput at batch b."""
+    keep = []
+    for p in points:
+        beaten = any(q["accuracy"] >= p["accuracy"] and q["throughput"][b] >= p["throughput"][b]
+                     and (q["accuracy"] > p["accuracy"] or q["throughput"][b] > p["throughput"][b])
+                     for q in points)
+        if not beaten:
+            keep.append(p["key"])
+    return keep
+
+
+def fastest_at(points: list[dict], b: str, accuracy: float) -> dict | None:
+    """The fastest of points at equal or better accuracy than `accuracy`, or None."""
+    ok = [p for p in points if p["accuracy"] >= accuracy]
+    return max(ok, key=lambda p: p["throughput"][b]) if ok else None
+
+
+def analyse(points: list[dict]) -> dict:
+    """Pareto fronts and the issue's goal, per batch size.
+
+    For each precision and each static point s: the fastest gated point of that precision at equal or
+    better test accuracy than s, against the fastest static point at equal or better accuracy than s
+    (s itself when s is on the static front). The goal (batch 256) reads at the best static point, the
+    most accurate one; the ratio at every other accuracy level is reported beside it."""
+    out: dict = {}
+    for b in sorted({b for p in points for b in p["throughput"]}, key=int):
+        entry: dict = {"front": front(points, b), "by_precision": {}}
+        for prec in PRECISIONS:
+            static = [p for p in points if p["precision"] == prec and not p["gated"]]
+            gated = [p for p in points if p["precision"] == prec and p["gated"]]
+            levels = []
+            for s in sorted(static, key=lambda p: p["accuracy"]):
+                best_s = fastest_at(static, b, s["accuracy"])
+                best_g = fastest_at(gated, b, s["accuracy"])
+                levels.append({
+                    "accuracy": s["accuracy"], "static": best_s["key"], "static_throughput": best_s["throughput"][b],
+                    "gated": best_g["key"] if best_g else None,
+                    "gated_accuracy": best_g["accuracy"] if best_g else None,
+                    "gated_throughput": best_g["throughput"][b] if best_g else None,
+                    "ratio": best_g["throughput"][b] / best_s["throughput"][b] if best_g else None})
+            top = levels[-1]
+            entry["by_precision"][prec] = {
+                "levels": levels, "static_front": front(static, b), "gated_front": front(gated, b),
+                "best_static": top["static"], "ratio_at_best_static": top["ratio"],
+                "goal_1.5x_at_best_static": bool(top["ratio"] is not None and top["ratio"] >= 1.5),
+                "best_ratio": max((lv["ratio"] for lv in levels if lv["ratio"] is not None), default=None)}
+        entry["gated_int8_on_front"] = [k for k in entry["front"] if k.endswith("/gated/int8")]
+        out[b] = entry
+    return out
+
+
+# ------------------------------------------------------------------------------------------ report
+
+STYLE = {("fp32", False): ("o", "tab:blue", "static fp32"), ("fp32", True): ("^", "tab:blue", "gated fp32"),
+         ("int8", False): ("o", "tab:orange", "static int8"), ("int8", True): ("^", "tab:orange", "gated int8")}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = result["points"]
+    batches = [b for b in ("256", "1") if b in points[0]["throughput"]]
+    fig, axes = plt.subplots(1, len(batches), figsize=(7.2 * len(batches), 5.6), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        on_front = set(result["analysis"][b]["front"])
+        for (prec, gated), (marker, color, label) in STYLE.items():
+            pts = sorted((p for p in points if p["precision"] == prec and p["gated"] == gated), key=lambda p: p["depth"])
+            xs = [p["throughput"][b] for p in pts]
+            ys = [100 * p["accuracy"] for p in pts]
+            ax.plot(xs, ys, linestyle="-" if gated else ":", color=color, alpha=0.5, linewidth=1)
+            ax.scatter(xs, ys, marker=marker, s=60, facecolors=color if gated else "none", edgecolors=color,
+                       label=label, zorder=3)
+            for p, xv, yv in zip(pts, xs, ys):
+                ax.annotate(str(p["depth"]), (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=color)
+        fr = sorted((p for p in points if p["key"] in on_front), key=lambda p: p["throughput"][b])
+        ax.step([p["throughput"][b] for p in fr], [100 * p["accuracy"] for p in fr], where="post", color="black",
+                linestyle="--", linewidth=1, label="Pareto front", zorder=2)
+        ax.scatter([p["throughput"][b] for p in fr], [100 * p["accuracy"] for p in fr], s=160, facecolors="none",
+                   edgecolors="black", linewidths=0.8, zorder=2)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"throughput at batch {b}, samples/s (ONNX Runtime, 1 CPU thread, log scale)")
+        ax.set_ylabel("test accuracy, %")
+        load = result["timing"]["load_average"][f"batch_{b}"]
+        ax.set_title(f"Fashion-MNIST, ResNet-20...110, batch {b} (load {load['min']:.1f}-{load['max']:.1f})",
+                     fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(result: dict) -> str:
+    """The markdown table: one row per network and precision."""
+    by_key = {p["key"]: p for p in result["points"]}
+    fronts = {b: set(a["front"]) for b, a in result["analysis"].items()}
+    head = ("| network | precision | accuracy un-gated → gated | FLOPs un-gated → gated (saved) | "
+            "b256 samples/s un-gated → gated (×) | b1 samples/s un-gated → gated (×) | on the front b256 / b1 |")
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for n in NETWORKS:
+        for prec in PRECISIONS:
+            s, g = by_key.get(f"{n}/static/{prec}"), by_key.get(f"{n}/gated/{prec}")
+            if s is None or g is None:
+                continue
+            cells = []
+            for b in ("256", "1"):
+                if b not in s["throughput"]:
+                    cells.append("–")
+                    continue
+                cells.append(f"{s['throughput'][b]:,.0f} → {g['throughput'][b]:,.0f} "
+                             f"({g['throughput'][b] / s['throughput'][b]:.2f}×)")
+            marks = " / ".join(
+                ", ".join(w for w, p in (("un-gated", s), ("gated", g)) if p["key"] in fronts.get(b, ())) or "–"
+                for b in ("256", "1"))
+            lines.append(f"| {n} | {prec} | {100 * s['accuracy']:.2f}% → {100 * g['accuracy']:.2f}% | "
+                         f"{s['flops'] / 1e6:.1f}M → {g['flops'] / 1e6:.1f}M ({g['flops_saved']:.1%}) | "
+                         f"{cells[0]} | {cells[1]} | {marks} |")
+    return "\n".join(lines)
+
+
+def goal_lines(result: dict) -> str:
+    out = []
+    for b, a in result["analysis"].items():
+        for prec, r in a["by_precision"].items():
+            lv = "; ".join(f"≥{100 * x['accuracy']:.2f}%: {x['static'].split('/')[0]} {x['static_throughput']:,.0f}"
+                           + (f" vs {x['gated'].split('/')[0]} gated {x['gated_throughput']:,.0f} ({x['ratio']:.2f}×)"
+                              if x["gated"] else " vs no gated point")
+                           for x in r["levels"])
+            out.append(f"batch {b} {prec}: {lv}")
+        out.append(f"batch {b}: front {a['front']}; gated int8 on it: {a['gated_int8_on_front'] or 'none'}")
+    return "\n".join(out)
+
+
+def step_plot(result: dict | None) -> None:
+    if result is None:
+        result = json.loads((RESULTS / "pareto.json").read_text())
+    result["analysis"] = analyse(result["points"])
+    out = BENCH / "plots" / "pareto.png"
+    plot(result, out)
+    print(table(result))
+    print(goal_lines(result))
+    print(f"wrote {rel(out)}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--networks", default=",".join(NETWORKS), help="comma-separated subset of the zoo's ResNets")
+    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
+    parser.add_argument("--fresh", action="store_true", help="redo the train/gate/build steps asked for")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of training, gating and building")
+    parser.add_argument("--seconds", type=float, default=600.0, help="length of the timing run")
+    parser.add_argument("--slice-seconds", type=float, default=5.0, help="time per batch size before switching")
+    parser.add_argument("--warmup-rounds", type=int, default=2)
+    args = parser.parse_args(argv)
+    networks = [n for n in args.networks.split(",") if n]
+    steps = [s for s in args.steps.split(",") if s]
+    unknown = [s for s in steps if s not in STEPS] + [n for n in networks if n not in NETWORKS]
+    if unknown:
+        parser.error(f"unknown: {unknown}")
+    result = None
+    for name in STEPS:
+        if name not in steps:
+            continue
+        if name == "measure":
+            result = step_measure(networks, args)
+        elif name == "plot":
+            step_plot(result)
+        else:
+            {"train": step_train, "gate": step_gate, "build": step_build}[name](networks, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
