@@ -11,7 +11,7 @@ validation rows held out), then:
    missing (benchmarks/weights/NETWORK.pth);
 2. gate: `dgate-export gate` with the zoo's default exits, grid heads and the default promise (a drop of
    at most 1 point on new data with probability >= 90%), thresholds chosen on the 10 000 validation rows
-   -> runs/pareto/NETWORK_gated.pt (log: results/pareto_gate_NETWORK.log);
+   -> runs/pareto/NETWORK_gated.pt (logs of steps 2-4: results/pareto/);
 3. build: the fp32 bundle (engines/pareto-NETWORK) and the int8 bundle (engines/pareto-NETWORK-int8:
    `--precision int8 --calibration-data fashion-mnist`, thresholds refitted on the int8 graphs with the
    same default promise); the un-gated point of a bundle is its own baseline.onnx;
@@ -54,6 +54,7 @@ from dgate_export.runtime import GatedRuntime
 
 BENCH = ROOT / "benchmarks"
 RESULTS = BENCH / "results"
+LOGS = RESULTS / "pareto"  # the gate, build and calibrate logs (training logs: results/pareto_train_NETWORK.log)
 CLI = str(Path(sys.executable).parent / "dgate-export")  # the console script of this venv
 NETWORKS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 # Beside the issue's points, what might change the answer (extra points, not in the goal): the smallest
@@ -143,7 +144,7 @@ def step_gate(models, args) -> None:
         if gated_path(m).is_file() and not args.fresh:
             continue
         print(f"gate {m}", flush=True)
-        log = RESULTS / f"pareto_gate_{m}.log"
+        log = LOGS / f"gate_{m}.log"
         log.unlink(missing_ok=True)
         gated_path(m).unlink(missing_ok=True)
         run_logged([CLI, *commands(m)["gate"]], log, args.threads)
@@ -156,7 +157,7 @@ def step_build(models, args) -> None:
                 continue
             cmd = [CLI, *commands(m)[p], *(["--force"] if bundle_path(m, p).exists() else [])]
             print(f"build {m} {p}", flush=True)
-            run_logged(cmd, RESULTS / f"pareto_build_{m}_{p}.log", args.threads)
+            run_logged(cmd, LOGS / f"build_{m}_{p}.log", args.threads)
 
 
 def step_tighten(models, args) -> None:
@@ -173,7 +174,7 @@ def step_tighten(models, args) -> None:
                 cmd = [CLI, *commands(m)[f"{p}-drop{d:g}"]]
                 cmd[cmd.index("--engine") + 1] = rel(tmp)
                 print(f"tighten {m} {p} to a drop of {d:g}", flush=True)
-                log = RESULTS / f"pareto_tighten_{m}_{p}_drop{d:g}.log"
+                log = LOGS / f"tighten_{m}_{p}_drop{d:g}.log"
                 log.unlink(missing_ok=True)
                 run_logged(cmd, log, args.threads)
                 shutil.rmtree(out, ignore_errors=True)
@@ -320,7 +321,7 @@ def step_measure(models, args) -> dict:
 
 def gate_minutes(model: str) -> float | None:
     """How long `dgate-export gate` took (from its log), or None."""
-    log = RESULTS / f"pareto_gate_{model}.log"
+    log = LOGS / f"gate_{model}.log"
     lines = [ln for ln in log.read_text().splitlines() if ln.startswith("# exit 0,")] if log.is_file() else []
     return float(lines[-1].split(",")[1].split()[0]) if lines else None
 
