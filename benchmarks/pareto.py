@@ -262,11 +262,13 @@ def time_all(runs: dict, x: np.ndarray, *, seconds: float, slice_s: float, warmu
     start = time.perf_counter()
     slices = 0
     while time.perf_counter() - start < seconds or any(state[b]["round"] < 3 for b in BATCH_SIZES):
-        for b in BATCH_SIZES:
+        last = slice_s
+        for b in BATCH_SIZES:  # a slice of batch 1 lasts as long as the batch-256 slice before it
             t0 = time.perf_counter()
             one_round(b, True)
-            while time.perf_counter() - t0 < slice_s:
+            while time.perf_counter() - t0 < last:
                 one_round(b, True)
+            last = max(slice_s, time.perf_counter() - t0)
             state[b]["load"].append(os.getloadavg())
         slices += 1
         done = {b: state[b]["round"] for b in BATCH_SIZES}
@@ -533,8 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     parser.add_argument("--fresh", action="store_true", help="redo the train/gate/build/tighten steps asked for")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of training, gating and building")
-    parser.add_argument("--seconds", type=float, default=900.0, help="length of the timing run")
-    parser.add_argument("--slice-seconds", type=float, default=5.0, help="time per batch size before switching")
+    parser.add_argument("--seconds", type=float, default=1500.0, help="length of the timing run")
+    parser.add_argument("--slice-seconds", type=float, default=5.0, help="least time per batch size before switching")
     parser.add_argument("--warmup-rounds", type=int, default=2)
     args = parser.parse_args(argv)
     models = [n for n in args.models.split(",") if n]
