@@ -41,7 +41,11 @@ PARTIAL = ROOT / "runs" / "train"
 # 0.85 ms at batch 1 in ONNX Runtime, so the fixed cost of each extra segment run (about 0.1 ms) ate a
 # third of the early-exit gain there (benchmarks/README.md, run 3).
 NETWORKS = {
+    "resnet20": {"stem_stride": 1},
+    "resnet32": {"stem_stride": 1},
+    "resnet44": {"stem_stride": 1},
     "resnet56": {"stem_stride": 1},
+    "resnet110": {"stem_stride": 1},
     "densenet_bc": {"stem_stride": 1},
     "resnet101": {"num_classes": 10, "zero_init_residual": True},
     "densenet201": {"num_classes": 10},
