@@ -453,8 +453,9 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlabel(f"throughput at batch {b}, samples/s (ONNX Runtime, 1 CPU thread per session, log scale)")
         ax.set_ylabel("test accuracy, % (10 000 images)")
         load = result["timing"]["load_average"][f"batch_{b}"]
-        ax.set_title(f"Fashion-MNIST, ResNet-20 ... 110, batch {b} (load average {load['min']:.1f}-{load['max']:.1f})",
-                     fontsize=10)
+        depths = sorted({p["depth"] for p in points})
+        ax.set_title(f"Fashion-MNIST, ResNet-{'/'.join(map(str, depths))}, batch {b} "
+                     f"(load average {load['min']:.1f}-{load['max']:.1f})", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
