@@ -3,7 +3,7 @@
 # torch, onnx, matplotlib and pyarrow are absent and that it runs a bundle: inspect, bench --random,
 # profile, triton (--platform python: Triton's Python backend), score (-o NAME.csv); that what needs an
 # extra names it (gate: [compile], bench --plot: [plot], triton's native platforms: [onnx], score -o
-# NAME.parquet: [parquet]); and print the venv's size against the goal (at most SIZE_GOAL_MB, default
+# NAME.parquet: [parquet], folder: data: [images]); and print the venv's size against the goal (at most SIZE_GOAL_MB, default
 # 200), failing when it is over. The small bundle is built beforehand with the full venv (MAIN_PYTHON,
 # default .venv/bin/python). Needs the package index (pip). A minute or two.
 #
@@ -43,7 +43,7 @@ work = Path(sys.argv[1])
 kwargs = {"num_classes": 10}
 model = GatedModel(build_backbone("resnet20", kwargs), list(arch_info("resnet20").default_exits),
                    arch={"name": "resnet20", "kwargs": kwargs}, num_classes=10, input_shape=(1, 28, 28),
-                   thresholds=[0.5, 0.5, 0.5])
+                   thresholds=[0.5, 0.5, 0.5], normalization={"scale": 1 / 255, "mean": [0.286], "std": [0.353]})
 build_bundle(checkpoint.save(model, work / "model.pt"), work / "bundle", BuildOptions(max_batch=8), progress=None)
 PYEOF
 
@@ -108,7 +108,13 @@ needs_extra plot "$V/dgate-export" bench --engine "$WORK/bundle" --random 8 --ba
     --min-seconds 0 --warmup-ms 0 --plot "$WORK/bench.png"
 needs_extra onnx "$V/dgate-export" triton "$WORK/bundle" -o "$WORK/repo_native" --platform onnxruntime
 needs_extra parquet "$V/dgate-export" score "$WORK/bundle" --data "npz:$WORK/data.npz" -o "$WORK/p.parquet" --no-progress
-[ ! -e "$WORK/bench.png" ] && [ ! -e "$WORK/repo_native" ] && [ ! -e "$WORK/p.parquet" ] || fail "a refused command left a file"
+# an image folder (written with the full venv's Pillow): decoding it needs the [images] extra
+"$MAIN_PY" -c "import sys, numpy as np; from PIL import Image; from pathlib import Path
+d = Path(sys.argv[1]) / 'test' / '0-a'; d.mkdir(parents=True)
+Image.fromarray(np.zeros((28, 28), np.uint8)).save(d / 'x.png')" "$WORK/photos"
+needs_extra images "$V/dgate-export" score "$WORK/bundle" --data "folder:$WORK/photos" -o "$WORK/f.csv" --no-progress
+[ ! -e "$WORK/bench.png" ] && [ ! -e "$WORK/repo_native" ] && [ ! -e "$WORK/p.parquet" ] && [ ! -e "$WORK/f.csv" ] \
+    || fail "a refused command left a file"
 size=$(du -sm "$WORK/venv" | cut -f1)
 echo "== venv size: ${size} MB (du -sm of the venv; goal: <= ${GOAL} MB); the largest parts (MB):"
 du -sm "$WORK"/venv/lib/python3*/site-packages/* | sort -rn | head -n 10
