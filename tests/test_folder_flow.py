@@ -8,6 +8,7 @@ crop matter), gated with `--image-size 28 --resize 30 --normalize imagenet` on t
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +164,35 @@ def test_folder_needs_an_image_size(images, tmp_path):
     r = run("gate", "--arch", NAME, "--data", "fashion-mnist", "--image-size", 28, "--no-progress",
             "-o", tmp_path / "m.pt")
     assert r.exit_code == 2 and "folder: data only" in text(r)
+
+
+def test_drift_record_and_score_split_read_the_recorded_validation_images(flow, tmp_path):
+    """drift --record and score --split val read the bundle's recorded validation split of train/ as images
+    prepared as the manifest records: the exit mix recorded is the runtime's on those files."""
+    data, _, bundle, _ = flow
+    val = open_rows(f"folder:{data}", "val", val_size=300, image=PREP)
+    listing = scan_folder(data / "train")
+    pixels = np.stack([prepare_image(listing.path(int(i)), PREP) for i in val.index])
+    # thresholds that spread the rows over the exits (the calibrated ones send them all out at the first),
+    # so that other rows or other pixels would give another mix
+    rt = GatedRuntime.load(bundle)
+    spread = next([t] * rt.num_gates for t in (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+                  if len(np.unique(rt.run(pixels, thresholds=[t] * rt.num_gates).exits)) >= 3)
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for seg, t in zip(manifest["segments"], spread):
+        seg["gate"]["threshold"] = t
+    manifest.pop("exit_reference", None)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    r = run("drift", copy, "--record", f"folder:{data}")
+    assert r.exit_code == 0, r.output
+    exits = rt.run(pixels, thresholds=spread).exits
+    reference = load_manifest(copy).exit_reference
+    assert reference["rows"] == 300 and reference["by"] == "drift --record"
+    want = np.bincount(exits, minlength=len(reference["exit_fractions"])) / 300
+    assert reference["exit_fractions"] == pytest.approx(want.tolist())
+    out = tmp_path / "val.parquet"
+    r = run("score", copy, "--data", f"folder:{data}", "--split", "val", "-o", out, "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(pq.read_table(out)["exit"].to_numpy(), exits)
