@@ -23,6 +23,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -145,6 +146,40 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 5
     return right / len(y)
 
 
+def sgd_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
+             x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on (x, y), the schedule advanced; the outputs and the loss."""
+    out = model(x)
+    loss = loss_fn(out, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    return out, loss
+
+
+class StepLog:
+    """A step loop's progress: loss and accuracy over the steps since the last line, printed every `every`
+    steps and at the last, with the minutes taken and left (`started`: perf_counter at step 0)."""
+
+    def __init__(self, total: int, started: float, every: int = 10):
+        self.total, self.started, self.every = total, started, every
+        self.seen = self.right = 0
+        self.loss_sum = 0.0
+
+    def add(self, step: int, out: torch.Tensor, y: torch.Tensor, loss: torch.Tensor, lr: float) -> None:
+        self.seen += len(y)
+        self.right += int((out.argmax(1) == y).sum())
+        self.loss_sum += float(loss.detach()) * len(y)
+        if step % self.every == 0 or step == self.total:
+            elapsed = time.perf_counter() - self.started
+            print(f"step {step}/{self.total} loss {self.loss_sum / self.seen:.3f} acc {self.right / self.seen:.3f} "
+                  f"lr {lr:.4f} {elapsed / 60:.1f} min (eta {elapsed / step * (self.total - step) / 60:.1f} min)",
+                  flush=True)
+            self.seen = self.right = 0
+            self.loss_sum = 0.0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("network", choices=sorted(NETWORKS))
@@ -200,8 +235,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({args.epochs:g} epochs), seed {args.seed}", flush=True)
     model.train()
     started = time.perf_counter() - spent
-    seen = right = 0
-    loss_sum = 0.0
+    log = StepLog(total, started)
     stop_at = None
     if args.stop_at:
         now = datetime.datetime.now(datetime.timezone.utc)
@@ -215,23 +249,9 @@ def main(argv: list[str] | None = None) -> int:
             break
         epoch, i = divmod(step, steps_per_epoch)
         rows = torch.from_numpy(_order(n, epoch, args.seed)[i * args.batch_size:(i + 1) * args.batch_size])
-        out = model(x[rows].expand(-1, channels, -1, -1))
-        loss = loss_fn(out, y[rows])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        out, loss = sgd_step(model, loss_fn, optimizer, schedule, x[rows].expand(-1, channels, -1, -1), y[rows])
         step += 1
-        seen += len(rows)
-        right += int((out.argmax(1) == y[rows]).sum())
-        loss_sum += float(loss.detach()) * len(rows)
-        if step % 10 == 0 or step == total:
-            elapsed = time.perf_counter() - started
-            print(f"step {step}/{total} loss {loss_sum / seen:.3f} acc {right / seen:.3f} "
-                  f"lr {schedule.get_last_lr()[0]:.4f} {elapsed / 60:.1f} min "
-                  f"(eta {elapsed / step * (total - step) / 60:.1f} min)", flush=True)
-            seen = right = 0
-            loss_sum = 0.0
+        log.add(step, out, y[rows], loss, schedule.get_last_lr()[0])
         if step % args.save_every == 0 or step % steps_per_epoch == 0 or step == total:
             atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "schedule": schedule.state_dict(), "step": step, "total": total, "seed": args.seed,

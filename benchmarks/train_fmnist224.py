@@ -37,6 +37,9 @@ from torchvision import transforms
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # train_backbones' step loop helpers
+
+from train_backbones import StepLog, sgd_step
 
 from dgate_export.compile.checkpoint import atomic_torch_save
 from dgate_export.data import split_rows
@@ -120,33 +123,18 @@ def main(argv: list[str] | None = None) -> int:
           + (f", from {args.init}" if args.init else ""), flush=True)
     model.train()
     started = time.perf_counter() - spent
-    seen = right = 0
-    loss_sum = 0.0
+    log = StepLog(total, started)
     stop = step + args.measure if args.measure else total
     while step < stop:
         t0 = time.perf_counter()
         x, y = batch(order[step * args.batch_size:(step + 1) * args.batch_size])
         t1 = time.perf_counter()
-        out = model(x)
-        loss = loss_fn(out, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        out, loss = sgd_step(model, loss_fn, optimizer, schedule, x, y)
         step += 1
-        seen += len(y)
-        right += int((out.argmax(1) == y).sum())
-        loss_sum += float(loss.detach()) * len(y)
         if args.measure:
             print(f"step {step}: {time.perf_counter() - t0:.2f} s ({t1 - t0:.2f} s reading)", flush=True)
             continue
-        if step % 10 == 0 or step == total:
-            elapsed = time.perf_counter() - started
-            print(f"step {step}/{total} loss {loss_sum / seen:.3f} acc {right / seen:.3f} "
-                  f"lr {schedule.get_last_lr()[0]:.4f} {elapsed / 60:.1f} min "
-                  f"(eta {elapsed / step * (total - step) / 60:.1f} min)", flush=True)
-            seen = right = 0
-            loss_sum = 0.0
+        log.add(step, out, y, loss, schedule.get_last_lr()[0])
         if step % args.save_every == 0 or step == total:
             atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "schedule": schedule.state_dict(), "step": step, "total": total, "seed": args.seed,
