@@ -196,3 +196,13 @@ def test_drift_record_and_score_split_read_the_recorded_validation_images(flow, 
     r = run("score", copy, "--data", f"folder:{data}", "--split", "val", "-o", out, "--no-progress")
     assert r.exit_code == 0, r.output
     assert np.array_equal(pq.read_table(out)["exit"].to_numpy(), exits)
+
+
+def test_no_output_inside_the_image_folder_read(flow):
+    """An output written among the images would be read as data next time (and refused as a non-image
+    file): score refuses it before reading anything, and writes nothing."""
+    data, _, bundle, _ = flow
+    out = data / "test" / "predictions.csv"
+    r = run("score", bundle, "--data", f"folder:{data}", "-o", out, "--no-progress")
+    assert r.exit_code == 2 and "which this command reads" in text(r), r.output
+    assert not out.exists()
